@@ -141,11 +141,24 @@ class SyscallError(OSError):
         return f"{self.syscall}{where}: {self.strerror} ({errno.errorcode.get(self.errno or 0, '?')})"
 
 
+# SyscallError variants that are also the matching builtin OSError subclass,
+# so `except FileNotFoundError` works on our errors as on the stdlib's.
+_BY_ERRNO: dict[int, type[SyscallError]] = {
+    code: type(f"SyscallError_{base.__name__}", (SyscallError, base), {})
+    for code, base in (
+        (errno.ENOENT, FileNotFoundError), (errno.EEXIST, FileExistsError),
+        (errno.ENOTDIR, NotADirectoryError), (errno.EISDIR, IsADirectoryError),
+        (errno.EPERM, PermissionError), (errno.EACCES, PermissionError),
+        (errno.ESRCH, ProcessLookupError), (errno.EAGAIN, BlockingIOError),
+    )
+}
+
+
 def _check(ret: int, syscall: str, path: str | bytes | None = None) -> int:
     if ret < 0:
         err = ctypes.get_errno()
         p = os.fsdecode(path) if path is not None else None
-        raise SyscallError(err, syscall, p)
+        raise _BY_ERRNO.get(err, SyscallError)(err, syscall, p)
     return ret
 
 

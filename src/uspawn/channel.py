@@ -1,0 +1,171 @@
+"""Parent/child sync channel: typed messages over a SOCK_SEQPACKET socketpair.
+
+SEQPACKET keeps message boundaries and carries fds (SCM_RIGHTS). Both ends are
+CLOEXEC, so the parent sees EOF exactly when the container init has execve'd
+its payload: that is how a successful exec is detected without polling.
+
+The sequence for one container start (numbers are the sync points referenced
+in runtime.py and init.py):
+
+    1. child  -> parent  USERNS_READY     child unshared its user namespace
+    2. parent -> child   MAPPED           uid/gid maps written, cgroup joined
+    3. child  -> parent  INIT_PID         pid of the container init (pid 1 inside)
+    4. parent -> init    MOUNTS (+fds)    host-made detached mounts (rootfs, /dev, binds)
+    5. init   -> parent  CONSOLE (+fd)    pty master, only with a terminal
+    6. init   -> parent  CREATED          everything set up; waiting to start
+    7. parent -> init    START            go: drop privileges, execve
+    8. EOF                                execve succeeded (or ERROR if it failed)
+
+Any side may send ERROR {message, errno, exit_code} instead of the expected
+message; the receiver raises it as ChildError. Every receive has a timeout,
+so a wedged peer cannot block the host-side runtime forever.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+
+USERNS_READY = "userns-ready"
+MAPPED = "mapped"
+INIT_PID = "init-pid"
+MOUNTS = "mounts"
+CONSOLE = "console"
+CREATED = "created"
+START = "start"
+ERROR = "error"
+
+MAX_MSG = 65536
+MAX_FDS = 64
+DEFAULT_TIMEOUT = 120.0
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class ChildError(Exception):
+    """An error reported by the other side (already one line, with errno)."""
+
+    def __init__(self, message: str, err: int = 0, exit_code: int = 125) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.exit_code = exit_code
+
+
+class Message:
+    def __init__(self, kind: str, data: dict[str, object], fds: list[int]) -> None:
+        self.kind = kind
+        self.data = data
+        self.fds = fds
+
+
+class Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, Channel]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        return cls(a), cls(b)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, kind: str, fds: list[int] | None = None, **data: object) -> None:
+        payload = json.dumps({"kind": kind, **data}).encode()
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            self.sock.sendmsg([payload], anc)
+        else:
+            self.sock.send(payload)
+
+    def send_error(self, message: str, err: int = 0, exit_code: int = 125) -> None:
+        self.send(ERROR, message=message, errno=err, exit_code=exit_code)
+
+    def recv(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message | None:
+        """Next message, or None on EOF (the peer closed or execve'd)."""
+        self.sock.settimeout(timeout)
+        try:
+            raw, anc, _flags, _addr = self.sock.recvmsg(
+                MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4)
+            )
+        except TimeoutError:
+            raise ProtocolError(f"no message from the other side within {timeout:.0f}s") from None
+        finally:
+            self.sock.settimeout(None)
+        fds: list[int] = []
+        for level, typ, cdata in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
+                fds.extend(arr)
+        if not raw:
+            for fd in fds:
+                _close(fd)
+            return None
+        obj = json.loads(raw)
+        if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str):
+            raise ProtocolError("malformed message on the sync socket")
+        kind = obj.pop("kind")
+        if kind == ERROR:
+            for fd in fds:
+                _close(fd)
+            raise ChildError(str(obj.get("message")), int(obj.get("errno") or 0),
+                             int(obj.get("exit_code") or 125))
+        return Message(kind, obj, fds)
+
+    def expect(self, kind: str, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
+        msg = self.recv(timeout)
+        if msg is None:
+            raise ProtocolError(f"expected {kind!r}, got end of stream (peer died)")
+        if msg.kind != kind:
+            for fd in msg.fds:
+                _close(fd)
+            raise ProtocolError(f"expected {kind!r}, got {msg.kind!r}")
+        return msg
+
+    # Named steps (youki-style): callers never send raw kinds.
+    def userns_ready(self) -> None:
+        self.send(USERNS_READY)
+
+    def wait_userns_ready(self) -> None:
+        self.expect(USERNS_READY)
+
+    def mapped(self) -> None:
+        self.send(MAPPED)
+
+    def wait_mapped(self) -> None:
+        self.expect(MAPPED)
+
+    def init_pid(self, pid: int) -> None:
+        self.send(INIT_PID, pid=pid)
+
+    def wait_init_pid(self) -> int:
+        pid = self.expect(INIT_PID).data.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            raise ProtocolError(f"bad init pid {pid!r}")
+        return pid
+
+    def wait_created(self) -> None:
+        self.expect(CREATED)
+
+    def start(self) -> None:
+        self.send(START)
+
+    def wait_start(self) -> None:
+        # The parent may legitimately wait a long time between create and start.
+        self.expect(START, timeout=None)
+
+
+def _close(fd: int) -> None:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,130 @@
+"""Foreground containers: forward signals, pump the pty, wait for the exit.
+
+Without a terminal the payload shares our stdio (nothing to copy). With one,
+the pty master came from the container (its own devpts instance); we put our
+terminal in raw mode so job control keys reach the container's line
+discipline, copy bytes both ways, and mirror window-size changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import termios
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .runtime import Container
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+
+
+def copy_winsize(src: int, dst: int) -> None:
+    try:
+        size = fcntl.ioctl(src, termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(dst, termios.TIOCSWINSZ, size)
+    except OSError:
+        pass
+
+
+def forward_and_wait(c: Container) -> int:
+    master = c.console_master
+    old_handlers = {}
+
+    def forward(sig: int, _frame: object) -> None:
+        if sig == signal.SIGWINCH and master >= 0:
+            # The kernel signals the pty's foreground group itself on resize.
+            copy_winsize(0, master)
+        else:
+            c.signal(sig)
+
+    for sig in FORWARDED:
+        old_handlers[sig] = signal.signal(sig, forward)
+    try:
+        if master < 0:
+            return c.wait()
+        return _pump(c, master)
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _pump(c: Container, master: int) -> int:
+    stdin_tty = os.isatty(0)
+    saved = None
+    if stdin_tty:
+        copy_winsize(0, master)
+        saved = termios.tcgetattr(0)
+        import tty
+
+        tty.setraw(0, termios.TCSANOW)
+    pidfd = c.pidfd
+    inputs = [master, pidfd]
+    if _readable_stdin():
+        inputs.append(0)
+    try:
+        while True:
+            try:
+                ready = select.select(inputs, [], [])[0]
+            except InterruptedError:
+                continue
+            if master in ready and not _copy(master, 1):
+                inputs.remove(master)
+            if 0 in ready:
+                data = _read(0)
+                if data:
+                    _write_all(master, data)
+                else:
+                    inputs.remove(0)
+                    if not stdin_tty:
+                        _write_all(master, b"\x04")  # EOF for the pty's reader
+            if pidfd in ready:
+                break
+        # Drain what the payload wrote before it exited.
+        while _copy(master, 1):
+            if not select.select([master], [], [], 0.05)[0]:
+                break
+        return c.wait()
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _readable_stdin() -> bool:
+    try:
+        os.fstat(0)
+        return True
+    except OSError:
+        return False
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError as exc:
+        if exc.errno in (errno.EIO, errno.EBADF):
+            return b""
+        raise
+
+
+def _copy(src: int, dst: int) -> bool:
+    data = _read(src)
+    if not data:
+        return False
+    _write_all(dst, data)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            n = os.write(fd, data)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EPIPE):
+                return
+            raise
+        data = data[n:]

@@ -1,0 +1,318 @@
+"""Child side: the ordered setup steps inside the new namespaces, then execve.
+
+Two forked processes run this code (no exec, so no second interpreter start):
+
+  stage A ("intermediate"): unshares the user namespace, waits for the parent
+      to write the ID maps, becomes root inside, unshares the other namespaces
+      and forks stage B, reports B's pid and exits. (unshare(CLONE_NEWPID) only
+      affects children, so pid 1 of the container must be a fork.)
+  stage B ("container init", pid 1 inside): attaches the host-made mounts,
+      mounts proc/sys/devpts/..., pivots, masks, verifies /dev, waits for
+      START, drops privileges, applies seccomp last, and execve()s.
+
+After execve nothing of Python remains in the container. Constraints: stdlib +
+uspawn.linux only, everything imported before pivot_root (the host's Python
+library directory is gone afterwards). Errors go back over the channel as one
+line with errno; these processes never unwind into the caller (os._exit).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+
+from . import channel as chan
+from .linux import caps, devices, mounts, network
+from .linux import syscalls as sc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .plan import InitPlan
+
+# Kernel numbers (asm-generic/resource.h); Python's resource module lacks some names.
+RLIMITS = {
+    "RLIMIT_CPU": 0, "RLIMIT_FSIZE": 1, "RLIMIT_DATA": 2, "RLIMIT_STACK": 3,
+    "RLIMIT_CORE": 4, "RLIMIT_RSS": 5, "RLIMIT_NPROC": 6, "RLIMIT_NOFILE": 7,
+    "RLIMIT_MEMLOCK": 8, "RLIMIT_AS": 9, "RLIMIT_LOCKS": 10, "RLIMIT_SIGPENDING": 11,
+    "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13, "RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15,
+}
+
+
+class InitError(Exception):
+    def __init__(self, message: str, err: int = 0, exit_code: int = 125) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.exit_code = exit_code
+
+
+def _step(what: str, exc: OSError) -> InitError:
+    return InitError(f"{what}: {exc}", exc.errno or 0)
+
+
+def _report_and_exit(ch: chan.Channel, exc: BaseException) -> None:
+    """Forked children never unwind into the caller: report, then _exit."""
+    code = 125
+    try:
+        if isinstance(exc, InitError):
+            ch.send_error(str(exc), exc.errno, exc.exit_code)
+            code = exc.exit_code
+        elif isinstance(exc, devices.DeviceCheckError):
+            ch.send_error(str(exc), exc.errno)
+        elif isinstance(exc, OSError):
+            ch.send_error(str(exc), exc.errno or 0)
+        elif isinstance(exc, chan.ProtocolError | chan.ChildError):
+            code = 125  # the parent is gone or confused: nothing to tell it
+        else:
+            ch.send_error(f"internal error in container setup: {exc!r}")
+    except BaseException:
+        pass
+    os._exit(code)
+
+
+# --- stage A ---------------------------------------------------------------
+
+
+def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
+    try:
+        # If the parent dies from here on, so do we (and our child, below).
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != plan.parent_pid:
+            os._exit(125)
+        # 1. user namespace first, so every other namespace is owned by it.
+        if plan.userns:
+            try:
+                sc.unshare(sc.CLONE_NEWUSER)
+            except OSError as exc:
+                raise _step("unshare user namespace", exc) from None
+        ch.userns_ready()
+        # 2. the parent wrote the maps and moved us into the container's cgroup
+        #    (before we unshare the cgroup namespace, whose root is our cgroup).
+        ch.expect(chan.MAPPED, timeout=None)
+        if plan.userns:
+            os.setgroups([])
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        try:
+            sc.unshare(plan.unshare_flags)
+        except OSError as exc:
+            raise _step("unshare namespaces", exc) from None
+        pid = os.fork()
+        if pid == 0:
+            stage_b(plan, ch)
+            os._exit(125)  # not reached
+        # 3. report pid 1 and leave: the parent (a subreaper) adopts it.
+        ch.init_pid(pid)
+        os._exit(0)
+    except BaseException as exc:
+        _report_and_exit(ch, exc)
+
+
+# --- stage B ---------------------------------------------------------------
+
+
+def stage_b(plan: InitPlan, ch: chan.Channel) -> None:
+    try:
+        os.setsid()
+        # 4. host-made detached mounts arrive as fds.
+        msg = ch.expect(chan.MOUNTS, timeout=None)
+        # Our parent (stage A) has exited and the runtime adopted us; tie our
+        # life to it now. Had it died before this line, the next receive
+        # sees EOF and we exit.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        labels = msg.data.get("labels")
+        if not isinstance(labels, list) or len(labels) != len(msg.fds):
+            raise InitError("mount fd labels do not match the fds received")
+        fds = dict(zip((str(x) for x in labels), msg.fds, strict=True))
+        setup_rootfs(plan, fds)
+        finish_in_root(plan, ch)
+        # 6. set up and waiting.
+        ch.send(chan.CREATED)
+        # 7. wait for START (no timeout: create and start may be far apart).
+        ch.wait_start()
+        exec_payload(plan, ch)
+    except BaseException as exc:
+        _report_and_exit(ch, exc)
+
+
+def setup_rootfs(plan: InitPlan, fds: dict[str, int]) -> None:
+    if plan.mount_ns:
+        try:
+            mounts.make_rslave_root(plan.root_propagation)
+        except OSError as exc:
+            raise _step("make / a slave mount", exc) from None
+    root = plan.root_path
+    try:
+        mounts.attach(fds["rootfs"], os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError as exc:
+        raise _step(f"attach rootfs on {root}", exc) from None
+    os.close(fds.pop("rootfs"))
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for op in plan.mounts:
+            try:
+                op.execute(rootfd, fds)
+            except OSError as exc:
+                raise _step(f"mount {op.describe()}", exc) from None
+    finally:
+        os.close(rootfd)
+    try:
+        mounts.pivot_into(root)
+    except OSError as exc:
+        raise _step(f"pivot_root into {root}", exc) from None
+
+
+def finish_in_root(plan: InitPlan, ch: chan.Channel) -> None:
+    for key, value in plan.sysctl.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise _step(f"sysctl {key}", exc) from None
+    null_fd = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
+    try:
+        for path in plan.masked_paths:
+            try:
+                mounts.mask_path(path, null_fd)
+            except OSError as exc:
+                raise _step(f"mask {path}", exc) from None
+    finally:
+        os.close(null_fd)
+    for path in plan.readonly_paths:
+        try:
+            mounts.make_readonly(path)
+        except OSError as exc:
+            raise _step(f"make {path} read-only", exc) from None
+    if plan.hostname is not None:
+        sc.sethostname(plan.hostname)
+    if plan.domainname is not None:
+        sc.setdomainname(plan.domainname)
+    if plan.loopback:
+        try:
+            network.loopback_up()
+        except OSError as exc:
+            raise _step("bring up lo", exc) from None
+    # Every node must open before the payload runs (the 2018 lesson).
+    nodes = list(plan.verify_devices)
+    try:
+        devices.verify_nodes(nodes)
+        if plan.verify_ptmx:
+            fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            os.close(fd)
+    except OSError as exc:
+        raise InitError(f"device node /dev/ptmx cannot be opened: {exc.strerror}",
+                        exc.errno or 0) from None
+    if plan.terminal:
+        setup_console(plan, ch)
+    for name, soft, hard in plan.rlimits:
+        try:
+            resource.setrlimit(RLIMITS[name], (soft, hard))
+        except (OSError, ValueError) as exc:
+            raise InitError(f"setrlimit {name}: {exc}") from None
+
+
+def setup_console(plan: InitPlan, ch: chan.Channel) -> None:
+    """Allocate the pty inside the container's devpts; the master goes to the parent.
+
+    Opening the peer with TIOCGPTPEER (Linux 4.13) avoids a path lookup of
+    /dev/pts/N that a hostile tree could race.
+    """
+    import fcntl
+    import termios
+
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, termios.TIOCSPTLCK, b"\0\0\0\0")
+    slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    if plan.console_size:
+        rows, cols = plan.console_size
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(rows, cols))
+    # /dev/console is the pty too (systemd and getty write there).
+    if os.path.exists("/dev/console"):
+        mnt = mounts.clone_tree("", dirfd=slave)
+        target = os.open("/dev/console", os.O_PATH | os.O_CLOEXEC)
+        try:
+            mounts.attach(mnt, target)
+        finally:
+            os.close(target)
+            os.close(mnt)
+    fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    if slave > 2:
+        os.close(slave)
+    ch.send(chan.CONSOLE, fds=[master])
+    os.close(master)
+
+
+def _winsize(rows: int, cols: int) -> bytes:
+    import struct
+
+    return struct.pack("HHHH", rows, cols, 0, 0)
+
+
+def find_executable(name: str, path_env: str) -> str:
+    if "/" in name:
+        if not os.path.exists(name):
+            raise InitError(f"executable {name} not found in the container",
+                            errno.ENOENT, exit_code=127)
+        return name
+    for d in path_env.split(":"):
+        cand = os.path.join(d or ".", name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise InitError(f"executable {name!r} not found in the container's PATH ({path_env})",
+                    errno.ENOENT, exit_code=127)
+
+
+def exec_payload(plan: InitPlan, ch: chan.Channel) -> None:
+    env = dict(e.split("=", 1) for e in plan.env)
+    exe = find_executable(plan.args[0], env.get("PATH", "/usr/local/sbin:/usr/local/bin:"
+                                                 "/usr/sbin:/usr/bin:/sbin:/bin"))
+    try:
+        os.chdir(plan.cwd)
+    except OSError as exc:
+        raise _step(f"chdir to {plan.cwd}", exc) from None
+    if plan.umask is not None:
+        os.umask(plan.umask)
+    try:
+        caps.drop_bounding(plan.caps_bounding)
+    except OSError as exc:
+        raise _step("drop capability bounding set", exc) from None
+    # Without no_new_privs, loading seccomp needs CAP_SYS_ADMIN, which we
+    # still hold now; with it, the filter goes last (see below).
+    if plan.seccomp_bpf and not plan.no_new_privileges:
+        _seccomp(plan.seccomp_bpf)
+    try:
+        # KEEPCAPS keeps the permitted set across the uid change; capset
+        # below then sets exactly the configured sets.
+        sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+        os.setgroups(plan.additional_gids)
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        sc.prctl(sc.PR_SET_KEEPCAPS, 0)
+        caps.apply_sets(plan.caps_effective, plan.caps_permitted, plan.caps_inheritable,
+                        plan.caps_ambient)
+    except OSError as exc:
+        raise _step(f"switch to user {plan.uid}:{plan.gid}", exc) from None
+    if plan.no_new_privileges:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        if plan.seccomp_bpf:
+            _seccomp(plan.seccomp_bpf)
+    # Every fd but stdio and the ones the spec passes is closed at execve (CVE-2024-21626):
+    # marked CLOEXEC rather than closed, so the sync socket stays usable to report a failed exec.
+    sc.close_range(3 + plan.preserve_fds, 0xFFFFFFFF, sc.CLOSE_RANGE_CLOEXEC)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        os.execve(exe, plan.args, env)
+    except OSError as exc:
+        code = 127 if exc.errno == errno.ENOENT else 126
+        raise InitError(f"execve {exe}: {exc.strerror}", exc.errno or 0, exit_code=code) from None
+
+
+def _seccomp(bpf: bytes) -> None:
+    try:
+        sc.seccomp_set_mode_filter(bpf)
+    except OSError as exc:
+        raise _step("load seccomp filter", exc) from None

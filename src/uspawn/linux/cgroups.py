@@ -1,0 +1,222 @@
+"""cgroup layout detection and per-container cgroups on v2, hybrid and v1 hosts.
+
+Layouts:
+  unified  /sys/fs/cgroup is cgroup2 (what most hosts run now)
+  hybrid   v1 controllers under /sys/fs/cgroup/<ctrl>, cgroup2 at .../unified
+  legacy   v1 only
+
+A container gets `<hierarchy>/uspawn/<name>` in the cgroup2 hierarchy (when
+there is one) and, on hybrid/legacy hosts, in each v1 hierarchy whose
+controller it has limits for, so the limits work on either kind of host.
+A directory that already holds processes is never taken over: that cgroup
+belongs to someone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP2_SUPER_MAGIC = 0x63677270
+PARENT = "uspawn"
+V1_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+class CgroupError(Exception):
+    pass
+
+
+def _is_cgroup2(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[4] == path and fields[sep + 1] == "cgroup2":
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def detect_layout() -> tuple[str, str | None]:
+    """Return (layout, cgroup2 mount point or None)."""
+    if _is_cgroup2(CGROUP_ROOT):
+        return "unified", CGROUP_ROOT
+    unified = os.path.join(CGROUP_ROOT, "unified")
+    if _is_cgroup2(unified):
+        return "hybrid", unified
+    return "legacy", None
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _procs(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+class Cgroup:
+    """The cgroup directories of one container (one per hierarchy)."""
+
+    def __init__(self, name: str, layout: str, unified: str | None, dirs: list[str]) -> None:
+        self.name = name
+        self.layout = layout
+        self.unified = unified
+        self.dirs = dirs
+
+    @property
+    def v2_dir(self) -> str | None:
+        if self.unified is None:
+            return None
+        return os.path.join(self.unified, PARENT, self.name)
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "layout": self.layout, "unified": self.unified,
+                "dirs": self.dirs}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Cgroup:
+        dirs = data.get("dirs")
+        unified = data.get("unified")
+        return cls(str(data.get("name")), str(data.get("layout")),
+                   unified if isinstance(unified, str) else None,
+                   [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [])
+
+    def add(self, pid: int) -> None:
+        for d in self.dirs:
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
+
+    def set_limits(self, memory: int | None = None, pids: int | None = None,
+                   cpu_quota: int | None = None, cpu_period: int | None = None) -> None:
+        v2 = self.v2_dir
+        for d in self.dirs:
+            is_v2 = d == v2
+            ctrl = os.path.basename(os.path.dirname(os.path.dirname(d)))
+            if memory is not None:
+                if is_v2 and os.path.exists(os.path.join(d, "memory.max")):
+                    _write(os.path.join(d, "memory.max"), str(memory))
+                elif ctrl == "memory":
+                    _write(os.path.join(d, "memory.limit_in_bytes"), str(memory))
+            if pids is not None:
+                if is_v2 and os.path.exists(os.path.join(d, "pids.max")):
+                    _write(os.path.join(d, "pids.max"), str(pids))
+                elif ctrl == "pids":
+                    _write(os.path.join(d, "pids.max"), str(pids))
+            if cpu_quota is not None:
+                period = cpu_period or 100000
+                if is_v2 and os.path.exists(os.path.join(d, "cpu.max")):
+                    _write(os.path.join(d, "cpu.max"), f"{cpu_quota} {period}")
+                elif ctrl == "cpu":
+                    _write(os.path.join(d, "cpu.cfs_period_us"), str(period))
+                    _write(os.path.join(d, "cpu.cfs_quota_us"), str(cpu_quota))
+
+    def processes(self) -> list[int]:
+        seen: list[int] = []
+        for d in self.dirs:
+            for pid in _procs(d):
+                if pid not in seen:
+                    seen.append(pid)
+        return seen
+
+    def destroy(self, timeout: float = 5.0) -> None:
+        """Kill what is left and remove the directories (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        for d in self.dirs:
+            while True:
+                kill_file = os.path.join(d, "cgroup.kill")
+                pids = _procs(d)
+                if pids:
+                    if os.path.exists(kill_file):
+                        try:
+                            _write(kill_file, "1")
+                        except OSError:
+                            pass
+                    else:
+                        for pid in pids:
+                            try:
+                                os.kill(pid, 9)
+                            except ProcessLookupError:
+                                pass
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise CgroupError(f"cannot remove cgroup {d}: {exc.strerror}") from None
+                    time.sleep(0.01)
+
+
+def create(name: str, controllers_v1: tuple[str, ...] = ()) -> Cgroup:
+    layout, unified = detect_layout()
+    targets: list[str] = []
+    if unified is not None:
+        targets.append(unified)
+    if layout != "unified":
+        for ctrl in controllers_v1:
+            base = os.path.join(CGROUP_ROOT, ctrl)
+            if os.path.isdir(base) and not _is_cgroup2(base):
+                targets.append(base)
+    if not targets:
+        raise CgroupError("no usable cgroup hierarchy found under /sys/fs/cgroup")
+    dirs: list[str] = []
+    cg = Cgroup(name, layout, unified, dirs)
+    try:
+        for hier in targets:
+            parent = os.path.join(hier, PARENT)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+                if hier == unified:
+                    _enable_controllers(hier, parent)
+            d = os.path.join(parent, name)
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if _procs(d):
+                    raise CgroupError(f"cgroup {d} already holds processes; "
+                                      "it belongs to another container") from None
+            dirs.append(d)
+    except BaseException:
+        cg.destroy()
+        raise
+    return cg
+
+
+def _enable_controllers(hier: str, parent: str) -> None:
+    """Delegate the controllers the root offers to our subtree (best effort)."""
+    try:
+        with open(os.path.join(hier, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
+    except OSError:
+        return
+    want = [c for c in ("cpu", "memory", "pids", "io") if c in enabled]
+    if want:
+        try:
+            _write(os.path.join(parent, "cgroup.subtree_control"),
+                   " ".join("+" + c for c in want))
+        except OSError:
+            pass
+
+
+def current_cgroup_v2() -> str | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,288 @@
+"""Turn a validated Spec into flat, typed plans: host-side mounts and init steps.
+
+Plan first, then execute (mkosi's FSOperation list, bubblewrap's SetupOp):
+every decision is made here in the parent, before the first fork, so the
+child only executes and `--debug` can print each step's description.
+
+Two plans come out:
+  HostPlan  what the parent builds as real root on the host: the rootfs
+            mount (idmapped or plain), the /dev tmpfs with its nodes, the
+            bind-mount sources; each becomes a labelled detached-mount fd.
+  InitPlan  what the container init does inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import spec as S
+from .errors import SpecError
+from .linux import caps, devices, mounts
+from .linux import syscalls as sc
+
+NS_FLAGS = {
+    "mount": sc.CLONE_NEWNS, "uts": sc.CLONE_NEWUTS, "ipc": sc.CLONE_NEWIPC,
+    "network": sc.CLONE_NEWNET, "cgroup": sc.CLONE_NEWCGROUP, "pid": sc.CLONE_NEWPID,
+}
+_FS_DEFAULT_ATTRS = {
+    "proc": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
+    "sysfs": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
+    "mqueue": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
+    "devpts": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC,
+}
+SUPPORTED_FS = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "bind",
+                "none", "overlay")
+
+
+class FsMount:
+    """Mount a new filesystem instance at dest (inside the userns)."""
+
+    def __init__(self, dest: str, fstype: str, params: list[tuple[str, str | None]],
+                 attrs: int, source: str | None = None) -> None:
+        self.dest = dest
+        self.fstype = fstype
+        self.params = params
+        self.attrs = attrs
+        self.source = source
+
+    def describe(self) -> str:
+        opts = ",".join(k if v is None else f"{k}={v}" for k, v in self.params)
+        return f"{self.fstype} on {self.dest}" + (f" ({opts})" if opts else "")
+
+    def execute(self, rootfd: int, fds: dict[str, int]) -> None:
+        target = mounts.ensure_in_root(rootfd, self.dest, "dir")
+        try:
+            mnt = mounts.make_fs(self.fstype, self.params, self.attrs, self.source)
+            try:
+                mounts.attach(mnt, target)
+            finally:
+                os.close(mnt)
+        finally:
+            os.close(target)
+
+
+class FdMount:
+    """Attach a detached mount the parent made on the host (label -> fd)."""
+
+    def __init__(self, dest: str, label: str, is_dir: bool) -> None:
+        self.dest = dest
+        self.label = label
+        self.is_dir = is_dir
+
+    def describe(self) -> str:
+        return f"host-made mount [{self.label}] on {self.dest}"
+
+    def execute(self, rootfd: int, fds: dict[str, int]) -> None:
+        target = mounts.ensure_in_root(rootfd, self.dest, "dir" if self.is_dir else "file")
+        try:
+            mounts.attach(fds[self.label], target)
+        finally:
+            os.close(target)
+            os.close(fds.pop(self.label))
+
+
+class HostBind:
+    """A bind-mount source opened by the parent (optionally idmapped / read-only)."""
+
+    def __init__(self, label: str, source: str, recursive: bool, attr_set: int,
+                 attr_clr: int, idmap: str) -> None:
+        self.label = label
+        self.source = source
+        self.recursive = recursive
+        self.attr_set = attr_set
+        self.attr_clr = attr_clr
+        self.idmap = idmap  # "no" | "yes" (required) | "auto" (when the fs allows)
+
+
+class HostPlan:
+    def __init__(self) -> None:
+        self.rootfs = ""
+        self.rootfs_readonly = False
+        self.ownership = "off"  # "map" | "chown" | "off" | "auto"
+        self.dev_nodes: list[devices.DeviceNode] = []
+        self.host_dev = False  # build /dev on the host (user-namespaced containers)
+        self.console = False
+        self.binds: list[HostBind] = []
+
+
+class InitPlan:
+    def __init__(self) -> None:
+        self.parent_pid = 0
+        self.userns = False
+        self.mount_ns = True
+        self.unshare_flags = 0
+        self.root_path = ""
+        self.root_propagation = sc.MS_SLAVE
+        self.mounts: list[FsMount | FdMount] = []
+        self.sysctl: dict[str, str] = {}
+        self.masked_paths: list[str] = []
+        self.readonly_paths: list[str] = []
+        self.hostname: str | None = None
+        self.domainname: str | None = None
+        self.loopback = False
+        self.verify_devices: list[devices.DeviceNode] = []
+        self.verify_ptmx = False
+        self.terminal = False
+        self.console_size: tuple[int, int] | None = None
+        self.rlimits: list[tuple[str, int, int]] = []
+        self.args: list[str] = []
+        self.env: list[str] = []
+        self.cwd = "/"
+        self.uid = 0
+        self.gid = 0
+        self.additional_gids: list[int] = []
+        self.umask: int | None = None
+        self.caps_bounding = 0
+        self.caps_effective = 0
+        self.caps_permitted = 0
+        self.caps_inheritable = 0
+        self.caps_ambient = 0
+        self.no_new_privileges = False
+        self.seccomp_bpf: bytes | None = None
+        self.preserve_fds = 0
+
+    def describe(self) -> list[str]:
+        return [op.describe() for op in self.mounts]
+
+
+def _caps(names: list[str], field: str) -> int:
+    try:
+        return caps.mask(names)
+    except caps.CapabilityError as exc:
+        raise SpecError(f"process.capabilities.{field}: {exc}") from None
+
+
+def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
+    """Plan a validated spec. The seccomp program is filled in by the runtime."""
+    assert spec.root is not None and spec.process is not None
+    linux = spec.linux or S.Linux()
+    proc = spec.process
+    host = HostPlan()
+    init = InitPlan()
+    ns = {n.type for n in linux.namespaces}
+    for i, n in enumerate(linux.namespaces):
+        if n.path:
+            raise SpecError(f"linux.namespaces[{i}].path: joining existing namespaces "
+                            "is not supported yet", "remove the path to create a new one")
+    init.userns = "user" in ns
+    init.mount_ns = "mount" in ns
+    if not init.mount_ns:
+        raise SpecError("linux.namespaces: a mount namespace is required",
+                        "add {\"type\": \"mount\"}")
+    for name, flag in NS_FLAGS.items():
+        if name in ns:
+            init.unshare_flags |= flag
+    init.root_path = spec.root.path
+    host.rootfs = spec.root.path
+    host.rootfs_readonly = spec.root.readonly
+    host.ownership = ownership if init.userns else "off"
+    host.host_dev = init.userns
+    prop = linux.rootfs_propagation or "rslave"
+    init.root_propagation = {"private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE,
+                             "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE,
+                             "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED,
+                             "unbindable": sc.MS_PRIVATE}.get(prop, 0)
+    if not init.root_propagation:
+        raise SpecError(f"linux.rootfsPropagation: unknown value {prop!r}")
+
+    # Devices: the defaults plus linux.devices, all verified by open.
+    nodes = list(devices.DEFAULT_DEVICES)
+    for i, d in enumerate(linux.devices):
+        if d.type not in ("c", "b", "u"):
+            raise SpecError(f"linux.devices[{i}].type: {d.type!r} is not c, b or u")
+        if not d.path.startswith("/dev/"):
+            raise SpecError(f"linux.devices[{i}].path: {d.path!r} is not under /dev")
+        rel = os.path.normpath(d.path[5:])
+        if rel.startswith(".."):
+            raise SpecError(f"linux.devices[{i}].path: {d.path!r} escapes /dev")
+        nodes = [n for n in nodes if n.path != rel]
+        nodes.append(devices.DeviceNode(rel, d.type, d.major, d.minor,
+                                        d.file_mode if d.file_mode is not None else 0o666,
+                                        d.uid or 0, d.gid or 0))
+    host.dev_nodes = nodes
+    host.console = proc.terminal
+    init.verify_devices = nodes
+
+    for i, m in enumerate(spec.mounts):
+        _plan_mount(i, m, host, init)
+
+    init.sysctl = dict(linux.sysctl)
+    init.masked_paths = list(linux.masked_paths)
+    init.readonly_paths = list(linux.readonly_paths)
+    init.hostname = spec.hostname
+    init.domainname = spec.domainname
+    init.loopback = "network" in ns
+    init.terminal = proc.terminal
+    if proc.console_size:
+        init.console_size = (proc.console_size.height, proc.console_size.width)
+    for i, r in enumerate(proc.rlimits):
+        from .init import RLIMITS
+
+        if r.type not in RLIMITS:
+            raise SpecError(f"process.rlimits[{i}].type: unknown rlimit {r.type!r}")
+        init.rlimits.append((r.type, r.soft, r.hard))
+    init.args = list(proc.args)
+    init.env = list(proc.env)
+    init.cwd = proc.cwd
+    user = proc.user or S.User()
+    init.uid, init.gid = user.uid, user.gid
+    init.additional_gids = list(user.additional_gids)
+    init.umask = user.umask
+    c = proc.capabilities or S.Capabilities()
+    init.caps_bounding = _caps(c.bounding, "bounding")
+    init.caps_effective = _caps(c.effective, "effective")
+    init.caps_permitted = _caps(c.permitted, "permitted")
+    init.caps_inheritable = _caps(c.inheritable, "inheritable")
+    init.caps_ambient = _caps(c.ambient, "ambient")
+    init.no_new_privileges = proc.no_new_privileges
+    return host, init
+
+
+def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
+    field = f"mounts[{i}]"
+    opts = mounts.parse_options(m.options)
+    fstype = m.type or ("bind" if opts.bind else None)
+    if fstype is None:
+        raise SpecError(f"{field}.type: missing (and no bind option)")
+    if fstype not in SUPPORTED_FS:
+        raise SpecError(f"{field}.type: filesystem {fstype!r} is not supported",
+                        f"supported: {', '.join(SUPPORTED_FS)}")
+    if opts.bind or fstype in ("bind", "none"):
+        if not m.source:
+            raise SpecError(f"{field}.source: a bind mount needs a source")
+        if not os.path.isabs(m.source):
+            raise SpecError(f"{field}.source: {m.source!r} is not absolute")
+        try:
+            is_dir = os.path.isdir(m.source)
+            os.lstat(m.source)
+        except OSError as exc:
+            raise SpecError(f"{field}.source: {m.source}: {exc.strerror}") from None
+        label = f"bind{i}"
+        idmap = "yes" if opts.idmap else ("auto" if "x-uspawn-idmap-auto" in
+                                          [k for k, _ in opts.fs_params] else "no")
+        if idmap == "yes" and not init.userns:
+            raise SpecError(f"{field}.options: idmap needs a user namespace")
+        host.binds.append(HostBind(label, m.source, opts.recursive, opts.attr_set,
+                                   opts.attr_clr, idmap))
+        init.mounts.append(FdMount(m.destination, label, is_dir))
+        return
+    if fstype == "overlay":
+        raise SpecError(f"{field}.type: overlay mounts are not supported yet",
+                        "prepare the overlay outside and pass it as root.path or a bind")
+    if m.destination == "/dev" and fstype == "tmpfs" and host.host_dev:
+        # Nodes must live on a host-owned superblock: the parent makes this one.
+        init.mounts.append(FdMount("/dev", "dev", True))
+        return
+    if fstype == "cgroup":
+        fstype = "cgroup2"
+    attrs = (_FS_DEFAULT_ATTRS.get(fstype, 0) | opts.attr_set) & ~opts.attr_clr
+    params = [(k, v) for k, v in opts.fs_params if not k.startswith("x-")]
+    if fstype == "devpts":
+        keys = {k for k, _ in params}
+        if "newinstance" not in keys:
+            params.append(("newinstance", None))
+        if "ptmxmode" not in keys:
+            params.append(("ptmxmode", "0666"))
+        init.verify_ptmx = True
+    init.mounts.append(FsMount(m.destination, fstype, params, attrs,
+                               m.source if fstype in ("tmpfs", "mqueue") else None))

@@ -1,0 +1,494 @@
+"""Parent side: create, start, wait for and destroy one container.
+
+The parent stays real root in the host namespaces and does the host-only
+work: ID maps, the cgroup, the /dev tmpfs on a host-owned superblock, the
+idmapped (or chowned) rootfs and bind sources. Those arrive in the child as
+detached-mount fds. The sync points 1..8 are described in channel.py.
+
+Nothing is left behind: every step registers its undo in Container.destroy(),
+which runs on failure, on normal exit, and, when the runtime itself is killed
+with SIGKILL, in a small guardian process forked before anything else (the
+container init dies with the runtime through PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+from . import channel as chan
+from . import plan as planmod
+from .errors import ExecError, SetupError, UspawnError, hint_for
+from .init import stage_a
+from .linux import cgroups, devices, mounts, userns
+from .linux import syscalls as sc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from . import spec as S
+    from .state import Lease, NameClaim
+
+
+class Options:
+    """uspawn's own knobs that are not part of the OCI spec."""
+
+    def __init__(self, name: str, claim: NameClaim | None = None,
+                 range_lease: Lease | None = None, ownership: str = "off",
+                 seccomp_bpf: bytes | None = None, verbose: bool = False,
+                 debug: bool = False, log: Callable[[str], None] | None = None,
+                 cgroup_v1: tuple[str, ...] = ("memory", "pids", "cpu")) -> None:
+        self.name = name
+        self.claim = claim
+        self.range_lease = range_lease
+        self.ownership = ownership
+        self.seccomp_bpf = seccomp_bpf
+        self.verbose = verbose
+        self.debug = debug
+        self.log = log or (lambda msg: None)
+        self.cgroup_v1 = cgroup_v1
+
+
+def _first_host_id(maps: list[S.IDMapping]) -> int:
+    for m in maps:
+        if m.container_id == 0:
+            return m.host_id
+    return 0
+
+
+class Guardian:
+    """Cleans up after a runtime that died without doing it (kill -9).
+
+    Forked before the container, it holds copies of the name/range leases and
+    learns the cgroup and init pid through a pipe. EOF without a final `done`
+    line means the runtime died: wait for the init to go (it gets SIGKILL via
+    PDEATHSIG), remove the cgroup and the state, release the leases.
+    """
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.wfd = -1
+
+    def spawn(self, claim: NameClaim | None, lease: Lease | None) -> None:
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(wfd)
+                os.setsid()
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                            signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+                    signal.signal(sig, signal.SIG_IGN)
+                _guard(rfd, claim, lease)
+            finally:
+                os._exit(0)
+        os.close(rfd)
+        self.pid, self.wfd = pid, wfd
+
+    def tell(self, line: str) -> None:
+        if self.wfd >= 0:
+            os.write(self.wfd, (line + "\n").encode())
+
+    def dismiss(self) -> None:
+        if self.wfd < 0:
+            return
+        self.tell("done")
+        os.close(self.wfd)
+        self.wfd = -1
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _guard(rfd: int, claim: NameClaim | None, lease: Lease | None) -> None:
+    import json
+
+    buf = b""
+    while True:
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    lines = buf.decode().splitlines()
+    if "done" in lines:
+        return
+    init_pid = 0
+    cg = None
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key == "init":
+            init_pid = int(value)
+        elif key == "cgroup":
+            cg = cgroups.Cgroup.from_json(json.loads(value))
+    if init_pid:
+        _wait_gone(init_pid, 10.0)
+    if cg is not None:
+        try:
+            cg.destroy()
+        except cgroups.CgroupError:
+            pass
+    if claim is not None:
+        claim.release()
+    if lease is not None:
+        lease.release()
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    import select
+
+    try:
+        pidfd = sc.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            try:
+                sc.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+
+
+class Container:
+    """A created container: init is set up and waits for start()."""
+
+    def __init__(self, spec: S.Spec, opts: Options) -> None:
+        self.spec = spec
+        self.opts = opts
+        self.init_pid = 0
+        self.pidfd = -1
+        self.ch: chan.Channel | None = None
+        self.console_master = -1
+        self.cgroup: cgroups.Cgroup | None = None
+        self.guardian = Guardian()
+        self.ownership_used = "off"
+        self.started_at = 0.0
+        self.exit_status: int | None = None
+
+    # --- create ------------------------------------------------------------
+
+    def create(self) -> None:
+        spec, opts = self.spec, self.opts
+        host, init = planmod.build(spec, opts.ownership)
+        init.parent_pid = os.getpid()
+        init.seccomp_bpf = opts.seccomp_bpf
+        if opts.debug:
+            for line in init.describe():
+                opts.log(f"plan: {line}")
+        linux = spec.linux
+        uid_maps = [(m.container_id, m.host_id, m.size) for m in (linux.uid_mappings if linux else [])]
+        gid_maps = [(m.container_id, m.host_id, m.size) for m in (linux.gid_mappings if linux else [])]
+        root_uid = _first_host_id(linux.uid_mappings) if linux and init.userns else 0
+        root_gid = _first_host_id(linux.gid_mappings) if linux and init.userns else 0
+
+        # The container's processes become our children when stage A exits.
+        sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+        self.guardian.spawn(opts.claim, opts.range_lease)
+        try:
+            try:
+                self.cgroup = cgroups.create(opts.name, opts.cgroup_v1)
+            except (cgroups.CgroupError, OSError) as exc:
+                raise SetupError(f"create cgroup: {exc}") from None
+            import json
+
+            self.guardian.tell("cgroup " + json.dumps(self.cgroup.to_json()))
+            self._apply_resources()
+            parent_ch, child_ch = chan.Channel.pair()
+            self.ch = parent_ch
+            pid_a = os.fork()
+            if pid_a == 0:
+                # Never unwind into the caller from a forked child.
+                try:
+                    # Close what the container must never hold: our channel end
+                    # and the guardian pipe (else the guardian never sees EOF).
+                    parent_ch.close()
+                    os.close(self.guardian.wfd)
+                    stage_a(init, child_ch)
+                except BaseException as exc:
+                    import traceback
+
+                    traceback.print_exception(exc)
+                finally:
+                    os._exit(125)
+            child_ch.close()
+            try:
+                self._handshake(pid_a, uid_maps, gid_maps, init.userns)
+            finally:
+                _reap(pid_a)
+            self.guardian.tell(f"init {self.init_pid}")
+            self._send_mounts(host, root_uid, root_gid)
+            if init.terminal:
+                msg = self.ch.expect(chan.CONSOLE)
+                if len(msg.fds) != 1:
+                    raise SetupError("console: expected one pty master fd from the container")
+                self.console_master = msg.fds[0]
+            self.ch.wait_created()
+        except chan.ChildError as exc:
+            self.destroy()
+            raise SetupError(str(exc), _hint_errno(str(exc), exc.errno)) from None
+        except chan.ProtocolError as exc:
+            self.destroy()
+            raise SetupError(f"container setup: {exc}") from None
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _apply_resources(self) -> None:
+        linux = self.spec.linux
+        res = linux.resources if linux else None
+        if res is None or self.cgroup is None:
+            return
+        try:
+            self.cgroup.set_limits(
+                memory=res.memory.limit if res.memory else None,
+                pids=res.pids.limit if res.pids else None,
+                cpu_quota=res.cpu.quota if res.cpu else None,
+                cpu_period=res.cpu.period if res.cpu else None,
+            )
+        except OSError as exc:
+            raise SetupError(f"linux.resources: cannot apply limits: {exc}") from None
+
+    def _handshake(self, pid_a: int, uid_maps: list[tuple[int, int, int]],
+                   gid_maps: list[tuple[int, int, int]], use_userns: bool) -> None:
+        assert self.ch is not None and self.cgroup is not None
+        self.ch.wait_userns_ready()  # 1
+        if use_userns:
+            try:
+                userns.write_id_maps(pid_a, uid_maps, gid_maps)
+            except OSError as exc:
+                raise SetupError(f"write uid/gid map of pid {pid_a}: {exc.strerror}",
+                                 "the range may overlap another mapping") from None
+        try:
+            self.cgroup.add(pid_a)
+        except OSError as exc:
+            raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: {exc.strerror}") from None
+        self.ch.mapped()  # 2
+        self.init_pid = self.ch.wait_init_pid()  # 3
+        self.pidfd = sc.pidfd_open(self.init_pid)
+
+    def _send_mounts(self, host: planmod.HostPlan, root_uid: int, root_gid: int) -> None:
+        assert self.ch is not None
+        userns_fd = -1
+        if self.spec.linux and "user" in self.spec.namespace_types():
+            userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        fds: dict[str, int] = {}
+        try:
+            fds["rootfs"] = self._rootfs_mount(host, userns_fd, root_uid)
+            if host.host_dev:
+                try:
+                    fds["dev"] = devices.build_dev_tmpfs(host.dev_nodes, root_uid, root_gid,
+                                                         console=host.console)
+                except OSError as exc:
+                    raise SetupError(f"build /dev on the host: {exc}", hint_for(exc)) from None
+            for b in host.binds:
+                fds[b.label] = self._bind_mount(b, userns_fd)
+            labels = list(fds)
+            self.ch.send(chan.MOUNTS, fds=[fds[k] for k in labels], labels=labels)  # 4
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            if userns_fd >= 0:
+                os.close(userns_fd)
+
+    def _rootfs_mount(self, host: planmod.HostPlan, userns_fd: int, root_uid: int) -> int:
+        path = host.rootfs
+        mode = host.ownership
+        try:
+            mnt = mounts.clone_tree(path, recursive=False)
+        except OSError as exc:
+            raise SetupError(f"open rootfs {path}: {exc}", hint_for(exc)) from None
+        try:
+            if mode in ("map", "auto"):
+                try:
+                    mounts.set_attrs(mnt, userns_fd=userns_fd)
+                    mode = "map"
+                except OSError as exc:
+                    if mode == "map" or not mounts.idmap_supported_error(exc):
+                        raise SetupError(f"idmap rootfs {path}: {exc}", hint_for(exc)) from None
+                    self.opts.log(f"idmapped mount of {path} not possible here ({exc.strerror}); "
+                                  "falling back to chown")
+                    os.close(mnt)
+                    mnt = -1
+                    mode = "chown"
+            if mode == "chown":
+                self._chown_rootfs(path, root_uid)
+                if mnt < 0:
+                    mnt = mounts.clone_tree(path, recursive=False)
+            if host.rootfs_readonly:
+                mounts.set_attrs(mnt, sc.MOUNT_ATTR_RDONLY)
+        except BaseException:
+            if mnt >= 0:
+                os.close(mnt)
+            raise
+        self.ownership_used = mode
+        if self.opts.verbose:
+            self.opts.log(f"rootfs ownership: {mode}"
+                          + (f" (container root = host uid {root_uid})" if mode != "off" else ""))
+        return mnt
+
+    def _chown_rootfs(self, path: str, base: int) -> None:
+        import sys
+
+        from .linux import idshift
+
+        progress = idshift.TerminalProgress() if sys.stderr.isatty() else None
+        try:
+            res = idshift.shift_tree(path, base, progress=progress)
+        except idshift.ShiftError as exc:
+            raise SetupError(str(exc)) from None
+        if self.opts.verbose:
+            self.opts.log(f"chown: shifted {res.files_changed} inodes from base {res.from_base} "
+                          f"to {res.to_base}" + (" (resumed an interrupted shift)"
+                                                 if res.resumed else ""))
+
+    def _bind_mount(self, b: planmod.HostBind, userns_fd: int) -> int:
+        try:
+            mnt = mounts.clone_tree(b.source, recursive=b.recursive)
+        except OSError as exc:
+            raise SetupError(f"bind source {b.source}: {exc}", hint_for(exc)) from None
+        try:
+            if b.idmap != "no" and userns_fd >= 0:
+                try:
+                    mounts.set_attrs(mnt, userns_fd=userns_fd, recursive=b.recursive)
+                except OSError as exc:
+                    if b.idmap == "yes" or not mounts.idmap_supported_error(exc):
+                        raise SetupError(f"idmap bind {b.source}: {exc}", hint_for(exc)) from None
+                    self.opts.log(f"bind {b.source}: idmapped mount not possible "
+                                  f"({exc.strerror}); files keep their host owners")
+            if b.attr_set or b.attr_clr:
+                mounts.set_attrs(mnt, b.attr_set, b.attr_clr, recursive=b.recursive)
+        except OSError as exc:
+            os.close(mnt)
+            raise SetupError(f"bind {b.source}: {exc}", hint_for(exc)) from None
+        except BaseException:
+            os.close(mnt)
+            raise
+        return mnt
+
+    # --- start / wait ------------------------------------------------------
+
+    def start(self) -> None:
+        """Release init to execve the payload; return once it did (8)."""
+        assert self.ch is not None
+        self.ch.start()  # 7
+        try:
+            msg = self.ch.recv(timeout=60)
+        except chan.ChildError as exc:
+            raise ExecError(str(exc), not_found=exc.exit_code == 127) from None
+        except chan.ProtocolError as exc:
+            raise SetupError(f"start: {exc}") from None
+        if msg is not None:
+            raise SetupError(f"start: unexpected message {msg.kind!r} from the container")
+        self.started_at = time.time()
+        self.ch.close()
+        self.ch = None
+
+    def signal(self, sig: int) -> None:
+        if self.pidfd >= 0 and self.exit_status is None:
+            try:
+                sc.pidfd_send_signal(self.pidfd, sig)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+
+    def wait(self) -> int:
+        """Block until init exits; return its status as a shell exit code."""
+        while self.exit_status is None:
+            try:
+                _pid, status = os.waitpid(self.init_pid, 0)
+            except ChildProcessError:
+                self.exit_status = 125
+                break
+            self.exit_status = _exit_code(status)
+        return self.exit_status
+
+    def poll_exit(self) -> int | None:
+        if self.exit_status is None:
+            pid, status = os.waitpid(self.init_pid, os.WNOHANG)
+            if pid:
+                self.exit_status = _exit_code(status)
+        return self.exit_status
+
+    # --- destroy -----------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Kill what is left and remove every trace; safe to call twice."""
+        errors: list[str] = []
+        if self.ch is not None:
+            self.ch.close()
+            self.ch = None
+        if self.init_pid and self.exit_status is None:
+            self.signal(signal.SIGKILL)
+            self.wait()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.console_master >= 0:
+            os.close(self.console_master)
+            self.console_master = -1
+        if self.cgroup is not None:
+            try:
+                self.cgroup.destroy()
+            except cgroups.CgroupError as exc:
+                errors.append(str(exc))
+            self.cgroup = None
+        if self.opts.claim is not None:
+            self.opts.claim.release()
+            self.opts.claim = None
+        if self.opts.range_lease is not None:
+            self.opts.range_lease.release()
+            self.opts.range_lease = None
+        self.guardian.dismiss()
+        if errors:
+            # Cleanup trouble is reported apart from the primary error.
+            self.opts.log("cleanup: " + "; ".join(errors))
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _hint_errno(message: str, err: int) -> str | None:
+    if err in (errno.EACCES, errno.EPERM) and "device node" in message:
+        return ("the kernel refuses to open this node in a user namespace; "
+                "run `uspawn doctor`")
+    return None
+
+
+def run_foreground(container: Container, on_start: Callable[[Container], None] | None = None,
+                   ) -> int:
+    """start() + forward signals + wait (+ pump the pty) + destroy. Returns the exit code."""
+    try:
+        container.start()
+        if on_start is not None:
+            on_start(container)
+        from .console import forward_and_wait
+
+        return forward_and_wait(container)
+    finally:
+        container.destroy()
+
+
+def create(spec: S.Spec, opts: Options) -> Container:
+    c = Container(spec, opts)
+    try:
+        c.create()
+    except UspawnError:
+        raise
+    except OSError as exc:
+        raise SetupError(f"create container: {exc}", hint_for(exc)) from None
+    return c
