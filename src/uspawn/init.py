@@ -80,6 +80,10 @@ def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != plan.parent_pid:
             os._exit(125)
+        try:
+            os.chdir(plan.root_path)
+        except OSError as exc:
+            raise _step(f"enter rootfs {plan.root_path}", exc) from None
         # 1. user namespace first, so every other namespace is owned by it.
         if plan.userns:
             try:
@@ -142,25 +146,31 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int]) -> None:
             mounts.make_rslave_root(plan.root_propagation)
         except OSError as exc:
             raise _step("make / a slave mount", exc) from None
-    root = plan.root_path
+    # Our cwd is the rootfs directory: stage A entered it while still real
+    # root, and unshare(CLONE_NEWNS) carried it into the new namespace. So the
+    # host directories above the tree (often 0700) are never walked again.
+    rootfd = fds.pop("rootfs")
     try:
-        mounts.attach(fds["rootfs"], os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mounts.attach(rootfd, here)
+        finally:
+            os.close(here)
     except OSError as exc:
-        raise _step(f"attach rootfs on {root}", exc) from None
-    os.close(fds.pop("rootfs"))
-    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        raise _step(f"attach rootfs on {plan.root_path}", exc) from None
+    # The detached-mount fd now names the attached rootfs' root.
     try:
         for op in plan.mounts:
             try:
                 op.execute(rootfd, fds)
             except OSError as exc:
                 raise _step(f"mount {op.describe()}", exc) from None
+        try:
+            mounts.pivot_into(rootfd)
+        except OSError as exc:
+            raise _step(f"pivot_root into {plan.root_path}", exc) from None
     finally:
         os.close(rootfd)
-    try:
-        mounts.pivot_into(root)
-    except OSError as exc:
-        raise _step(f"pivot_root into {root}", exc) from None
 
 
 def finish_in_root(plan: InitPlan, ch: chan.Channel) -> None:

@@ -39,8 +39,7 @@ class Options:
     def __init__(self, name: str, claim: NameClaim | None = None,
                  range_lease: Lease | None = None, ownership: str = "off",
                  seccomp_bpf: bytes | None = None, verbose: bool = False,
-                 debug: bool = False, log: Callable[[str], None] | None = None,
-                 cgroup_v1: tuple[str, ...] = ("memory", "pids", "cpu")) -> None:
+                 debug: bool = False, log: Callable[[str], None] | None = None) -> None:
         self.name = name
         self.claim = claim
         self.range_lease = range_lease
@@ -49,7 +48,6 @@ class Options:
         self.verbose = verbose
         self.debug = debug
         self.log = log or (lambda msg: None)
-        self.cgroup_v1 = cgroup_v1
 
 
 def _first_host_id(maps: list[S.IDMapping]) -> int:
@@ -192,7 +190,7 @@ class Container:
         self.guardian.spawn(opts.claim, opts.range_lease)
         try:
             try:
-                self.cgroup = cgroups.create(opts.name, opts.cgroup_v1)
+                self.cgroup = cgroups.create(opts.name, self._v1_controllers())
             except (cgroups.CgroupError, OSError) as exc:
                 raise SetupError(f"create cgroup: {exc}") from None
             import json
@@ -201,7 +199,7 @@ class Container:
             self._apply_resources()
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch
-            pid_a = os.fork()
+            pid_a, joined = self._fork_in_cgroup()
             if pid_a == 0:
                 # Never unwind into the caller from a forked child.
                 try:
@@ -218,7 +216,7 @@ class Container:
                     os._exit(125)
             child_ch.close()
             try:
-                self._handshake(pid_a, uid_maps, gid_maps, init.userns)
+                self._handshake(pid_a, uid_maps, gid_maps, init.userns, joined)
             finally:
                 _reap(pid_a)
             self.guardian.tell(f"init {self.init_pid}")
@@ -239,6 +237,30 @@ class Container:
             self.destroy()
             raise
 
+    def _v1_controllers(self) -> tuple[str, ...]:
+        """v1 hierarchies to join on hybrid/legacy hosts: only those with limits
+        (each v1 migration costs an RCU grace period)."""
+        res = self.spec.linux.resources if self.spec.linux else None
+        if res is None:
+            return ()
+        return tuple(name for name, part in (("memory", res.memory), ("pids", res.pids),
+                                             ("cpu", res.cpu)) if part is not None)
+
+    def _fork_in_cgroup(self) -> tuple[int, bool]:
+        """Fork stage A, born in the v2 cgroup when the kernel allows (no migration)."""
+        assert self.cgroup is not None
+        v2 = self.cgroup.v2_dir
+        if v2 is not None:
+            fd = os.open(v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return sc.fork_into_cgroup(fd), True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+            finally:
+                os.close(fd)
+        return os.fork(), False
+
     def _apply_resources(self) -> None:
         linux = self.spec.linux
         res = linux.resources if linux else None
@@ -255,7 +277,8 @@ class Container:
             raise SetupError(f"linux.resources: cannot apply limits: {exc}") from None
 
     def _handshake(self, pid_a: int, uid_maps: list[tuple[int, int, int]],
-                   gid_maps: list[tuple[int, int, int]], use_userns: bool) -> None:
+                   gid_maps: list[tuple[int, int, int]], use_userns: bool,
+                   joined: bool) -> None:
         assert self.ch is not None and self.cgroup is not None
         self.ch.wait_userns_ready()  # 1
         if use_userns:
@@ -265,7 +288,7 @@ class Container:
                 raise SetupError(f"write uid/gid map of pid {pid_a}: {exc.strerror}",
                                  "the range may overlap another mapping") from None
         try:
-            self.cgroup.add(pid_a)
+            self.cgroup.add(pid_a, skip_v2=joined)
         except OSError as exc:
             raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: {exc.strerror}") from None
         self.ch.mapped()  # 2

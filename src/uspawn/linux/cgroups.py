@@ -94,9 +94,11 @@ class Cgroup:
                    unified if isinstance(unified, str) else None,
                    [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [])
 
-    def add(self, pid: int) -> None:
+    def add(self, pid: int, skip_v2: bool = False) -> None:
+        v2 = self.v2_dir
         for d in self.dirs:
-            _write(os.path.join(d, "cgroup.procs"), str(pid))
+            if not (skip_v2 and d == v2):
+                _write(os.path.join(d, "cgroup.procs"), str(pid))
 
     def set_limits(self, memory: int | None = None, pids: int | None = None,
                    cpu_quota: int | None = None, cpu_period: int | None = None) -> None:
@@ -161,12 +163,19 @@ class Cgroup:
 
 
 def create(name: str, controllers_v1: tuple[str, ...] = ()) -> Cgroup:
+    """Create the container's cgroups. v1 hierarchies are used only on legacy
+    hosts, or on hybrid hosts for controllers cgroup2 lacks there (limits)."""
     layout, unified = detect_layout()
     targets: list[str] = []
     if unified is not None:
         targets.append(unified)
+    if layout == "legacy" and not controllers_v1:
+        controllers_v1 = ("pids",)  # some hierarchy must track the processes
+    v2_has = _controllers(unified) if unified else set()
     if layout != "unified":
         for ctrl in controllers_v1:
+            if ctrl in v2_has:
+                continue
             base = os.path.join(CGROUP_ROOT, ctrl)
             if os.path.isdir(base) and not _is_cgroup2(base):
                 targets.append(base)
@@ -193,6 +202,14 @@ def create(name: str, controllers_v1: tuple[str, ...] = ()) -> Cgroup:
         cg.destroy()
         raise
     return cg
+
+
+def _controllers(hier: str) -> set[str]:
+    try:
+        with open(os.path.join(hier, "cgroup.controllers")) as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
 
 
 def _enable_controllers(hier: str, parent: str) -> None:

@@ -183,14 +183,14 @@ def make_rslave_root(propagation: int = sc.MS_SLAVE) -> None:
     sc.mount(None, "/", None, sc.MS_REC | propagation)
 
 
-def pivot_into(root: str) -> None:
+def pivot_into(rootfd: int) -> None:
     """Make root the new `/` and detach the old root entirely.
 
     pivot_root(".", ".") stacks the old root on top of the new one; the lazy
     unmount then drops it, so no host path stays reachable (the trick runc and
     LXC use; it needs no put_old directory inside a possibly read-only tree).
     """
-    os.chdir(root)
+    os.fchdir(rootfd)
     sc.pivot_root(".", ".")
     sc.umount2(".", sc.MNT_DETACH)
     os.chdir("/")
