@@ -19,9 +19,12 @@ line with errno; these processes never unwind into the caller (os._exit).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
 import signal
+import struct
+import termios
 
 from . import channel as chan
 from .linux import caps, devices, mounts, network
@@ -229,11 +232,8 @@ def setup_console(plan: InitPlan, ch: chan.Channel) -> None:
     Opening the peer with TIOCGPTPEER (Linux 4.13) avoids a path lookup of
     /dev/pts/N that a hostile tree could race.
     """
-    import fcntl
-    import termios
-
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    fcntl.ioctl(master, termios.TIOCSPTLCK, b"\0\0\0\0")
+    fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
     slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
     if plan.console_size:
         rows, cols = plan.console_size
@@ -257,8 +257,6 @@ def setup_console(plan: InitPlan, ch: chan.Channel) -> None:
 
 
 def _winsize(rows: int, cols: int) -> bytes:
-    import struct
-
     return struct.pack("HHHH", rows, cols, 0, 0)
 
 
@@ -302,8 +300,11 @@ def exec_payload(plan: InitPlan, ch: chan.Channel) -> None:
         os.setresgid(plan.gid, plan.gid, plan.gid)
         os.setresuid(plan.uid, plan.uid, plan.uid)
         sc.prctl(sc.PR_SET_KEEPCAPS, 0)
-        caps.apply_sets(plan.caps_effective, plan.caps_permitted, plan.caps_inheritable,
-                        plan.caps_ambient)
+        # A container never gets capabilities the runtime itself lacks (a
+        # host or sandbox may withhold some, e.g. CAP_SYS_RESOURCE): clamp.
+        have = sc.capget()[1]
+        caps.apply_sets(plan.caps_effective & have, plan.caps_permitted & have,
+                        plan.caps_inheritable & have, plan.caps_ambient & have)
     except OSError as exc:
         raise _step(f"switch to user {plan.uid}:{plan.gid}", exc) from None
     if plan.no_new_privileges:

@@ -176,7 +176,8 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
     host.rootfs = spec.root.path
     host.rootfs_readonly = spec.root.readonly
     host.ownership = ownership if init.userns else "off"
-    host.host_dev = init.userns
+    # Also without a user namespace: one path, and nodes are verified the same way.
+    host.host_dev = True
     prop = linux.rootfs_propagation or "rslave"
     init.root_propagation = {"private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE,
                              "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE,

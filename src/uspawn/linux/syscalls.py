@@ -87,6 +87,7 @@ CLOSE_RANGE_CLOEXEC = 4
 # TIOCSCTTY and TIOCGPTPEER are not in the stdlib termios module everywhere.
 TIOCSCTTY = 0x540E
 TIOCGPTPEER = 0x5441
+TIOCSPTLCK = 0x40045431
 
 # Syscalls without a glibc wrapper in Debian 12's glibc. The numbers from 424
 # up are shared by every architecture; pivot_root is not.

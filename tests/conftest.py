@@ -1,0 +1,112 @@
+"""Shared fixtures: the busybox rootfs with the probe, and a runner for the CLI.
+
+Kernel-tier and end-to-end tests need root. Locally they skip without it;
+CI sets USPAWN_MUST_WORK=1, which turns every skip into a failure
+(bubblewrap's BWRAP_MUST_WORK).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from uspawn.busybox_rootfs import build_busybox_rootfs
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE_SRC = REPO / "tests" / "probe" / "probe.c"
+MUST_WORK = os.environ.get("USPAWN_MUST_WORK") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    if MUST_WORK:
+        pytest.fail(f"USPAWN_MUST_WORK=1 but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def need_root() -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("needs root")
+
+
+def build_probe(dest: Path) -> None:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        skip_or_fail("no C compiler for the probe binary (apt-get install gcc libc6-dev)")
+        return
+    subprocess.run([cc, "-static", "-O2", "-o", str(dest), str(PROBE_SRC)], check=True)
+
+
+@pytest.fixture(scope="session")
+def rootfs_template(tmp_path_factory: pytest.TempPathFactory, need_root: None) -> Path:
+    root = tmp_path_factory.mktemp("template") / "busybox"
+    try:
+        build_busybox_rootfs(str(root))
+    except Exception as exc:  # noqa: BLE001 - report why the fixture is missing
+        skip_or_fail(f"cannot build busybox rootfs: {exc}")
+    build_probe(root / "bin" / "probe")
+    return root
+
+
+@pytest.fixture
+def rootfs(rootfs_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test (tests may chown or write into it)."""
+    dest = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", str(rootfs_template), str(dest)], check=True)
+    return dest
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+def uspawn_cmd() -> list[str]:
+    exe = os.environ.get("USPAWN")
+    if exe:
+        return exe.split()
+    return [sys.executable, "-m", "uspawn"]
+
+
+class Runner:
+    def __init__(self, state: Path) -> None:
+        self.state = state
+
+    def argv(self, *args: str) -> list[str]:
+        return [*uspawn_cmd(), "--root", str(self.state), *args]
+
+    def run(self, *args: str, timeout: float = 60, input: str | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), capture_output=True, text=True,
+                              timeout=timeout, input=input)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args), text=True, **kw)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def uspawn(state_dir: Path, need_root: None) -> Iterator[Runner]:
+    yield Runner(state_dir)
+
+
+def host_mount_count() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for _ in f)
+
+
+def cgroup_dirs(name: str) -> list[str]:
+    found = []
+    for base in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory",
+                 "/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpu"):
+        d = os.path.join(base, "uspawn", name)
+        if os.path.isdir(d):
+            found.append(d)
+    return found

@@ -1,0 +1,377 @@
+"""End-to-end: `uspawn run` against the real kernel, as root.
+
+Each test drives the CLI on a fresh copy of the busybox rootfs (with the static
+probe in /bin/probe) and asserts what the payload saw and what the host kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Runner, cgroup_dirs, host_mount_count
+
+
+def run_ok(uspawn: Runner, rootfs: Path, *cmd: str, extra: tuple[str, ...] = ()) -> str:
+    r = uspawn.run("run", "-D", str(rootfs), *extra, "--", *cmd)
+    assert r.returncode == 0, f"rc={r.returncode} stderr={r.stderr}"
+    return r.stdout
+
+
+def assert_no_leftovers(uspawn: Runner, name: str, mounts_before: int) -> None:
+    assert cgroup_dirs(name) == []
+    containers = uspawn.state / "containers"
+    assert not containers.exists() or list(containers.iterdir()) == []
+    ranges = uspawn.state / "ranges"
+    assert not ranges.exists() or [p.name for p in ranges.iterdir()] == []
+    assert host_mount_count() == mounts_before
+
+
+# --- /dev, mknod, seccomp ------------------------------------------------------
+
+
+def test_devices_usable_by_unprivileged_user(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "id -u; echo x > /dev/null && echo null-ok; "
+                 "head -c 16 /dev/zero | wc -c; head -c 16 /dev/urandom | wc -c; "
+                 "echo y > /dev/full; echo full-rc=$?",
+                 extra=("--user", "user"))
+    lines = out.split()
+    assert lines[0] == "1000"
+    assert "null-ok" in lines
+    assert lines.count("16") == 2
+    assert "full-rc=1" in lines  # ENOSPC from the real full device
+
+
+def test_device_nodes_are_owned_by_container_root(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "sh", "-c", "stat -c '%u:%g %t:%T %n' /dev/null /dev/zero")
+    assert out.splitlines() == ["0:0 1:3 /dev/null", "0:0 1:5 /dev/zero"]
+
+
+def test_mknod_devices_refused_fifo_allowed(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "probe mknod /tmp/c c 1 3; probe mknod /tmp/b b 8 0; "
+                 "mkfifo /tmp/f && test -p /tmp/f && echo fifo-ok")
+    assert out.split() == ["EPERM", "EPERM", "fifo-ok"]
+
+
+def test_unknown_syscall_is_enosys(uspawn: Runner, rootfs: Path) -> None:
+    # 1000 is no syscall on any architecture: the policy must answer ENOSYS
+    # (glibc falls back only on ENOSYS), and kexec_load is refused with EPERM.
+    out = run_ok(uspawn, rootfs, "sh", "-c", "probe syscall 1000; probe syscall 246")
+    assert out.splitlines() == ["-1 ENOSYS", "-1 EPERM"]
+
+
+def test_no_host_block_devices_and_ro_proc_sys(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "find /dev -type b | wc -l; "
+                 "echo 1 > /proc/sys/kernel/domainname 2>/dev/null; echo procsys=$?; "
+                 "touch /sys/kernel/x 2>/dev/null; echo sys=$?; "
+                 "cat /proc/timer_list 2>/dev/null | wc -c; probe open /proc/sys/net/ipv4/ip_forward")
+    lines = out.split()
+    assert lines[0] == "0"
+    assert "procsys=1" in lines and "sys=1" in lines
+    assert lines[3] == "0"  # masked: /dev/null over /proc/timer_list
+    assert lines[4] == "EROFS"
+
+
+# --- ownership --------------------------------------------------------------
+
+
+def test_map_ownership_leaves_host_tree_untouched(uspawn: Runner, rootfs: Path) -> None:
+    before = {p: p.lstat().st_uid for p in rootfs.rglob("*")}
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "stat -c %u /bin/busybox /etc/passwd; touch /root/made-inside; "
+                 "stat -c %u /root/made-inside",
+                 extra=("--private-users-ownership=map", "-v"))
+    assert out.split() == ["0", "0", "0"]
+    made = rootfs / "root" / "made-inside"
+    assert made.stat().st_uid == 0  # container root == host root on disk via idmap
+    made.unlink()
+    after = {p: p.lstat().st_uid for p in rootfs.rglob("*")}
+    assert before == after
+
+
+def test_chown_ownership_shifts_to_base(uspawn: Runner, rootfs: Path) -> None:
+    base = 0x20000000
+    r = uspawn.run("run", "-D", str(rootfs), f"--private-users={base}",
+                   "--private-users-ownership=chown", "-v", "--", "sh", "-c",
+                   "stat -c %u /bin/busybox; touch /root/new; stat -c %u:%g /home/user")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "1000:1000"]
+    assert "ownership: chown" in r.stderr
+    assert (rootfs / "bin" / "busybox").stat().st_uid == base
+    assert (rootfs / "root" / "new").stat().st_uid == base
+    assert (rootfs / "home" / "user").stat().st_uid == base + 1000
+    # A second start keeps the shift (auto picks the tree's base again).
+    r2 = uspawn.run("run", "-D", str(rootfs), "-v", "--", "stat", "-c", "%u", "/bin/busybox")
+    assert r2.returncode == 0 and r2.stdout.strip() == "0", r2.stderr
+    assert "ownership: chown" in r2.stderr
+
+
+def test_chown_killed_mid_shift_is_finished_next_start(uspawn: Runner, rootfs: Path) -> None:
+    # A tree big enough that the shift takes a while.
+    big = rootfs / "var" / "big"
+    for i in range(200):
+        d = big / f"d{i}"
+        d.mkdir(parents=True)
+        for j in range(250):
+            (d / f"f{j}").touch()
+    originals = {p: (p.lstat().st_uid, p.lstat().st_gid) for p in rootfs.rglob("*")}
+    originals[rootfs] = (rootfs.lstat().st_uid, rootfs.lstat().st_gid)
+    base = 0x21000000
+    proc = uspawn.popen("run", "-D", str(rootfs), f"--private-users={base}",
+                        "--private-users-ownership=chown", "--", "true",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any((big / f"d{i}").lstat().st_uid == base for i in range(0, 200, 20)):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    if not killed:
+        pytest.skip("the shift finished before it could be interrupted")
+    shifted = sum(1 for p in originals if p.lstat().st_uid >= base)
+    assert 0 < shifted < len(originals), "expected a half-shifted tree after SIGKILL"
+    # Give the guardian a moment to release the range, then start again.
+    for _ in range(100):
+        r = uspawn.run("run", "-D", str(rootfs), f"--private-users={base}",
+                       "--private-users-ownership=chown", "--", "true")
+        if "already used" not in r.stderr:
+            break
+        time.sleep(0.05)
+    assert r.returncode == 0, r.stderr
+    for p, (uid, gid) in originals.items():
+        st = p.lstat()
+        assert (st.st_uid, st.st_gid) == (uid + base, gid + base), p
+
+
+def test_bind_mount_is_idmapped(uspawn: Runner, rootfs: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hostfile").write_text("hi")
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "stat -c %u /mnt/shared/hostfile; cat /mnt/shared/hostfile; echo; "
+                 "touch /mnt/shared/fromcontainer",
+                 extra=("--bind", f"{shared}:/mnt/shared"))
+    assert out.split() == ["0", "hi"]
+    assert (shared / "fromcontainer").stat().st_uid == 0
+    ro = run_ok(uspawn, rootfs, "sh", "-c", "touch /mnt/ro/x 2>/dev/null; echo rc=$?",
+                extra=("--bind-ro", f"{shared}:/mnt/ro"))
+    assert ro.strip() == "rc=1"
+
+
+# --- namespaces, identity -----------------------------------------------------
+
+
+def test_namespaces_hostname_and_network(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "hostname; echo $$; cat /proc/self/uid_map; "
+                 "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; "
+                 "cat /sys/class/net/lo/operstate /sys/class/net/lo/flags; echo $container",
+                 extra=("--hostname", "box1"))
+    lines = out.split("\n")
+    assert lines[0] == "box1"
+    assert lines[1] == "1"  # pid 1 in its own pid namespace
+    inside, outside, size = lines[2].split()
+    assert (inside, size) == ("0", "65536") and int(outside) >= 0x80000
+    assert lines[3] == "lo"  # only loopback
+    assert int(lines[5], 16) & 1  # IFF_UP
+    assert lines[6] == "uspawn"
+
+
+def test_network_host_shares_interfaces(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "sh", "-c", "cat /proc/net/dev | wc -l",
+                 extra=("--network=host",))
+    with open("/proc/net/dev") as f:
+        assert int(out) == len(f.readlines())
+
+
+def test_two_concurrent_containers_get_distinct_ranges(uspawn: Runner, rootfs: Path) -> None:
+    a = uspawn.popen("run", "-D", str(rootfs), "--", "sh", "-c",
+                     "cat /proc/self/uid_map; sleep 1", stdout=subprocess.PIPE)
+    b = uspawn.popen("run", "-D", str(rootfs), "--", "sh", "-c",
+                     "cat /proc/self/uid_map; sleep 1", stdout=subprocess.PIPE)
+    out_a, _ = a.communicate(timeout=30)
+    out_b, _ = b.communicate(timeout=30)
+    assert a.returncode == 0 and b.returncode == 0
+    assert out_a.split()[1] != out_b.split()[1]
+
+
+def test_private_users_no_and_fixed_range(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "cat", "/proc/self/uid_map", extra=("--private-users=no",))
+    assert out.split() == ["0", "0", "4294967295"]
+    out = run_ok(uspawn, rootfs, "cat", "/proc/self/uid_map",
+                 extra=("--private-users=0x30000000:65536",))
+    assert out.split() == ["0", str(0x30000000), "65536"]
+
+
+def test_capabilities_env_cwd_nnp(uspawn: Runner, rootfs: Path) -> None:
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status; pwd; echo $FOO",
+                 extra=("--drop-capability", "CAP_SYS_ADMIN", "--capability", "SYS_TIME",
+                        "--no-new-privileges", "--chdir", "/etc", "--setenv", "FOO=bar"))
+    status = dict(line.split(":\t") for line in out.splitlines()[:2])
+    bnd = int(status["CapBnd"], 16)
+    assert not bnd & (1 << 21)  # CAP_SYS_ADMIN dropped
+    assert bnd & (1 << 25)  # CAP_SYS_TIME added
+    assert bnd & (1 << 12)  # CAP_NET_ADMIN kept with a private network
+    assert status["NoNewPrivs"] == "1"
+    assert out.splitlines()[2:] == ["/etc", "bar"]
+
+
+# --- exit codes, signals, tty ---------------------------------------------------
+
+
+def test_exit_code_and_signal_death(uspawn: Runner, rootfs: Path) -> None:
+    assert uspawn.run("run", "-D", str(rootfs), "--", "sh", "-c", "exit 42").returncode == 42
+    # The kernel shields a pid namespace's init from SIGKILL sent inside it, so
+    # the signal comes from the host, as `kill` by an admin would.
+    p = uspawn.popen("run", "-D", str(rootfs), "--machine", "sigdeath", "--", "sh", "-c",
+                     "echo up; exec sleep 100", stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline().strip() == "up"
+    with open(os.path.join(cgroup_dirs("sigdeath")[0], "cgroup.procs")) as f:
+        init_pid = int(f.read().split()[0])
+    os.kill(init_pid, signal.SIGKILL)
+    assert p.wait(timeout=20) == 128 + signal.SIGKILL
+
+
+def test_signals_are_forwarded(uspawn: Runner, rootfs: Path) -> None:
+    mounts_before = host_mount_count()
+    script = ("trap 'echo got-term; exit 7' TERM; trap 'echo got-usr1' USR1; "
+              "echo ready; while :; do sleep 0.05; done")
+    p = uspawn.popen("run", "-D", str(rootfs), "--machine", "sig", "--", "sh", "-c", script,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGUSR1)
+    assert p.stdout.readline().strip() == "got-usr1"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=20)
+    assert out.strip() == "got-term"
+    assert p.returncode == 7, err
+    assert_no_leftovers(uspawn, "sig", mounts_before)
+
+
+def test_tty_through_a_pty(uspawn: Runner, rootfs: Path) -> None:
+    import pty
+
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.execvp(uspawn.argv()[0], uspawn.argv(
+                "run", "-D", str(rootfs), "-t", "--", "sh", "-c",
+                "probe open /dev/tty; tty; stty size; test -t 0 && echo stdin-tty"))
+        finally:
+            os._exit(127)
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    text = out.decode(errors="replace").replace("\r", "")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    lines = [ln for ln in text.split("\n") if ln]
+    assert lines[0] == "ok"
+    assert lines[1].startswith("/dev/pts/")
+    assert lines[2] == "33 111"
+    assert lines[3] == "stdin-tty"
+
+
+# --- cleanup and bad input ------------------------------------------------------
+
+
+def test_no_leftovers_after_normal_exit(uspawn: Runner, rootfs: Path) -> None:
+    before = host_mount_count()
+    run_ok(uspawn, rootfs, "true", extra=("--machine", "clean"))
+    assert_no_leftovers(uspawn, "clean", before)
+
+
+def test_no_leftovers_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -> None:
+    before = host_mount_count()
+    p = uspawn.popen("run", "-D", str(rootfs), "--machine", "killme", "--", "sh", "-c",
+                     "echo $$ > /dev/null; echo up; exec sleep 1000",
+                     stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "up"
+    cg = cgroup_dirs("killme")
+    assert cg, "container cgroup should exist while it runs"
+    with open(os.path.join(cg[0], "cgroup.procs")) as f:
+        pids = [int(x) for x in f.read().split()]
+    assert pids
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (cgroup_dirs("killme") or
+                                           any(os.path.exists(f"/proc/{x}") for x in pids)):
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{x}") for x in pids)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (uspawn.state / "containers" / "killme").exists():
+        time.sleep(0.05)
+    assert_no_leftovers(uspawn, "killme", before)
+
+
+def test_no_leftovers_after_failed_start(uspawn: Runner, rootfs: Path) -> None:
+    before = host_mount_count()
+    r = uspawn.run("run", "-D", str(rootfs), "--machine", "fail", "--", "/no/such/cmd")
+    assert r.returncode == 127
+    assert r.stderr.count("\n") == 1 and "/no/such/cmd" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert_no_leftovers(uspawn, "fail", before)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("-D", "/nonexistent/tree", "--", "true"), 125, "rootfs /nonexistent/tree"),
+        (("-D", "/etc/passwd", "--", "true"), 125, "not a directory"),
+        (("-D", "{rootfs}", "--private-users=abc", "--", "true"), 2, "--private-users"),
+        (("-D", "{rootfs}", "--", "nosuchcmd"), 127, "nosuchcmd"),
+        (("-D", "{rootfs}", "--user", "ghost", "--", "true"), 125, "ghost"),
+        (("-D", "{rootfs}", "--capability", "CAP_BOGUS", "--", "true"), 2, "CAP_BOGUS"),
+        (("-D", "{rootfs}", "--bind", "/nonexistent:/x", "--", "true"), 125, "/nonexistent"),
+        (("-D", "{rootfs}", "--bogus-flag", "--", "true"), 2, "--bogus-flag"),
+    ],
+)
+def test_bad_input_one_line_error(uspawn: Runner, rootfs: Path, args: tuple[str, ...],
+                                  code: int, needle: str) -> None:
+    argv = [a.replace("{rootfs}", str(rootfs)) for a in args]
+    r = uspawn.run("run", *argv)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert lines[0].startswith("uspawn: ")
+
+
+def test_range_in_use_is_refused(uspawn: Runner, rootfs: Path) -> None:
+    base = "0x31000000"
+    p = uspawn.popen("run", "-D", str(rootfs), f"--private-users={base}", "--", "sh", "-c",
+                     "echo up; sleep 5", stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline().strip() == "up"
+    try:
+        r = uspawn.run("run", "-D", str(rootfs), f"--private-users={base}", "--", "true")
+        assert r.returncode == 125
+        assert "already used" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        p.kill()
+        p.wait()
