@@ -25,7 +25,8 @@ EXIT_NOT_FOUND = 127
 ERRNO_HINTS: dict[tuple[str, int], str] = {
     ("unshare", _errno.EPERM): "user namespaces may be disabled: check "
     "/proc/sys/user/max_user_namespaces and kernel.unprivileged_userns_clone; run `uspawn doctor`",
-    ("unshare", _errno.EINVAL): "the calling process is multithreaded or the kernel lacks a namespace type",
+    ("unshare", _errno.EINVAL): "the calling process is multithreaded or the kernel "
+    "lacks a namespace type",
     ("unshare", _errno.ENOSPC): "the user namespace limit is reached: raise "
     "/proc/sys/user/max_user_namespaces",
     ("open_tree", _errno.ENOSYS): "the kernel lacks the new mount API (Linux >= 5.2 needed)",

@@ -60,8 +60,11 @@ def run_command(ns: argparse.Namespace, log: Callable[[str], None]) -> int:
             pass
 
     root = state.state_root(ns.root)
-    claim = claim_container_name(root, ns.name, presets.machine_name(rootfs))
-    lease = None
+    claim: state.NameClaim | None = claim_container_name(
+        root, ns.name, presets.machine_name(rootfs))
+    assert claim is not None
+    name = claim.name
+    lease: state.Lease | None = None
     try:
         if userns:
             from .linux import idshift
@@ -79,7 +82,7 @@ def run_command(ns: argparse.Namespace, log: Callable[[str], None]) -> int:
                 base, lease = allocator.pick(size, prefer=shifted or None)
             else:
                 lease = allocator.lease(base, size)
-            lease.record(name=claim.name, pid=_self_pid(), starttime=_self_start())
+            lease.record(name=name, pid=_self_pid(), starttime=_self_start())
         spec = presets.run_spec(
             rootfs, cmd, hostname=ns.hostname, base=base, size=size, userns=userns,
             network_host=ns.network == "host", user=ns.user, chdir=ns.chdir,
@@ -91,7 +94,7 @@ def run_command(ns: argparse.Namespace, log: Callable[[str], None]) -> int:
         from .linux import seccomp
 
         bpf = seccomp.policy_bpf(seccomp.default_policy(userns=userns))
-        opts = runtime.Options(claim.name, claim=claim, range_lease=lease, ownership=ownership,
+        opts = runtime.Options(name, claim=claim, range_lease=lease, ownership=ownership,
                                seccomp_bpf=bpf, verbose=ns.verbose or ns.debug,
                                debug=ns.debug, log=log)
         claim, lease = None, None  # owned by the container from here on

@@ -180,8 +180,10 @@ class Container:
             for line in init.describe():
                 opts.log(f"plan: {line}")
         linux = spec.linux
-        uid_maps = [(m.container_id, m.host_id, m.size) for m in (linux.uid_mappings if linux else [])]
-        gid_maps = [(m.container_id, m.host_id, m.size) for m in (linux.gid_mappings if linux else [])]
+        uid_maps = [(m.container_id, m.host_id, m.size)
+                    for m in (linux.uid_mappings if linux else [])]
+        gid_maps = [(m.container_id, m.host_id, m.size)
+                    for m in (linux.gid_mappings if linux else [])]
         root_uid = _first_host_id(linux.uid_mappings) if linux and init.userns else 0
         root_gid = _first_host_id(linux.gid_mappings) if linux and init.userns else 0
 

@@ -142,7 +142,8 @@ class SyscallError(OSError):
 
     def __str__(self) -> str:
         where = f" {self.filename}" if self.filename else ""
-        return f"{self.syscall}{where}: {self.strerror} ({errno.errorcode.get(self.errno or 0, '?')})"
+        name = errno.errorcode.get(self.errno or 0, "?")
+        return f"{self.syscall}{where}: {self.strerror} ({name})"
 
 
 # SyscallError variants that are also the matching builtin OSError subclass,
