@@ -48,7 +48,7 @@ def rootfs_template(tmp_path_factory: pytest.TempPathFactory, need_root: None) -
     root = tmp_path_factory.mktemp("template") / "busybox"
     try:
         build_busybox_rootfs(str(root))
-    except Exception as exc:  # noqa: BLE001 - report why the fixture is missing
+    except Exception as exc:
         skip_or_fail(f"cannot build busybox rootfs: {exc}")
     build_probe(root / "bin" / "probe")
     return root

@@ -1,7 +1,8 @@
 """Kernel-tier tests of the chown ownership mode (uspawn.linux.idshift).
 
-Real trees under tmp_path (ext4 here), run as root. Mounts happen only in forked children
-with a private mount namespace, so nothing leaks into pytest or the host.
+Real trees under tmp_path (ext4 here), run as root (skips go through conftest's
+skip_or_fail). Mounts happen only in forked children with a private mount namespace, so
+nothing leaks into pytest or the host.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 
 from uspawn.linux import idshift, syscalls
 from uspawn.linux.idshift import (
@@ -39,7 +41,7 @@ CAP_NET_RAW = 13
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
 ACL_UNDEFINED_ID = 0xFFFFFFFF
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="idshift needs root")
+pytestmark = pytest.mark.usefixtures("need_root")
 
 
 def _acl(*entries: tuple[int, int, int]) -> bytes:
@@ -146,8 +148,11 @@ def _tally(root: Path, bases: tuple[int, ...]) -> dict[int | None, int]:
 
 
 def _kill_mid_shift(root: Path, target: int, journal_exists: Callable[[], bool],
-                    setup: str = "") -> None:
-    """Start shift_tree in a subprocess and SIGKILL it once the walk is under way."""
+                    setup: str = "") -> int:
+    """Start shift_tree in a subprocess, SIGKILL it once the walk is under way and check
+    the tree is left mixed. Returns the base the tree was at."""
+    src = current_base(str(root))
+    assert src is not None and src != target
     code = (f"import sys, uspawn.linux.idshift as m; {setup}"
             f"m.shift_tree(sys.argv[1], {target})")
     # The walk takes entries in listdir order: the first one is shifted first.
@@ -164,36 +169,46 @@ def _kill_mid_shift(root: Path, target: int, journal_exists: Callable[[], bool],
         proc.wait()
     # The kill must have hit the middle: journal kept, root not shifted, tree mixed.
     assert journal_exists()
-    assert _owner(root) == (0, 0)
+    assert _owner(root) == (src, src)
     assert current_base(str(root)) is None
-    counts = _tally(root, (0, target))
-    assert counts.get(0, 0) > 0 and counts.get(target, 0) > 0 and None not in counts, counts
+    counts = _tally(root, (src, target))
+    assert counts.get(src, 0) > 0 and counts.get(target, 0) > 0 and None not in counts, counts
+    return src
 
 
-def test_kill_then_resume_shifts_every_file_once(tmp_path: Path) -> None:
-    root = tmp_path / "rootfs"
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """60060 inodes, built once: each test starts from whatever base the last one left."""
+    root = tmp_path_factory.mktemp("idshift") / "rootfs"
     _build_tree(root)
-    _kill_mid_shift(root, T, lambda: _has_journal(root))
+    yield root
+    shutil.rmtree(root)
 
-    res = shift_tree(str(root), T)
 
-    assert res.resumed and (res.from_base, res.to_base) == (0, T)
+def test_kill_then_resume_shifts_every_file_once(big_tree: Path) -> None:
+    root = big_tree
+    target = T2 if current_base(str(root)) == T else T
+    src = _kill_mid_shift(root, target, lambda: _has_journal(root))
+
+    res = shift_tree(str(root), target)
+
+    assert res.resumed and (res.from_base, res.to_base) == (src, target)
     assert 0 < res.files_changed < 60061
-    assert _tally(root, (T,)) == {T: 60060}  # no file missed, none shifted twice
-    assert _owner(root) == (T, T) and not _has_journal(root)
-    assert current_base(str(root)) == T
+    assert _tally(root, (target,)) == {target: 60060}  # no file missed, none shifted twice
+    assert _owner(root) == (target, target) and not _has_journal(root)
+    assert current_base(str(root)) == target
 
 
-def test_kill_then_retarget_finishes_then_shifts_on(tmp_path: Path) -> None:
-    root = tmp_path / "rootfs"
-    _build_tree(root)
-    _kill_mid_shift(root, T, lambda: _has_journal(root))
+def test_kill_then_retarget_finishes_then_shifts_on(big_tree: Path) -> None:
+    root = big_tree
+    middle, final = (T2 if current_base(str(root)) == T else T), 3 * SIZE
+    src = _kill_mid_shift(root, middle, lambda: _has_journal(root))
 
-    res = shift_tree(str(root), T2)
+    res = shift_tree(str(root), final)
 
-    assert res.resumed and (res.from_base, res.to_base) == (0, T2)
-    assert _tally(root, (T2,)) == {T2: 60060}
-    assert current_base(str(root)) == T2 and not _has_journal(root)
+    assert res.resumed and (res.from_base, res.to_base) == (src, final)
+    assert _tally(root, (final,)) == {final: 60060}
+    assert current_base(str(root)) == final and not _has_journal(root)
 
 
 def test_journal_file_fallback_without_trusted_xattrs(tmp_path: Path) -> None:
@@ -316,6 +331,31 @@ def test_same_base_is_a_no_op_and_bad_input_fails(tmp_path: Path) -> None:
     with pytest.raises(ShiftError, match="No such file"):
         shift_tree(str(tmp_path / "missing"), T)
     assert _owner(root / "f") == (0, 0)
+
+
+def test_failure_names_the_path_and_keeps_the_journal_for_a_rerun(tmp_path: Path) -> None:
+    if not shutil.which("chattr"):
+        skip_or_fail("chattr (e2fsprogs) not installed")
+    root = tmp_path / "rootfs"
+    (root / "a/b").mkdir(parents=True)
+    for name in ("a/x", "a/b/locked", "a/b/y", "z"):
+        (root / name).touch()
+    subprocess.run(["chattr", "+i", str(root / "a/b/locked")], check=True)
+    try:
+        with pytest.raises(ShiftError) as exc:
+            shift_tree(str(root), T)
+    finally:
+        subprocess.run(["chattr", "-i", str(root / "a/b/locked")], check=True)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(root / "a/b/locked") in msg
+    assert "Operation not permitted" in msg and "chattr -i" in msg and "rerun" in msg
+    assert _has_journal(root) and _owner(root) == (0, 0) and current_base(str(root)) is None
+
+    res = shift_tree(str(root), T)
+
+    assert res.resumed and res.files_changed >= 1
+    assert all(_owner(p) == (T, T) for p in [root, *root.rglob("*")])
+    assert not _has_journal(root)
 
 
 def test_mounts_under_root_are_not_crossed(tmp_path: Path) -> None:

@@ -71,7 +71,8 @@ def test_no_host_block_devices_and_ro_proc_sys(uspawn: Runner, rootfs: Path) -> 
                  "find /dev -type b | wc -l; "
                  "echo 1 > /proc/sys/kernel/domainname 2>/dev/null; echo procsys=$?; "
                  "touch /sys/kernel/x 2>/dev/null; echo sys=$?; "
-                 "cat /proc/timer_list 2>/dev/null | wc -c; probe open /proc/sys/net/ipv4/ip_forward")
+                 "cat /proc/timer_list 2>/dev/null | wc -c; "
+                 "probe open /proc/sys/net/ipv4/ip_forward")
     lines = out.split()
     assert lines[0] == "0"
     assert "procsys=1" in lines and "sys=1" in lines

@@ -142,9 +142,9 @@ def test_mknod_rules_cover_every_file_type() -> None:
 
 
 def test_native_and_compat_arches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr("uspawn.linux.seccomp._machine", lambda: "x86_64")
     assert default_policy(True).architectures == ("x86_64", "x86")
-    monkeypatch.setattr("platform.machine", lambda: "sparc64")
+    monkeypatch.setattr("uspawn.linux.seccomp._machine", lambda: "sparc64")
     assert default_policy(True).architectures == ()
 
 

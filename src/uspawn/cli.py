@@ -7,68 +7,82 @@ its exit code. A traceback means a bug in uspawn, never bad input.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from .errors import EXIT_SETUP, EXIT_USAGE, UsageError, UspawnError
+from .cmdline import Command, HelpRequested, Opt, parse
+from .errors import EXIT_SETUP, UsageError, UspawnError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+VERSION = "0.1.0"
 
 
 def _log(msg: str) -> None:
     sys.stderr.write(f"uspawn: {msg}\n")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message, f"see `{self.prog} --help`")
+GLOBAL_OPTS = [
+    Opt("--root", metavar="DIR", help="state directory (default /run/uspawn)"),
+    Opt("--version", kind="flag", help="print the version"),
+]
 
+RUN_OPTS = [
+    Opt("-D", "--directory", metavar="DIR", help="root directory of the container"),
+    Opt("-M", "--machine", "--name", dest="name", metavar="NAME", help="container name"),
+    Opt("--hostname", metavar="NAME", help="hostname (default: the container name)"),
+    Opt("-U", "--private-users", default="pick", metavar="pick|no|BASE[:SIZE]",
+        help="user namespace ID range"),
+    Opt("--private-users-ownership", default="auto", choices=("auto", "map", "chown", "off"),
+        help="make rootfs ownership match the range"),
+    Opt("-u", "--user", metavar="NAME|UID[:GID]", help="user inside the container"),
+    Opt("--chdir", default="/", metavar="DIR", help="working directory inside"),
+    Opt("-E", "--setenv", kind="append", metavar="KEY=VALUE", help="set an environment variable"),
+    Opt("--capability", kind="append", metavar="CAP[,CAP...]", help="add capabilities"),
+    Opt("--drop-capability", kind="append", metavar="CAP[,CAP...]", help="drop capabilities"),
+    Opt("--no-new-privileges", kind="flag", help="set no_new_privs"),
+    Opt("--bind", kind="append", metavar="SRC[:DST[:OPTS]]", help="bind mount (idmapped)"),
+    Opt("--bind-ro", kind="append", metavar="SRC[:DST[:OPTS]]", help="read-only bind mount"),
+    Opt("--network", default="private", choices=("private", "host"), help="network namespace"),
+    Opt("--read-only", kind="flag", help="mount the rootfs read-only"),
+    Opt("-t", "--tty", kind="flag", help="allocate a pseudo-terminal"),
+    Opt("-v", "--verbose", kind="flag", help="say what uspawn decided"),
+    Opt("--debug", kind="flag", help="print the mount plan"),
+]
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="uspawn", description="User-namespaced system containers.")
-    p.add_argument("--version", action="version", version="uspawn 0.1.0")
-    p.add_argument("--root", help="state directory (default /run/uspawn)")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    r = sub.add_parser("run", help="run a command in a new container")
-    r.add_argument("-D", "--directory", required=True, help="root directory of the container")
-    r.add_argument("-M", "--machine", "--name", dest="name", help="container name")
-    r.add_argument("--hostname")
-    r.add_argument("-U", "--private-users", default="pick", metavar="pick|no|BASE[:SIZE]")
-    r.add_argument("--private-users-ownership", default="auto",
-                   choices=("auto", "map", "chown", "off"))
-    r.add_argument("-u", "--user", help="NAME|UID[:GID] inside the container")
-    r.add_argument("--chdir", default="/", help="working directory inside the container")
-    r.add_argument("-E", "--setenv", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--capability", action="append", default=[], metavar="CAP[,CAP...]")
-    r.add_argument("--drop-capability", action="append", default=[], metavar="CAP[,CAP...]")
-    r.add_argument("--no-new-privileges", action="store_true")
-    r.add_argument("--bind", action="append", default=[], metavar="SRC[:DST[:OPTS]]")
-    r.add_argument("--bind-ro", action="append", default=[], metavar="SRC[:DST[:OPTS]]")
-    r.add_argument("--network", default="private", choices=("private", "host"))
-    r.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
-    r.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    r.add_argument("-v", "--verbose", action="store_true")
-    r.add_argument("--debug", action="store_true")
-    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
-
-    m = sub.add_parser("mkrootfs", help="build the built-in busybox rootfs")
-    m.add_argument("kind", choices=("busybox",))
-    m.add_argument("directory")
-    return p
+COMMANDS = [
+    Command("run", "run a command in a new container", RUN_OPTS, rest="cmd"),
+    Command("mkrootfs", "build the built-in busybox rootfs in DIRECTORY",
+            positionals=["kind", "directory"]),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        ns = build_parser().parse_args(argv)
-        if ns.command == "run":
+        if "--version" in args[:1]:
+            print(f"uspawn {VERSION}")
+            return 0
+        try:
+            command, ns = parse(GLOBAL_OPTS, COMMANDS, args)
+        except HelpRequested as h:
+            try:
+                print(h.text)
+            except BrokenPipeError:
+                pass
+            return 0
+        if command == "run":
+            if not ns.directory:
+                raise UsageError("run: -D/--directory is required",
+                                 "uspawn run -D ROOTFS -- CMD [ARGS...]")
             from .launch import run_command
 
             return run_command(ns, _log)
-        if ns.command == "mkrootfs":
+        if command == "mkrootfs":
+            if ns.kind != "busybox":
+                raise UsageError(f"mkrootfs: unknown kind {ns.kind!r}", "only busybox exists")
             from .busybox_rootfs import RootfsError, build_busybox_rootfs
 
             try:
@@ -77,14 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UspawnError(f"mkrootfs {ns.directory}: {exc}") from None
             print(ns.directory)
             return 0
-        raise UsageError(f"unknown command {ns.command!r}")
+        raise UsageError(f"unknown command {command!r}")
     except UspawnError as exc:
         _log(exc.one_line())
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    except SystemExit as exc:  # argparse --help/--version
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def entry() -> None:

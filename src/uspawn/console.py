@@ -31,26 +31,34 @@ def copy_winsize(src: int, dst: int) -> None:
         pass
 
 
-def forward_and_wait(c: Container) -> int:
-    master = c.console_master
-    old_handlers = {}
+class forward_signals:
+    """Forward FORWARDED signals to the container's init while active."""
 
-    def forward(sig: int, _frame: object) -> None:
-        if sig == signal.SIGWINCH and master >= 0:
+    def __init__(self, c: Container) -> None:
+        self.c = c
+        self.saved: dict[int, object] = {}
+
+    def _forward(self, sig: int, _frame: object) -> None:
+        if sig == signal.SIGWINCH and self.c.console_master >= 0:
             # The kernel signals the pty's foreground group itself on resize.
-            copy_winsize(0, master)
+            copy_winsize(0, self.c.console_master)
         else:
-            c.signal(sig)
+            self.c.signal(sig)
 
-    for sig in FORWARDED:
-        old_handlers[sig] = signal.signal(sig, forward)
-    try:
-        if master < 0:
-            return c.wait()
-        return _pump(c, master)
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+    def __enter__(self) -> forward_signals:
+        for sig in FORWARDED:
+            self.saved[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def forward_and_wait(c: Container) -> int:
+    if c.console_master < 0:
+        return c.wait()
+    return _pump(c, c.console_master)
 
 
 def _pump(c: Container, master: int) -> int:

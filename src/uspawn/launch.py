@@ -10,13 +10,12 @@ Decisions made here, before anything is created:
 
 from __future__ import annotations
 
-import argparse
-
 from . import presets, runtime, state
 from .errors import SpecError, StateError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import types
     from collections.abc import Callable
 
 
@@ -39,7 +38,7 @@ def claim_container_name(root: str, requested: str | None, default: str) -> stat
     raise StateError(f"no free container name derived from {default!r}")
 
 
-def run_command(ns: argparse.Namespace, log: Callable[[str], None]) -> int:
+def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     rootfs = presets.check_rootfs(ns.directory)
     mode, base, size = presets.parse_private_users(ns.private_users)
     userns = mode != "no"
@@ -47,8 +46,6 @@ def run_command(ns: argparse.Namespace, log: Callable[[str], None]) -> int:
     binds = [presets.parse_bind(b, False, "--bind") for b in ns.bind]
     binds += [presets.parse_bind(b, True, "--bind-ro") for b in ns.bind_ro]
     cmd = list(ns.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
     console_size = None
     if ns.tty:
         import os

@@ -497,13 +497,17 @@ def _hint_errno(message: str, err: int) -> str | None:
 def run_foreground(container: Container, on_start: Callable[[Container], None] | None = None,
                    ) -> int:
     """start() + forward signals + wait (+ pump the pty) + destroy. Returns the exit code."""
-    try:
-        container.start()
-        if on_start is not None:
-            on_start(container)
-        from .console import forward_and_wait
+    from .console import forward_and_wait, forward_signals
 
-        return forward_and_wait(container)
+    try:
+        # Forward from before START: a signal that arrives while the init is
+        # still our code is ignored by the kernel (a pid-namespace init only
+        # gets signals it handles), after execve the payload gets it.
+        with forward_signals(container):
+            container.start()
+            if on_start is not None:
+                on_start(container)
+            return forward_and_wait(container)
     finally:
         container.destroy()
 

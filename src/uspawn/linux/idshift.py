@@ -1,25 +1,24 @@
 """Shift the owners of a container rootfs on disk (the "chown" ownership mode).
 
 A container whose user namespace maps IDs 0..size-1 to host IDs base..base+size-1 sees its
-files correctly only when they are owned by host IDs in that range. When no idmapped mount is
-possible (DESIGN.md), every inode is chowned: an ID u in [from, from+size) becomes
-u - from + to; IDs outside that range are left alone and counted as unmapped.
+files correctly only when they are owned by host IDs in that range. Without an idmapped mount
+(DESIGN.md) every inode is chowned: an ID u in [from, from+size) becomes u - from + to; IDs
+outside that range are left alone and counted as unmapped.
 
 Constraints:
-- Bases are multiples of size, so the source and target ranges are disjoint and an inode's
-  owner tells whether it was shifted already. That is what makes the shift resumable, and
-  hard links harmless: each inode is shifted exactly once.
-- Before the first change the journal {"from", "to", "size"} is written as the
-  trusted.uspawn.shift xattr of the root directory (or, where the filesystem has no trusted
-  xattrs, a file in JOURNAL_DIR). The root directory is shifted last and the journal removed
-  after it, so a tree without a journal is never half-shifted and its root's owner is its base.
-- chown by root drops setuid/setgid and security.capability; they are restored after the
-  chown. A kill between the two would lose them for good (the owner already says "done"), so
-  the journal's "pending" list records mode and capability until the restore is done.
-- The walk never leaves root: it goes by directory fds opened O_NOFOLLOW, skips other
-  filesystems (st_dev) and mount points (mountinfo), and never follows a symlink, so one
-  swapped in during the walk cannot redirect a chown or chmod outside the tree.
-- Stdlib only; runs on the host while the container is not running.
+- Bases are multiples of size, so source and target ranges are disjoint and an inode's owner
+  tells whether it was shifted already: the shift is resumable and hard links are harmless.
+- Before the first change the journal {"from", "to", "size"} goes into the root directory's
+  trusted.uspawn.shift xattr (a file in JOURNAL_DIR where the filesystem has no trusted
+  xattrs). The root is shifted last and the journal removed after it, so a tree without a
+  journal is never half-shifted and its root's owner is its base.
+- chown by root drops setuid/setgid and security.capability, so they are restored after it.
+  A kill in between would lose them for good (the owner already says "done"), so the
+  journal's "pending" list keeps mode and capability until the restore is done.
+- The walk never leaves root: directory fds opened O_NOFOLLOW, other filesystems (st_dev) and
+  mount points (mountinfo) skipped, symlinks never followed, so a symlink swapped in during
+  the walk cannot redirect a chown or chmod outside the tree.
+- Stdlib only; runs on the host while the container is stopped.
 """
 
 from __future__ import annotations
@@ -49,19 +48,19 @@ VFS_CAP_REVISION_3 = 0x03000000
 VFS_CAP_FLAGS_EFFECTIVE = 0x000001
 # linux/posix_acl_xattr.h, linux/posix_acl.h
 POSIX_ACL_XATTR_VERSION = 2
-ACL_USER = 2
-ACL_GROUP = 8
+ACL_USER, ACL_GROUP = 2, 8
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_ID = 0xFFFFFFFF  # (uid_t)-1 means "no change" to chown and is never a real owner
+_RACE = "the tree changed during the shift; is the container running?"
 _HINTS = {
     errno.EPERM: "immutable or append-only file? (lsattr, chattr -i)",
     errno.EACCES: "run as root (CAP_CHOWN, CAP_FOWNER, CAP_SETFCAP, CAP_SYS_ADMIN)",
     errno.EROFS: "the filesystem is read-only; remount it read-write",
     errno.ENOSPC: "no space left for the journal or xattrs",
     errno.EMFILE: "tree deeper than the fd limit; raise ulimit -n",
-    errno.ELOOP: "the tree changed during the shift; is the container running?",
-    errno.ESTALE: "the tree changed during the shift; is the container running?",
+    errno.ELOOP: _RACE,
+    errno.ESTALE: _RACE,
 }
 
 _Ref = int | tuple[int, str]  # the root's fd, or (parent dir fd, name) for everything else
@@ -75,9 +74,9 @@ class ShiftError(Exception):
 class ShiftResult:
     from_base: int
     to_base: int
-    files_changed: int
-    resumed: bool
-    unmapped: int = 0
+    files_changed: int  # inodes chowned, the root included
+    resumed: bool  # an unfinished shift was found in the journal and finished first
+    unmapped: int = 0  # inodes with an ID outside the container's range after the shift
 
 
 def _fail(what: str, path: str, exc: OSError, journaled: bool = False) -> ShiftError:
@@ -94,27 +93,26 @@ def _check_base(base: int, size: int) -> None:
 
 
 class _Journal:
-    """The record of an unfinished shift: an xattr on the root directory, or a file for
-    filesystems without trusted xattrs (ENOTSUP, e.g. ramfs)."""
+    """The record of an unfinished shift: the root's xattr, or a file on filesystems
+    without trusted xattrs (ENOTSUP, e.g. ramfs)."""
 
-    def __init__(self, root_fd: int, root: str) -> None:
-        st = os.fstat(root_fd)
-        self.fd, self.root = root_fd, root
+    def __init__(self, fd: int, root: str) -> None:
+        st = os.fstat(fd)
+        self.fd, self.root, self.in_file = fd, root, False
         self.file = os.path.join(JOURNAL_DIR, f"{st.st_dev}-{st.st_ino}.json")
-
-    def read(self) -> dict[str, Any] | None:
+        raw: bytes | None = None
         try:
-            raw = os.getxattr(self.fd, JOURNAL_XATTR)
+            raw = os.getxattr(fd, JOURNAL_XATTR)
         except OSError as e:
-            if e.errno == errno.ENODATA:
-                return None
-            if e.errno != errno.ENOTSUP:
-                raise _fail("read journal of", self.root, e) from e
-            try:
-                with open(self.file, "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                return None
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise _fail("read the shift journal of", root, e) from e
+            self.in_file = e.errno == errno.ENOTSUP
+        if self.in_file and os.path.exists(self.file):
+            with open(self.file, "rb") as f:
+                raw = f.read()
+        self.data: dict[str, Any] | None = None if raw is None else self._parse(raw)
+
+    def _parse(self, raw: bytes) -> dict[str, Any]:
         try:
             data: dict[str, Any] = json.loads(raw)
             src, dst, size = int(data["from"]), int(data["to"]), int(data["size"])
@@ -123,71 +121,60 @@ class _Journal:
             if src == dst:
                 raise ValueError("from == to")
         except (ValueError, KeyError, TypeError, ShiftError) as e:
-            raise ShiftError(f"corrupt shift journal on {self.root}: {raw!r} ({e})") from e
+            raise ShiftError(f"corrupt shift journal of {self.root}: {raw!r} ({e})") from e
         return data
 
-    def write(self, data: dict[str, Any]) -> None:
-        raw = json.dumps(data, sort_keys=True).encode()
+    def write(self, data: dict[str, Any] | None) -> None:
+        """Replace the journal with data, or remove it (None). Durable on return: it must be
+        on disk before the chowns it covers."""
+        raw = None if data is None else json.dumps(data, sort_keys=True).encode()
         try:
-            os.setxattr(self.fd, JOURNAL_XATTR, raw)
-            os.fsync(self.fd)  # durable before the chowns it covers
-            return
-        except OSError as e:
-            if e.errno != errno.ENOTSUP:
-                raise _fail("write journal on", self.root, e) from e
-        try:
+            if not self.in_file:
+                if raw is None:
+                    os.removexattr(self.fd, JOURNAL_XATTR)
+                else:
+                    os.setxattr(self.fd, JOURNAL_XATTR, raw)
+                os.fsync(self.fd)
+                return
             os.makedirs(JOURNAL_DIR, mode=0o700, exist_ok=True)
-            tmp = self.file + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.file)  # atomic: a reader sees the old or the new journal
-            self._sync_dir()
+            if raw is None:
+                os.unlink(self.file)
+            else:
+                with open(self.file + ".tmp", "wb") as f:
+                    f.write(raw)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(self.file + ".tmp", self.file)  # readers see old or new, never half
+            dfd = os.open(JOURNAL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)  # the rename or unlink itself
+            finally:
+                os.close(dfd)
         except OSError as e:
-            raise _fail("write journal", self.file, e) from e
-
-    def clear(self) -> None:
-        try:
-            os.removexattr(self.fd, JOURNAL_XATTR)
-            os.fsync(self.fd)
-        except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.ENODATA):
-                raise _fail("remove journal on", self.root, e) from e
-        if os.path.exists(self.file):
-            os.unlink(self.file)
-            self._sync_dir()
-
-    def _sync_dir(self) -> None:
-        dfd = os.open(JOURNAL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            raise _fail("write the shift journal of", self.root, e, data is not None) from e
 
 
 def _mountpoints(root_fd: int) -> set[tuple[int, int, str]]:
     """(parent st_dev, parent st_ino, name) of each mount point below root. st_dev alone
-    misses bind mounts of the same filesystem, which may bring in host files."""
+    misses bind mounts from the same filesystem, which may bring in host files."""
     top = os.readlink(f"/proc/self/fd/{root_fd}").rstrip("/") + "/"
     found = set()
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            # proc(5): field 5 is the mount point, with space, tab, \n and \ as octal escapes
+            # proc(5): field 5 is the mount point; space, tab, \n and \ are octal escapes
             raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4])
-            mp = os.fsdecode(raw)
-            if mp.startswith(top):
-                parent, name = os.path.split(mp)
+            parent, name = os.path.split(os.fsdecode(raw))
+            if (parent + "/").startswith(top):
                 try:
                     pst = os.lstat(parent)
                 except OSError:
-                    continue
+                    continue  # overmounted or gone: the walk cannot meet it either
                 found.add((pst.st_dev, pst.st_ino, name))
     return found
 
 
 def _xattr_ref(ref: _Ref) -> tuple[int | str, bool]:
-    """(target, follow_symlinks) for the xattr calls, which take no dir_fd."""
+    """(target, follow_symlinks) for chown and the xattr calls, which take no dir_fd."""
     if isinstance(ref, int):
         return ref, True
     # The parent is reached through its fd's magic link and the last component is not
@@ -197,8 +184,7 @@ def _xattr_ref(ref: _Ref) -> tuple[int | str, bool]:
 
 def _chmod(ref: _Ref, mode: int, ino: int) -> None:
     if isinstance(ref, int):
-        os.chmod(ref, mode)
-        return
+        return os.chmod(ref, mode)
     # Python 3.11 has no lchmod on Linux. An O_PATH fd pins the inode, so a symlink swapped
     # in after the lstat cannot redirect the chmod (to a setuid mode!) outside the tree.
     fd = os.open(ref[1], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ref[0])
@@ -216,26 +202,26 @@ class _Shifter:
         self.root, self.root_fd, self.progress = root, root_fd, progress
         self.journal = _Journal(root_fd, root)
         self.dev = os.fstat(root_fd).st_dev
-        self.mounts = _mountpoints(root_fd)
+        try:
+            self.mounts = _mountpoints(root_fd)
+        except OSError as e:
+            raise _fail("list the mounts under", root, e) from e
         self.done = self.total = self.changed = self.unmapped = 0
         self.src = self.dst = self.size = 0
-        self.resuming = self.active = False
+        self.journaled = self.journal.data is not None
         self.pending: dict[int, dict[str, Any]] = {}
 
     def entries(self) -> Generator[tuple[_Ref, os.stat_result, str], None, None]:
         """Every inode below root (not root itself), depth first, one open fd per level."""
-        rst = os.fstat(self.root_fd)
+        rst, path = os.fstat(self.root_fd), self.root
         stack: list[tuple[int, Iterator[str], str, tuple[int, int]]] = []
-        path = self.root
         try:
             names = iter(os.listdir(self.root_fd))
             stack.append((os.dup(self.root_fd), names, path, (rst.st_dev, rst.st_ino)))
             while stack:
                 dfd, names, dpath, parent = stack[-1]
-                name = next(names, None)
-                if name is None:
-                    os.close(dfd)
-                    stack.pop()
+                if (name := next(names, None)) is None:
+                    os.close(stack.pop()[0])
                     continue
                 path = os.path.join(dpath, name)
                 try:
@@ -251,7 +237,7 @@ class _Shifter:
                     if os.fstat(sub).st_ino != st.st_ino:
                         raise OSError(errno.ESTALE, "replaced during the shift")
         except OSError as e:
-            raise _fail("walk", path, e, self.active) from e
+            raise _fail("walk", path, e, self.journaled) from e
         finally:
             for dfd, _, _, _ in stack:
                 os.close(dfd)
@@ -261,36 +247,36 @@ class _Shifter:
         return i - self.src + self.dst if self.src <= i < self.src + self.size else -1
 
     def shift_cap(self, value: bytes) -> bytes | None:
-        """v2/v3 capability as v3 with the new rootid (v2 when it is 0); None: keep value."""
-        if len(value) < 20:
-            return None
-        magic = struct.unpack_from("<I", value)[0]
-        rev = magic & VFS_CAP_REVISION_MASK
-        if rev == VFS_CAP_REVISION_2 and len(value) == 20:
-            rootid = self.dst  # v2 belongs to the tree's root: make it the container's root
-        elif rev == VFS_CAP_REVISION_3 and len(value) == 24:
+        """v2/v3 capability as v3 with the shifted rootid (v2 if that is 0); None: keep it."""
+        magic = struct.unpack_from("<I", value)[0] if len(value) >= 20 else 0
+        if magic & VFS_CAP_REVISION_MASK == VFS_CAP_REVISION_2 and len(value) == 20:
+            rootid = self.dst  # v2 means the tree's root: make it the container's root
+        elif magic & VFS_CAP_REVISION_MASK == VFS_CAP_REVISION_3 and len(value) == 24:
             rootid = self.remap(struct.unpack_from("<I", value, 20)[0])
-            if rootid < 0:
-                return None
         else:
             return None
         eff = magic & VFS_CAP_FLAGS_EFFECTIVE
-        if rootid == 0:  # the kernel reports v3 rootid 0 to init-ns readers as v2 anyway
+        if rootid == 0:  # the kernel shows a v3 with rootid 0 to init-ns readers as v2 anyway
             return struct.pack("<I", VFS_CAP_REVISION_2 | eff) + value[4:20]
+        if rootid < 0:
+            return None
         return struct.pack("<I", VFS_CAP_REVISION_3 | eff) + value[4:20] + struct.pack("<I", rootid)
 
     def shift_acl(self, value: bytes) -> bytes:
-        if len(value) < 4 or (len(value) - 4) % 8:
-            return value
-        if struct.unpack_from("<I", value)[0] != POSIX_ACL_XATTR_VERSION:
-            return value
+        if len(value) < 4 or (len(value) - 4) % 8 or value[:4] != b"\x02\x00\x00\x00":
+            return value  # not POSIX_ACL_XATTR_VERSION: leave what we do not understand
         out = bytearray(value)
         for off in range(4, len(value), 8):
             tag, _perm, ident = struct.unpack_from("<HHI", value, off)
-            new = self.remap(ident) if tag in (ACL_USER, ACL_GROUP) else -1
-            if new >= 0:
+            if tag in (ACL_USER, ACL_GROUP) and (new := self.remap(ident)) >= 0:
                 struct.pack_into("<I", out, off + 4, new)
         return bytes(out)
+
+    def write_journal(self) -> None:
+        data: dict[str, Any] = {"from": self.src, "to": self.dst, "size": self.size}
+        if self.pending:
+            data["pending"] = list(self.pending.values())
+        self.journal.write(data)
 
     def restore(self, ref: _Ref, ino: int, mode: int, cap: bytes | None) -> None:
         target, follow = _xattr_ref(ref)
@@ -307,24 +293,16 @@ class _Shifter:
         del self.pending[ino]
         self.write_journal()
 
-    def write_journal(self) -> None:
-        data: dict[str, Any] = {"from": self.src, "to": self.dst, "size": self.size}
-        if self.pending:
-            data["pending"] = list(self.pending.values())
-        self.journal.write(data)
-
     def shift_inode(self, ref: _Ref, st: os.stat_result) -> None:
         uid, gid = self.remap(st.st_uid), self.remap(st.st_gid)
-        # Unmapped: outside the container's range after the shift. IDs already in the target
-        # range are hard links met twice or inodes shifted before a kill.
+        # IDs in the target range are not unmapped: hard links met twice, or inodes shifted
+        # before a kill.
         dst = range(self.dst, self.dst + self.size)
         if (uid < 0 and st.st_uid not in dst) or (gid < 0 and st.st_gid not in dst):
             self.unmapped += 1
         if uid < 0 and gid < 0:
-            p = self.pending.get(st.st_ino)
-            if p is not None:  # chowned before a kill, not restored yet
-                cap = bytes.fromhex(p["cap"]) if p["cap"] is not None else None
-                self.restore(ref, st.st_ino, p["mode"], cap)
+            if (p := self.pending.get(st.st_ino)) is not None:  # chowned, then killed
+                self.restore(ref, st.st_ino, p["mode"], p["cap"] and bytes.fromhex(p["cap"]))
             return
         target, follow = _xattr_ref(ref)
         link = stat.S_ISLNK(st.st_mode)
@@ -334,7 +312,7 @@ class _Shifter:
             if e.errno != errno.ENOTSUP:
                 raise
             names = []
-        # ACLs first: their IDs are range-checked too, so redoing them after a kill is harmless.
+        # ACLs before the chown: their IDs are range-checked too, so redoing them is harmless.
         for name in XATTR_ACLS:
             if name in names:
                 old = os.getxattr(target, name, follow_symlinks=follow)
@@ -346,7 +324,7 @@ class _Shifter:
         mode = stat.S_IMODE(st.st_mode)
         keep = cap is not None or (not link and mode & (stat.S_ISUID | stat.S_ISGID))
         if keep:
-            hexcap = cap.hex() if cap is not None else None
+            hexcap = None if cap is None else cap.hex()
             self.pending[st.st_ino] = {"ino": st.st_ino, "mode": mode, "cap": hexcap}
             self.write_journal()
         os.chown(target, uid, gid, follow_symlinks=follow)  # -1 leaves that ID alone
@@ -360,8 +338,9 @@ class _Shifter:
             self.progress(self.done, max(self.total, self.done))
 
     def shift(self, src: int, dst: int, size: int, pending: list[dict[str, Any]] | None) -> None:
-        self.src, self.dst, self.size = src, dst, size
-        self.resuming, self.unmapped, self.active = pending is not None, 0, True
+        """One journaled pass src -> dst; pending is None for a new pass, else a resume."""
+        self.src, self.dst, self.size, self.unmapped = src, dst, size, 0
+        self.journaled = True
         self.pending = {int(p["ino"]): p for p in pending or []}
         if pending is None:
             self.write_journal()
@@ -373,13 +352,36 @@ class _Shifter:
                     raise _fail("shift", path, e, True) from e
                 self.tick()
         try:
-            # Last: the root's owner is what says "this tree is at dst" once the journal goes.
+            # Last: once the journal is gone, the root's owner is what says "tree at dst".
             self.shift_inode(self.root_fd, os.fstat(self.root_fd))
             self.tick()
             os.sync()  # every chown on disk before the journal that covers them goes
-            self.journal.clear()
         except OSError as e:
             raise _fail("shift", self.root, e, True) from e
+        self.journal.write(None)
+
+    def run(self, target: int, size: int) -> ShiftResult:
+        phases: list[tuple[int, int, int, list[dict[str, Any]] | None]] = []
+        if (j := self.journal.data) is not None:
+            cur = int(j["to"])
+            phases.append((int(j["from"]), cur, int(j["size"]), j.get("pending", [])))
+        elif (cur := os.fstat(self.root_fd).st_uid) % size:
+            raise ShiftError(
+                f"shift {self.root}: root directory owned by uid {cur}, not a multiple of "
+                f"{size} (hint: chown the root directory to the tree's base first)"
+            )
+        if cur != target:
+            _check_base(cur, size)
+            phases.append((cur, target, size, None))
+        if self.progress is not None and phases:
+            with closing(self.entries()) as it:  # a cheap first pass, only for the total
+                self.total = (sum(1 for _ in it) + 1) * len(phases)
+        for src, dst, n, pending in phases:
+            self.shift(src, dst, n, pending)
+        if self.progress is not None and phases:
+            self.progress(self.done, self.done)
+        return ShiftResult(phases[0][0] if phases else cur, target, self.changed,
+                           j is not None, self.unmapped)
 
 
 def _open_root(root: str) -> int:
@@ -390,14 +392,12 @@ def _open_root(root: str) -> int:
 
 
 def current_base(root: str, size: int = 65536) -> int | None:
-    """The base root is shifted to: its root directory's uid when that is a multiple of size.
-    None when it is not, or while a shift is unfinished (the tree is then mixed)."""
+    """The base root is shifted to: its root directory's uid if that is a multiple of size.
+    None if it is not, or while a shift is unfinished (the tree is then mixed)."""
     fd = _open_root(root)
     try:
-        if _Journal(fd, root).read() is not None:
-            return None
         uid = os.fstat(fd).st_uid
-        return uid if uid % size == 0 else None
+        return None if _Journal(fd, root).data is not None or uid % size else uid
     finally:
         os.close(fd)
 
@@ -408,75 +408,34 @@ def shift_tree(
     size: int = 65536,
     progress: Callable[[int, int], None] | None = None,
 ) -> ShiftResult:
-    """Shift every inode under root from its current base to target_base.
-
-    An unfinished shift recorded in the journal is finished first (resumed=True), then the
-    tree is shifted on to target_base if that differs."""
+    """Shift every inode under root from its current base to target_base. An unfinished
+    shift in the journal is finished first (resumed=True), then shifted on if need be."""
     _check_base(target_base, size)
     fd = _open_root(root)
     try:
-        try:
-            sh = _Shifter(root, fd, progress)
-        except OSError as e:
-            raise _fail("list the mounts under", root, e) from e
-        journal = sh.journal.read()
-        phases: list[tuple[int, int, int, list[dict[str, Any]] | None]] = []
-        if journal is not None:
-            cur = int(journal["to"])
-            pending = journal.get("pending", [])
-            phases.append((int(journal["from"]), cur, int(journal["size"]), pending))
-        else:
-            uid = os.fstat(fd).st_uid
-            if uid % size:
-                raise ShiftError(
-                    f"shift {root}: root directory owned by uid {uid}, not a multiple of {size}"
-                    " (hint: chown the root directory to the tree's base first)"
-                )
-            cur = uid
-        if cur != target_base:
-            _check_base(cur, size)
-            phases.append((cur, target_base, size, None))
-        if progress is not None and phases:
-            with closing(sh.entries()) as it:
-                sh.total = (sum(1 for _ in it) + 1) * len(phases)
-        for src, dst, n, pending in phases:
-            sh.shift(src, dst, n, pending)
-        if progress is not None and phases:
-            progress(sh.done, sh.done)
-        return ShiftResult(
-            from_base=phases[0][0] if phases else cur,
-            to_base=target_base,
-            files_changed=sh.changed,
-            resumed=journal is not None,
-            unmapped=sh.unmapped,
-        )
+        return _Shifter(root, fd, progress).run(target_base, size)
     finally:
         os.close(fd)
 
 
 class TerminalProgress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+    """progress= for shift_tree: a one-line bar on stderr, drawn only if that is a tty."""
 
     def __init__(self, label: str = "Shifting owners", stream: TextIO | None = None,
                  interval: float = 0.1) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.label, self.interval = label, interval
-        self.enabled = self.stream.isatty()
-        self.last = 0.0
-        self.finished = False
+        self.stream = sys.stderr if stream is None else stream
+        self.label, self.interval, self.last = label, interval, 0.0
+        self.active = self.stream.isatty()
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or self.finished:
-            return
         now, final = time.monotonic(), done >= total
-        if not final and now - self.last < self.interval:
+        if not self.active or (not final and now - self.last < self.interval):
             return  # a redraw per inode would cost more than the chown
         self.last = now
         frac = min(done / total, 1.0) if total else 1.0
         width = max(10, shutil.get_terminal_size().columns - len(self.label) - 30)
         bar = "#" * int(width * frac)
         self.stream.write(f"\r{self.label} [{bar:<{width}}] {frac:4.0%} {done}/{total}")
-        if final:
-            self.stream.write("\n")
-            self.finished = True
+        self.stream.write("\n" if final else "")
         self.stream.flush()
+        self.active = not final
