@@ -12,8 +12,9 @@ import errno
 import fcntl
 import os
 import select
-import signal
 import termios
+
+from .linux import sig as signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,12 +48,12 @@ class forward_signals:
 
     def __enter__(self) -> forward_signals:
         for sig in FORWARDED:
-            self.saved[sig] = signal.signal(sig, self._forward)
+            self.saved[sig] = signal.set_handler(sig, self._forward)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.saved.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.set_handler(sig, handler)  # type: ignore[arg-type]
 
 
 def forward_and_wait(c: Container) -> int:

@@ -22,12 +22,12 @@ import errno
 import fcntl
 import os
 import resource
-import signal
 import struct
 import termios
 
 from . import channel as chan
 from .linux import caps, devices, mounts, network
+from .linux import sig as signal
 from .linux import syscalls as sc
 
 TYPE_CHECKING = False
@@ -314,7 +314,9 @@ def exec_payload(plan: InitPlan, ch: chan.Channel) -> None:
     # Every fd but stdio and the ones the spec passes is closed at execve (CVE-2024-21626):
     # marked CLOEXEC rather than closed, so the sync socket stays usable to report a failed exec.
     sc.close_range(3 + plan.preserve_fds, 0xFFFFFFFF, sc.CLOSE_RANGE_CLOEXEC)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve.
+    signal.set_handler(signal.SIGPIPE, signal.SIG_DFL)
+    signal.set_handler(signal.SIGXFSZ, signal.SIG_DFL)
     try:
         os.execve(exe, plan.args, env)
     except OSError as exc:

@@ -8,7 +8,6 @@ for things the OCI spec has no field for: ownership mode, the UID lease).
 from __future__ import annotations
 
 import os
-import re
 
 from . import spec as S
 from .errors import SpecError, UsageError
@@ -26,12 +25,19 @@ MASKED_PATHS = [
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
-_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]+")
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
 def machine_name(rootfs: str) -> str:
+    """A name from the directory: other characters become '-' (runs collapsed)."""
     base = os.path.basename(rootfs.rstrip("/")) or "container"
-    name = _NAME_RE.sub("-", base).strip("-.") or "container"
+    out: list[str] = []
+    for ch in base:
+        if ch in _NAME_CHARS:
+            out.append(ch)
+        elif not out or out[-1] != "-":
+            out.append("-")
+    name = "".join(out).strip("-.") or "container"
     return name[:64]
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 
 from . import channel as chan
@@ -23,6 +22,7 @@ from . import plan as planmod
 from .errors import ExecError, SetupError, UspawnError, hint_for
 from .init import stage_a
 from .linux import cgroups, devices, mounts, userns
+from .linux import sig as signal
 from .linux import syscalls as sc
 
 TYPE_CHECKING = False
@@ -79,7 +79,7 @@ class Guardian:
                 os.setsid()
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                             signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-                    signal.signal(sig, signal.SIG_IGN)
+                    signal.set_handler(sig, signal.SIG_IGN)
                 _guard(rfd, claim, lease)
             finally:
                 os._exit(0)
@@ -103,8 +103,6 @@ class Guardian:
 
 
 def _guard(rfd: int, claim: NameClaim | None, lease: Lease | None) -> None:
-    import json
-
     buf = b""
     while True:
         chunk = os.read(rfd, 4096)
@@ -114,6 +112,8 @@ def _guard(rfd: int, claim: NameClaim | None, lease: Lease | None) -> None:
     lines = buf.decode().splitlines()
     if "done" in lines:
         return
+    import json
+
     init_pid = 0
     cg = None
     for line in lines:
@@ -195,9 +195,9 @@ class Container:
                 self.cgroup = cgroups.create(opts.name, self._v1_controllers())
             except (cgroups.CgroupError, OSError) as exc:
                 raise SetupError(f"create cgroup: {exc}") from None
-            import json
+            from .state import dumps
 
-            self.guardian.tell("cgroup " + json.dumps(self.cgroup.to_json()))
+            self.guardian.tell("cgroup " + dumps(self.cgroup.to_json()))
             self._apply_resources()
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch

@@ -24,18 +24,20 @@ Constraints:
 from __future__ import annotations
 
 import errno
-import json
 import os
-import re
-import shutil
 import stat
 import struct
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
-from dataclasses import dataclass
-from typing import Any, TextIO
+
+# current_base() runs on every `uspawn run`: keep this module's imports to the
+# stdlib's cheapest (json, re, shutil load lazily where a shift needs them;
+# typing/dataclasses are for the type checker only).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator, Iterator
+    from typing import Any, TextIO
 
 JOURNAL_XATTR = "trusted.uspawn.shift"
 JOURNAL_DIR = "/var/lib/uspawn/shift-journal"
@@ -70,13 +72,24 @@ class ShiftError(Exception):
     """A shift failed. The message is one line: what, path, errno text and a hint."""
 
 
-@dataclass(frozen=True)
 class ShiftResult:
-    from_base: int
-    to_base: int
-    files_changed: int  # inodes chowned, the root included
-    resumed: bool  # an unfinished shift was found in the journal and finished first
-    unmapped: int = 0  # inodes with an ID outside the container's range after the shift
+    def __init__(self, from_base: int, to_base: int, files_changed: int, resumed: bool,
+                 unmapped: int = 0) -> None:
+        self.from_base = from_base
+        self.to_base = to_base
+        self.files_changed = files_changed  # inodes chowned, the root included
+        self.resumed = resumed  # an unfinished shift from the journal was finished first
+        self.unmapped = unmapped  # inodes with an ID outside the range after the shift
+
+    def __repr__(self) -> str:
+        return (f"ShiftResult(from_base={self.from_base}, to_base={self.to_base}, "
+                f"files_changed={self.files_changed}, resumed={self.resumed}, "
+                f"unmapped={self.unmapped})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShiftResult) and repr(self) == repr(other)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _fail(what: str, path: str, exc: OSError, journaled: bool = False) -> ShiftError:
@@ -114,6 +127,8 @@ class _Journal:
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:
+            import json
+
             data: dict[str, Any] = json.loads(raw)
             src, dst, size = int(data["from"]), int(data["to"]), int(data["size"])
             _check_base(src, size)
@@ -127,6 +142,8 @@ class _Journal:
     def write(self, data: dict[str, Any] | None) -> None:
         """Replace the journal with data, or remove it (None). Durable on return: it must be
         on disk before the chowns it covers."""
+        import json
+
         raw = None if data is None else json.dumps(data, sort_keys=True).encode()
         try:
             if not self.in_file:
@@ -162,6 +179,8 @@ def _mountpoints(root_fd: int) -> set[tuple[int, int, str]]:
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             # proc(5): field 5 is the mount point; space, tab, \n and \ are octal escapes
+            import re
+
             raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4])
             parent, name = os.path.split(os.fsdecode(raw))
             if (parent + "/").startswith(top):
@@ -392,12 +411,17 @@ def _open_root(root: str) -> int:
 
 
 def current_base(root: str, size: int = 65536) -> int | None:
-    """The base root is shifted to: its root directory's uid if that is a multiple of size.
-    None if it is not, or while a shift is unfinished (the tree is then mixed)."""
+    """The base root is shifted to: its root directory's uid if that is a multiple of size,
+    else None. An unfinished shift counts as at its target, since any shift_tree call
+    finishes it first: so a caller picks chown (not an idmapped mount, which would map a
+    mixed tree) and that base, and must still call shift_tree, which costs nothing when
+    the tree is already there."""
     fd = _open_root(root)
     try:
+        if (journal := _Journal(fd, root).data) is not None:
+            return int(journal["to"])
         uid = os.fstat(fd).st_uid
-        return None if _Journal(fd, root).data is not None or uid % size else uid
+        return None if uid % size else uid
     finally:
         os.close(fd)
 
@@ -433,6 +457,8 @@ class TerminalProgress:
             return  # a redraw per inode would cost more than the chown
         self.last = now
         frac = min(done / total, 1.0) if total else 1.0
+        import shutil
+
         width = max(10, shutil.get_terminal_size().columns - len(self.label) - 30)
         bar = "#" * int(width * frac)
         self.stream.write(f"\r{self.label} [{bar:<{width}}] {frac:4.0%} {done}/{total}")

@@ -81,6 +81,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # --- clone3 ---
 CLONE_INTO_CGROUP = 0x200000000
+SIGCHLD = 17  # the same on every architecture uspawn supports
 
 # --- misc ---
 CLOSE_RANGE_CLOEXEC = 4
@@ -457,9 +458,7 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     only unshares, forks and exits. Raises SyscallError (ENOSYS, EINVAL on
     old kernels or v1 cgroups) so callers can fall back.
     """
-    import signal
-
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=SIGCHLD, cgroup=cgroup_fd)
     _pyapi.PyOS_BeforeFork()
     ret = _pylibc.syscall(_c_long(SYS_clone3), ctypes.byref(args),
                           ctypes.c_size_t(ctypes.sizeof(args)))
