@@ -96,8 +96,10 @@ class Guardian:
         self.tell("done")
         os.close(self.wfd)
         self.wfd = -1
+        # Reap it if it is already gone; else it exits on its own right away
+        # (and init reaps it once we are gone): no need to wait here.
         try:
-            os.waitpid(self.pid, 0)
+            os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             pass
 
@@ -217,12 +219,19 @@ class Container:
                 finally:
                     os._exit(125)
             child_ch.close()
+            fds: dict[str, int] = {}
             try:
-                self._handshake(pid_a, uid_maps, gid_maps, init.userns, joined)
+                try:
+                    self._handshake(pid_a, uid_maps, gid_maps, init.userns, joined, host,
+                                    root_uid, root_gid, fds)
+                finally:
+                    _reap(pid_a)
+                self.guardian.tell(f"init {self.init_pid}")
+                labels = list(fds)
+                self.ch.send(chan.MOUNTS, fds=[fds[k] for k in labels], labels=labels)  # 4
             finally:
-                _reap(pid_a)
-            self.guardian.tell(f"init {self.init_pid}")
-            self._send_mounts(host, root_uid, root_gid)
+                for fd in fds.values():
+                    os.close(fd)
             if init.terminal:
                 msg = self.ch.expect(chan.CONSOLE)
                 if len(msg.fds) != 1:
@@ -279,47 +288,46 @@ class Container:
             raise SetupError(f"linux.resources: cannot apply limits: {exc}") from None
 
     def _handshake(self, pid_a: int, uid_maps: list[tuple[int, int, int]],
-                   gid_maps: list[tuple[int, int, int]], use_userns: bool,
-                   joined: bool) -> None:
+                   gid_maps: list[tuple[int, int, int]], use_userns: bool, joined: bool,
+                   host: planmod.HostPlan, root_uid: int, root_gid: int,
+                   fds: dict[str, int]) -> None:
         assert self.ch is not None and self.cgroup is not None
         self.ch.wait_userns_ready()  # 1
-        if use_userns:
-            try:
-                userns.write_id_maps(pid_a, uid_maps, gid_maps)
-            except OSError as exc:
-                raise SetupError(f"write uid/gid map of pid {pid_a}: {exc.strerror}",
-                                 "the range may overlap another mapping") from None
+        userns_fd = -1
         try:
-            self.cgroup.add(pid_a, skip_v2=joined)
-        except OSError as exc:
-            raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: {exc.strerror}") from None
-        self.ch.mapped()  # 2
+            if use_userns:
+                try:
+                    userns.write_id_maps(pid_a, uid_maps, gid_maps)
+                except OSError as exc:
+                    raise SetupError(f"write uid/gid map of pid {pid_a}: {exc.strerror}",
+                                     "the range may overlap another mapping") from None
+                # Opened now, while stage A waits for MAPPED and cannot have exited.
+                userns_fd = os.open(f"/proc/{pid_a}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self.cgroup.add(pid_a, skip_v2=joined)
+            except OSError as exc:
+                raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: {exc.strerror}") from None
+            self.ch.mapped()  # 2
+            # Build the host-side mounts while stage A unshares and forks.
+            self._build_mounts(host, userns_fd, root_uid, root_gid, fds)
+        finally:
+            if userns_fd >= 0:
+                os.close(userns_fd)
         self.init_pid = self.ch.wait_init_pid()  # 3
         self.pidfd = sc.pidfd_open(self.init_pid)
 
-    def _send_mounts(self, host: planmod.HostPlan, root_uid: int, root_gid: int) -> None:
-        assert self.ch is not None
-        userns_fd = -1
-        if self.spec.linux and "user" in self.spec.namespace_types():
-            userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        fds: dict[str, int] = {}
-        try:
-            fds["rootfs"] = self._rootfs_mount(host, userns_fd, root_uid)
-            if host.host_dev:
-                try:
-                    fds["dev"] = devices.build_dev_tmpfs(host.dev_nodes, root_uid, root_gid,
-                                                         console=host.console)
-                except OSError as exc:
-                    raise SetupError(f"build /dev on the host: {exc}", hint_for(exc)) from None
-            for b in host.binds:
-                fds[b.label] = self._bind_mount(b, userns_fd)
-            labels = list(fds)
-            self.ch.send(chan.MOUNTS, fds=[fds[k] for k in labels], labels=labels)  # 4
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-            if userns_fd >= 0:
-                os.close(userns_fd)
+    def _build_mounts(self, host: planmod.HostPlan, userns_fd: int, root_uid: int,
+                      root_gid: int, fds: dict[str, int]) -> None:
+        """Detached mounts for the init, by label; the caller closes them."""
+        fds["rootfs"] = self._rootfs_mount(host, userns_fd, root_uid)
+        if host.host_dev:
+            try:
+                fds["dev"] = devices.build_dev_tmpfs(host.dev_nodes, root_uid, root_gid,
+                                                     console=host.console)
+            except OSError as exc:
+                raise SetupError(f"build /dev on the host: {exc}", hint_for(exc)) from None
+        for b in host.binds:
+            fds[b.label] = self._bind_mount(b, userns_fd)
 
     def _rootfs_mount(self, host: planmod.HostPlan, userns_fd: int, root_uid: int) -> int:
         path = host.rootfs
