@@ -137,7 +137,8 @@ def stage_b(plan: InitPlan, ch: chan.Channel) -> None:
         # 6. set up and waiting.
         ch.send(chan.CREATED)
         # 7. wait for START (no timeout: create and start may be far apart).
-        ch.wait_start()
+        if not plan.auto_start:
+            ch.wait_start()
         exec_payload(plan, ch)
     except BaseException as exc:
         _report_and_exit(ch, exc)

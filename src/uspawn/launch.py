@@ -57,9 +57,7 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
             pass
 
     root = state.state_root(ns.root)
-    claim: state.NameClaim | None = claim_container_name(
-        root, ns.name, presets.machine_name(rootfs))
-    assert claim is not None
+    claim = claim_container_name(root, ns.name, presets.machine_name(rootfs))
     name = claim.name
     lease: state.Lease | None = None
     try:
@@ -93,14 +91,12 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
         bpf = seccomp.policy_bpf(seccomp.default_policy(userns=userns))
         opts = runtime.Options(name, claim=claim, range_lease=lease, ownership=ownership,
                                seccomp_bpf=bpf, verbose=ns.verbose or ns.debug,
-                               debug=ns.debug, log=log)
-        claim, lease = None, None  # owned by the container from here on
-        container = runtime.create(spec, opts)
-    finally:
-        if claim is not None:
-            claim.release()
+                               debug=ns.debug, log=log, auto_start=True)
+    except BaseException:
+        claim.release()
         if lease is not None:
             lease.release()
+        raise
 
     def record_state(c: runtime.Container) -> None:
         if c.opts.claim is not None:
@@ -113,7 +109,8 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
                 "started": time.time(), "runtime_pid": _self_pid(),
             })
 
-    return runtime.run_foreground(container, on_start=record_state)
+    # From here on the container owns (and releases) the claim and the lease.
+    return runtime.run(spec, opts, on_start=record_state)
 
 
 def _self_pid() -> int:

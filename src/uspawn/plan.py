@@ -140,6 +140,7 @@ class InitPlan:
         self.no_new_privileges = False
         self.seccomp_bpf: bytes | None = None
         self.preserve_fds = 0
+        self.auto_start = False
 
     def describe(self) -> list[str]:
         return [op.describe() for op in self.mounts]

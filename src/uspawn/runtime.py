@@ -39,7 +39,8 @@ class Options:
     def __init__(self, name: str, claim: NameClaim | None = None,
                  range_lease: Lease | None = None, ownership: str = "off",
                  seccomp_bpf: bytes | None = None, verbose: bool = False,
-                 debug: bool = False, log: Callable[[str], None] | None = None) -> None:
+                 debug: bool = False, log: Callable[[str], None] | None = None,
+                 auto_start: bool = False) -> None:
         self.name = name
         self.claim = claim
         self.range_lease = range_lease
@@ -48,6 +49,8 @@ class Options:
         self.verbose = verbose
         self.debug = debug
         self.log = log or (lambda msg: None)
+        # The init execs right after CREATED (no START round trip): `run`.
+        self.auto_start = auto_start
 
 
 def _first_host_id(maps: list[S.IDMapping]) -> int:
@@ -178,6 +181,7 @@ class Container:
         host, init = planmod.build(spec, opts.ownership)
         init.parent_pid = os.getpid()
         init.seccomp_bpf = opts.seccomp_bpf
+        init.auto_start = opts.auto_start
         if opts.debug:
             for line in init.describe():
                 opts.log(f"plan: {line}")
@@ -409,7 +413,8 @@ class Container:
     def start(self) -> None:
         """Release init to execve the payload; return once it did (8)."""
         assert self.ch is not None
-        self.ch.start()  # 7
+        if not self.opts.auto_start:
+            self.ch.start()  # 7
         try:
             msg = self.ch.recv(timeout=60)
         except chan.ChildError as exc:
@@ -502,30 +507,38 @@ def _hint_errno(message: str, err: int) -> str | None:
     return None
 
 
-def run_foreground(container: Container, on_start: Callable[[Container], None] | None = None,
-                   ) -> int:
-    """start() + forward signals + wait (+ pump the pty) + destroy. Returns the exit code."""
+def run(spec: S.Spec, opts: Options, on_start: Callable[[Container], None] | None = None,
+        ) -> int:
+    """create + start + forward signals + wait (+ pump the pty) + destroy -> exit code."""
     from .console import forward_and_wait, forward_signals
 
-    try:
-        # Forward from before START: a signal that arrives while the init is
-        # still our code is ignored by the kernel (a pid-namespace init only
-        # gets signals it handles), after execve the payload gets it.
-        with forward_signals(container):
-            container.start()
-            if on_start is not None:
-                on_start(container)
-            return forward_and_wait(container)
-    finally:
-        container.destroy()
-
-
-def create(spec: S.Spec, opts: Options) -> Container:
+    opts.auto_start = True
     c = Container(spec, opts)
+    try:
+        # Forward from before the init exists: until execve a signal is
+        # ignored by the kernel (a pid-namespace init only gets signals it
+        # handles), after execve the payload gets it.
+        with forward_signals(c):
+            _create(c)
+            c.start()
+            if on_start is not None:
+                on_start(c)
+            return forward_and_wait(c)
+    finally:
+        c.destroy()
+
+
+def _create(c: Container) -> None:
     try:
         c.create()
     except UspawnError:
         raise
     except OSError as exc:
         raise SetupError(f"create container: {exc}", hint_for(exc)) from None
+
+
+def create(spec: S.Spec, opts: Options) -> Container:
+    """A created container whose init waits for start() (the OCI `create`)."""
+    c = Container(spec, opts)
+    _create(c)
     return c
