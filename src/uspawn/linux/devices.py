@@ -60,6 +60,14 @@ DEFAULT_SYMLINKS = (
 )
 
 
+def test_fault(name: str) -> bool:
+    """Test-only fault switches (USPAWN_TEST_FAULT=a,b): let selftest and the
+    tests prove that a broken /dev is caught. `dev-nodev` builds /dev the way
+    the 4.18-era breakage looked (nodes present, unopenable) and skips the
+    start-time verification, so the in-container canaries must catch it."""
+    return name in os.environ.get("USPAWN_TEST_FAULT", "").split(",")
+
+
 def build_dev_tmpfs(nodes: list[DeviceNode], root_uid: int, root_gid: int,
                     console: bool = False) -> int:
     """Make the container's /dev as a detached tmpfs owned by the host namespace.
@@ -72,7 +80,8 @@ def build_dev_tmpfs(nodes: list[DeviceNode], root_uid: int, root_gid: int,
         "tmpfs",
         [("mode", "0755"), ("size", "4m"), ("nr_inodes", "1m"),
          ("uid", str(root_uid)), ("gid", str(root_gid))],
-        sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC,
+        sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC
+        | (sc.MOUNT_ATTR_NODEV if test_fault("dev-nodev") else 0),
     )
     try:
         for sub in ("pts", "shm", "mqueue"):
