@@ -52,11 +52,37 @@ RUN_OPTS = [
     Opt("--debug", kind="flag", help="print the mount plan"),
 ]
 
+_BOOT_ONLY = {"--hostname", "-D", "-M", "-U", "--private-users-ownership", "--capability",
+              "--drop-capability", "--bind", "--bind-ro", "--network", "-v", "--debug"}
+BOOT_OPTS = [o for o in RUN_OPTS if o.names[0] in _BOOT_ONLY] + [
+    Opt("-d", "--detach", kind="flag", help="return once the machine is ready"),
+    Opt("--ready-timeout", default="90", metavar="SECONDS", help="with --detach (default 90)"),
+]
+
 COMMANDS = [
     Command("run", "run a command in a new container", RUN_OPTS, rest="cmd"),
+    Command("boot", "boot the tree's init (systemd) as a system container", BOOT_OPTS),
+    Command("list", "list running containers", [Opt("--json", kind="flag")]),
+    Command("status", "show a running container", positionals=["name"]),
+    Command("stop", "power a container off (SIGRTMIN+3, SIGKILL after the timeout)",
+            [Opt("--timeout", default="30", metavar="SECONDS")], positionals=["name"]),
+    Command("kill", "send a signal to a container's init", positionals=["name", "signal"],
+            optional_positionals=1),
+    Command("logs", "show a detached machine's console log", [Opt("-f", "--follow", kind="flag")],
+            positionals=["name"]),
     Command("mkrootfs", "build the built-in busybox rootfs in DIRECTORY",
             positionals=["kind", "directory"]),
 ]
+
+
+def _number(value: str, field: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise UsageError(f"{field}: {value!r} is not a number") from None
+    if n <= 0:
+        raise UsageError(f"{field}: must be > 0")
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,6 +106,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .launch import run_command
 
             return run_command(ns, _log)
+        if command == "boot":
+            if not ns.directory:
+                raise UsageError("boot: -D/--directory is required", "uspawn boot -D ROOTFS")
+            _number(ns.ready_timeout, "--ready-timeout")
+            from .launch import boot_command
+
+            return boot_command(ns, _log)
+        if command in ("list", "status", "stop", "kill", "logs"):
+            from . import machines
+            from .state import state_root
+
+            root = state_root(ns.root)
+            if command == "list":
+                return machines.list_command(root, ns.json)
+            if command == "status":
+                return machines.status_command(root, ns.name)
+            if command == "stop":
+                return machines.stop_command(root, ns.name, _number(ns.timeout, "--timeout"))
+            if command == "kill":
+                return machines.kill_command(root, ns.name, ns.signal or "TERM")
+            return machines.logs_command(ns.name, ns.follow)
         if command == "mkrootfs":
             if ns.kind != "busybox":
                 raise UsageError(f"mkrootfs: unknown kind {ns.kind!r}", "only busybox exists")
@@ -100,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    if os.geteuid() != 0 and "run" in sys.argv[1:3]:
+    if os.geteuid() != 0 and ({"run", "boot"} & set(sys.argv[1:3])):
         _log("run: must be run as root for now (rootless mode is planned) "
              "(hint: sudo uspawn run ...)")
         sys.exit(EXIT_SETUP)

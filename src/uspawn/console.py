@@ -18,6 +18,8 @@ from .linux import sig as signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .runtime import Container
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
@@ -44,7 +46,7 @@ class forward_signals:
             # The kernel signals the pty's foreground group itself on resize.
             copy_winsize(0, self.c.console_master)
         else:
-            self.c.signal(sig)
+            self.c.signal(self.c.opts.signal_map.get(sig, sig))
 
     def __enter__(self) -> forward_signals:
         for sig in FORWARDED:
@@ -56,14 +58,32 @@ class forward_signals:
             signal.set_handler(sig, handler)  # type: ignore[arg-type]
 
 
-def forward_and_wait(c: Container) -> int:
-    if c.console_master < 0:
+class ConsoleIO:
+    """Where a foreground container's console goes.
+
+    interactive: our stdin is copied to the pty (raw mode when it is a tty);
+    passive (a booted machine without a terminal, or detached): output only.
+    out_fd receives the console output (stdout, or a log file when detached).
+    extra maps further fds to callbacks run when they are readable (the
+    notify socket of a booted machine).
+    """
+
+    def __init__(self, interactive: bool = True, out_fd: int = 1,
+                 extra: dict[int, Callable[[], None]] | None = None) -> None:
+        self.interactive = interactive
+        self.out_fd = out_fd
+        self.extra = extra or {}
+
+
+def forward_and_wait(c: Container, io: ConsoleIO | None = None) -> int:
+    io = io or ConsoleIO()
+    if c.console_master < 0 and not io.extra:
         return c.wait()
-    return _pump(c, c.console_master)
+    return _pump(c, c.console_master, io)
 
 
-def _pump(c: Container, master: int) -> int:
-    stdin_tty = os.isatty(0)
+def _pump(c: Container, master: int, io: ConsoleIO) -> int:
+    stdin_tty = io.interactive and master >= 0 and os.isatty(0)
     saved = None
     if stdin_tty:
         copy_winsize(0, master)
@@ -72,16 +92,18 @@ def _pump(c: Container, master: int) -> int:
 
         tty.setraw(0, termios.TCSANOW)
     pidfd = c.pidfd
-    inputs = [master, pidfd]
-    if _readable_stdin():
-        inputs.append(0)
+    inputs = [pidfd, *io.extra]
+    if master >= 0:
+        inputs.append(master)
+        if io.interactive and _readable_stdin():
+            inputs.append(0)
     try:
         while True:
             try:
                 ready = select.select(inputs, [], [])[0]
             except InterruptedError:
                 continue
-            if master in ready and not _copy(master, 1):
+            if master in ready and not _copy(master, io.out_fd):
                 inputs.remove(master)
             if 0 in ready:
                 data = _read(0)
@@ -91,10 +113,13 @@ def _pump(c: Container, master: int) -> int:
                     inputs.remove(0)
                     if not stdin_tty:
                         _write_all(master, b"\x04")  # EOF for the pty's reader
+            for fd, callback in io.extra.items():
+                if fd in ready:
+                    callback()
             if pidfd in ready:
                 break
         # Drain what the payload wrote before it exited.
-        while _copy(master, 1):
+        while master >= 0 and _copy(master, io.out_fd):
             if not select.select([master], [], [], 0.05)[0]:
                 break
         return c.wait()

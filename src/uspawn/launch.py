@@ -1,7 +1,8 @@
-"""`uspawn run`: resolve the command line into a Spec + Options, then run it.
+"""`uspawn run` and `uspawn boot`: resolve the command line into Spec + Options, run it.
 
 Decisions made here, before anything is created:
-  - the container name (claimed in the state directory),
+  - the container name (claimed in the state directory; `boot` names must be
+    free, `run` derives a free one from the directory name),
   - the UID range (picked or checked, and leased for the container's life),
   - the ownership mode (map / chown / off; `auto` prefers an idmapped mount
     and keeps a tree that an earlier chown already shifted on that base),
@@ -9,6 +10,8 @@ Decisions made here, before anything is created:
 """
 
 from __future__ import annotations
+
+import os
 
 from . import presets, runtime, state
 from .errors import SpecError, StateError
@@ -18,16 +21,20 @@ if TYPE_CHECKING:
     import types
     from collections.abc import Callable
 
+    from .boot import Machine
+
 
 def _split_caps(values: list[str]) -> list[str]:
     return [c for v in values for c in v.split(",") if c]
 
 
-def claim_container_name(root: str, requested: str | None, default: str) -> state.NameClaim:
-    if requested:
-        claim = state.claim_name(root, requested)
+def claim_container_name(root: str, requested: str | None, default: str,
+                         exact: bool = False) -> state.NameClaim:
+    if requested or exact:
+        name = requested or default
+        claim = state.claim_name(root, name)
         if claim is None:
-            raise StateError(f"container name {requested!r} is already in use",
+            raise StateError(f"container name {name!r} is already in use",
                              "choose another --machine name")
         return claim
     for i in range(1, 1000):
@@ -38,27 +45,46 @@ def claim_container_name(root: str, requested: str | None, default: str) -> stat
     raise StateError(f"no free container name derived from {default!r}")
 
 
-def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
+class Launch:
+    """Everything decided for one container before it is created."""
+
+    def __init__(self, rootfs: str, claim: state.NameClaim, lease: state.Lease | None,
+                 base: int, size: int, userns: bool, ownership: str) -> None:
+        self.rootfs = rootfs
+        self.claim = claim
+        self.lease = lease
+        self.base = base
+        self.size = size
+        self.userns = userns
+        self.ownership = ownership
+
+    def release(self) -> None:
+        self.claim.release()
+        if self.lease is not None:
+            self.lease.release()
+
+    def record(self, c: runtime.Container, **extra: object) -> None:
+        if c.opts.claim is None:
+            return
+        import time
+
+        c.opts.claim.write_state({
+            "name": c.opts.name, "pid": c.init_pid,
+            "pid_start": state.proc_starttime(c.init_pid), "status": "running",
+            "rootfs": self.rootfs, "uid_base": self.base if self.userns else None,
+            "uid_size": self.size if self.userns else None, "ownership": c.ownership_used,
+            "started": time.time(), "runtime_pid": os.getpid(), **extra,
+        })
+
+
+def prepare(ns: types.SimpleNamespace, exact_name: bool = False) -> Launch:
+    """Claim the name and the UID range; decide the ownership mode."""
     rootfs = presets.check_rootfs(ns.directory)
     mode, base, size = presets.parse_private_users(ns.private_users)
     userns = mode != "no"
     ownership = ns.private_users_ownership if userns else "off"
-    binds = [presets.parse_bind(b, False, "--bind") for b in ns.bind]
-    binds += [presets.parse_bind(b, True, "--bind-ro") for b in ns.bind_ro]
-    cmd = list(ns.cmd)
-    console_size = None
-    if ns.tty:
-        import os
-
-        try:
-            sz = os.get_terminal_size(0)
-            console_size = (sz.lines, sz.columns)
-        except OSError:
-            pass
-
     root = state.state_root(ns.root)
-    claim = claim_container_name(root, ns.name, presets.machine_name(rootfs))
-    name = claim.name
+    claim = claim_container_name(root, ns.name, presets.machine_name(rootfs), exact_name)
     lease: state.Lease | None = None
     try:
         if userns:
@@ -77,47 +103,88 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
                 base, lease = allocator.pick(size, prefer=shifted or None)
             else:
                 lease = allocator.lease(base, size)
-            lease.record(name=name, pid=_self_pid(), starttime=_self_start())
-        spec = presets.run_spec(
-            rootfs, cmd, hostname=ns.hostname, base=base, size=size, userns=userns,
-            network_host=ns.network == "host", user=ns.user, chdir=ns.chdir,
-            setenv=ns.setenv, add_caps=_split_caps(ns.capability),
-            drop_caps=_split_caps(ns.drop_capability),
-            no_new_privileges=ns.no_new_privileges, tty=ns.tty, binds=binds,
-            console_size=console_size, read_only=ns.read_only,
-        )
-        from .linux import seccomp
-
-        bpf = seccomp.policy_bpf(seccomp.default_policy(userns=userns))
-        opts = runtime.Options(name, claim=claim, range_lease=lease, ownership=ownership,
-                               seccomp_bpf=bpf, verbose=ns.verbose or ns.debug,
-                               debug=ns.debug, log=log, auto_start=True)
+            lease.record(name=claim.name, pid=os.getpid(),
+                         starttime=state.proc_starttime(os.getpid()))
     except BaseException:
         claim.release()
-        if lease is not None:
-            lease.release()
         raise
+    return Launch(rootfs, claim, lease, base, size, userns, ownership)
 
-    def record_state(c: runtime.Container) -> None:
-        if c.opts.claim is not None:
-            import time
 
-            c.opts.claim.write_state({
-                "name": c.opts.name, "pid": c.init_pid, "status": "running",
-                "rootfs": rootfs, "uid_base": base if userns else None,
-                "uid_size": size if userns else None, "ownership": c.ownership_used,
-                "started": time.time(), "runtime_pid": _self_pid(),
-            })
+def _options(ns: types.SimpleNamespace, la: Launch, log: Callable[[str], None],
+             **kw: object) -> runtime.Options:
+    from .linux import seccomp
 
+    bpf = seccomp.policy_bpf(seccomp.default_policy(userns=la.userns))
+    return runtime.Options(la.claim.name, claim=la.claim, range_lease=la.lease,
+                           ownership=la.ownership, seccomp_bpf=bpf,
+                           verbose=ns.verbose or ns.debug, debug=ns.debug, log=log,
+                           auto_start=True, **kw)  # type: ignore[arg-type]
+
+
+def _binds(ns: types.SimpleNamespace) -> list[tuple[str, str, list[str]]]:
+    binds = [presets.parse_bind(b, False, "--bind") for b in ns.bind]
+    return binds + [presets.parse_bind(b, True, "--bind-ro") for b in ns.bind_ro]
+
+
+def _console_size() -> tuple[int, int] | None:
+    try:
+        sz = os.get_terminal_size(0)
+    except OSError:
+        return None
+    return (sz.lines, sz.columns)
+
+
+def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
+    binds = _binds(ns)
+    la = prepare(ns)
+    try:
+        spec = presets.run_spec(
+            la.rootfs, list(ns.cmd), hostname=ns.hostname, base=la.base, size=la.size,
+            userns=la.userns, network_host=ns.network == "host", user=ns.user,
+            chdir=ns.chdir, setenv=ns.setenv, add_caps=_split_caps(ns.capability),
+            drop_caps=_split_caps(ns.drop_capability),
+            no_new_privileges=ns.no_new_privileges, tty=ns.tty, binds=binds,
+            console_size=_console_size() if ns.tty else None, read_only=ns.read_only,
+        )
+        opts = _options(ns, la, log)
+    except BaseException:
+        la.release()
+        raise
     # From here on the container owns (and releases) the claim and the lease.
-    return runtime.run(spec, opts, on_start=record_state)
+    return runtime.run(spec, opts, on_start=la.record)
 
 
-def _self_pid() -> int:
-    import os
+def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
+    from . import boot
 
-    return os.getpid()
+    binds = _binds(ns)
+    if ns.detach:
+        return boot.detach(ns, log, lambda: _boot_machine(ns, log, binds))
+    machine = _boot_machine(ns, log, binds)
+    return machine.run_foreground()
 
 
-def _self_start() -> int | None:
-    return state.proc_starttime(_self_pid())
+def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
+                  binds: list[tuple[str, str, list[str]]]) -> Machine:
+    from . import boot
+
+    la = prepare(ns, exact_name=True)
+    try:
+        init = presets.find_init(la.rootfs)
+        notify = boot.NotifyListener(la.claim.dir, la.base if la.userns else 0)
+        host_dir = boot.make_host_dir(la.claim.dir, la.base if la.userns else 0, notify)
+        machine_uuid = boot.new_uuid()
+        spec = presets.run_spec(
+            la.rootfs, [init], hostname=ns.hostname or la.claim.name, base=la.base,
+            size=la.size, userns=la.userns, network_host=ns.network == "host",
+            add_caps=_split_caps(ns.capability), drop_caps=_split_caps(ns.drop_capability),
+            binds=binds, boot=True, host_dir=host_dir, machine_uuid=machine_uuid,
+            console_size=_console_size(),
+        )
+        spec.process.terminal = True  # type: ignore[union-attr]  # the console is a pty
+        opts = _options(ns, la, log, delegate_cgroup=True)
+    except BaseException:
+        la.release()
+        raise
+    return boot.Machine(spec, opts, la, notify, machine_uuid, ns)

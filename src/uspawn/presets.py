@@ -160,8 +160,16 @@ def run_spec(
     no_new_privileges: bool = False, tty: bool = False,
     binds: list[tuple[str, str, list[str]]] | None = None,
     console_size: tuple[int, int] | None = None, read_only: bool = False,
+    boot: bool = False, host_dir: str | None = None, machine_uuid: str | None = None,
 ) -> S.Spec:
-    """The Spec for `uspawn run` (rootfs must be check_rootfs()'d already)."""
+    """The Spec for `uspawn run` (rootfs must be check_rootfs()'d already).
+
+    boot=True makes it a system container (`uspawn boot`): the tree's init as
+    pid 1, a writable cgroup2 subtree at /sys/fs/cgroup (the container's own,
+    through the cgroup namespace; cgroup2 also on hybrid hosts, so systemd runs
+    in unified mode everywhere), /run/host from host_dir (container-manager,
+    container-uuid and the notify socket), and systemd's container environment.
+    """
     if not args:
         raise UsageError("no command given", "uspawn run -D ROOTFS -- CMD [ARGS...]")
     namespaces = ["pid", "mount", "uts", "ipc", "cgroup"]
@@ -195,14 +203,24 @@ def run_spec(
     else:
         mounts.append(_mount("/sys", "sysfs", "sysfs", ["ro", "nosuid", "noexec", "nodev"]))
         mounts.append(_mount("/sys/fs/cgroup", "cgroup", "cgroup",
-                             ["ro", "nosuid", "noexec", "nodev"]))
+                             ["rw" if boot else "ro", "nosuid", "noexec", "nodev"]))
     mounts.append(_mount("/run", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=755"]))
     mounts.append(_mount("/tmp", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=1777"]))
+    if host_dir:
+        mounts.append(_mount("/run/host", "bind", host_dir, ["bind", "ro", "nosuid", "nodev",
+                                                            "noexec"]))
     for src, dst, opts in binds or []:
         mounts.append(S.Mount(destination=dst, type="bind", source=src, options=opts))
 
     env = [f"PATH={DEFAULT_PATH}", "container=uspawn", "HOME=/root"]
-    if tty:
+    if boot:
+        # systemd's container interface (systemd.io/CONTAINER_INTERFACE).
+        env = [f"PATH={DEFAULT_PATH}", "container=uspawn", "TERM=vt220"]
+        if machine_uuid:
+            env.append(f"container_uuid={machine_uuid}")
+        if host_dir:
+            env.append("NOTIFY_SOCKET=/run/host/notify")
+    elif tty:
         env.append(f"TERM={os.environ.get('TERM', 'xterm')}")
     proc_user = resolve_user(rootfs, user) if user else S.User(uid=0, gid=0)
     if proc_user.uid != 0:
@@ -252,3 +270,25 @@ def _home_of(root: str, uid: int) -> str:
         if len(ent) >= 6 and ent[2] == str(uid):
             return ent[5] or "/"
     return "/"
+
+
+INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+
+
+def find_init(root: str) -> str:
+    """The tree's init, looked up inside the tree (symlinks resolved within it)."""
+    from .linux import mounts
+
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for cand in INIT_CANDIDATES:
+            try:
+                fd = mounts.open_in_root(rootfd, cand)
+            except OSError:
+                continue
+            os.close(fd)
+            return cand
+    finally:
+        os.close(rootfd)
+    raise SpecError(f"rootfs {root}: no init found (looked for {', '.join(INIT_CANDIDATES)})",
+                    "install systemd in the tree, or use `uspawn run` for a single command")

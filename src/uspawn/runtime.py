@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from . import spec as S
+    from .console import ConsoleIO
     from .state import Lease, NameClaim
 
 
@@ -40,7 +41,7 @@ class Options:
                  range_lease: Lease | None = None, ownership: str = "off",
                  seccomp_bpf: bytes | None = None, verbose: bool = False,
                  debug: bool = False, log: Callable[[str], None] | None = None,
-                 auto_start: bool = False) -> None:
+                 auto_start: bool = False, delegate_cgroup: bool = False) -> None:
         self.name = name
         self.claim = claim
         self.range_lease = range_lease
@@ -51,6 +52,10 @@ class Options:
         self.log = log or (lambda msg: None)
         # The init execs right after CREATED (no START round trip): `run`.
         self.auto_start = auto_start
+        # Hand the container's cgroup2 directory to its root (systemd manages it).
+        self.delegate_cgroup = delegate_cgroup
+        # Signals to uspawn -> signals to the init (boot: TERM -> SIGRTMIN+3).
+        self.signal_map: dict[int, int] = {}
 
 
 def _first_host_id(maps: list[S.IDMapping]) -> int:
@@ -204,6 +209,11 @@ class Container:
             from .state import dumps
 
             self.guardian.tell("cgroup " + dumps(self.cgroup.to_json()))
+            if opts.delegate_cgroup and init.userns:
+                try:
+                    self.cgroup.delegate(root_uid, root_gid)
+                except OSError as exc:
+                    raise SetupError(f"delegate cgroup to the container: {exc}") from None
             self._apply_resources()
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch
@@ -508,7 +518,7 @@ def _hint_errno(message: str, err: int) -> str | None:
 
 
 def run(spec: S.Spec, opts: Options, on_start: Callable[[Container], None] | None = None,
-        ) -> int:
+        io: ConsoleIO | None = None) -> int:
     """create + start + forward signals + wait (+ pump the pty) + destroy -> exit code."""
     from .console import forward_and_wait, forward_signals
 
@@ -523,7 +533,7 @@ def run(spec: S.Spec, opts: Options, on_start: Callable[[Container], None] | Non
             c.start()
             if on_start is not None:
                 on_start(c)
-            return forward_and_wait(c)
+            return forward_and_wait(c, io)
     finally:
         c.destroy()
 

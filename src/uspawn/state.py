@@ -255,17 +255,33 @@ class NameClaim:
         write_atomic(os.path.join(self.dir, "state.json"), dumps(state))
 
     def release(self) -> None:
-        for entry in ("state.json",):
-            try:
-                os.unlink(os.path.join(self.dir, entry))
-            except FileNotFoundError:
-                pass
+        """Remove the container's directory (ours alone), then drop the lock."""
+        _remove_contents(self.dir, keep="lock")
         self.lease.release(remove=True)
         try:
             os.rmdir(self.dir)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
                 raise
+
+
+def _remove_contents(path: str, keep: str = "") -> None:
+    """rm -r of what is inside path, never following symlinks."""
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    for e in entries:
+        if e.name == keep:
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                _remove_contents(e.path)
+                os.rmdir(e.path)
+            else:
+                os.unlink(e.path)
+        except FileNotFoundError:
+            pass
 
 
 def claim_name(root: str, name: str) -> NameClaim | None:

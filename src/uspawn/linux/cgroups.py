@@ -124,6 +124,19 @@ class Cgroup:
                     _write(os.path.join(d, "cpu.cfs_period_us"), str(period))
                     _write(os.path.join(d, "cpu.cfs_quota_us"), str(cpu_quota))
 
+    def delegate(self, uid: int, gid: int) -> None:
+        """Give the cgroup2 directory to the container's root (cgroup-v2.rst
+        "Delegation Containment": the directory and its procs/threads/
+        subtree_control files). Only our own, freshly made directory."""
+        d = self.v2_dir
+        if d is None:
+            return
+        os.chown(d, uid, gid)
+        for name in ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+            path = os.path.join(d, name)
+            if os.path.exists(path):
+                os.chown(path, uid, gid)
+
     def processes(self) -> list[int]:
         seen: list[int] = []
         for d in self.dirs:

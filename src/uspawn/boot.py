@@ -1,0 +1,251 @@
+"""`uspawn boot`: a system container whose pid 1 is the tree's init (systemd).
+
+systemd's container interface (systemd.io/CONTAINER_INTERFACE): `container=`
+and `container_uuid=` in pid 1's environment, /run/host/container-manager,
+NOTIFY_SOCKET for READY=1 / STATUS= / STOPPING=1, SIGRTMIN+3 for a clean
+poweroff. pid 1 ends a poweroff with reboot(2), which in a pid namespace makes
+the kernel kill it with SIGHUP (poweroff/halt) or SIGINT (reboot).
+
+A detached machine keeps one supervisor process (a fork of this one): it
+pumps the console pty into the log, reads the notify socket, and cleans up
+when the machine stops. A shared supervisor for all machines is future work
+(see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import time
+
+from . import runtime
+from .console import ConsoleIO
+from .errors import UspawnError
+from .linux import sig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import types
+    from collections.abc import Callable
+
+    from . import spec as S
+    from .launch import Launch
+
+LOG_DIR = "/var/log/uspawn"
+SIGRTMIN_3 = sig.SIGRTMIN + 3  # systemd: clean poweroff
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID without importing `uuid` (it loads ctypes helpers)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class NotifyListener:
+    """The sd_notify datagram socket the machine's systemd reports to."""
+
+    def __init__(self, state_dir: str, root_uid: int) -> None:
+        self.dir = os.path.join(state_dir, "host")
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        # Bind through the directory fd: state paths can exceed sun_path's 108 bytes.
+        dfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                os.unlink("notify", dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            self.sock.bind(f"/proc/self/fd/{dfd}/notify")
+            # connect() needs write permission on the socket inode: the container's root.
+            os.chown("notify", root_uid, root_uid, dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(dfd)
+        self.ready = False
+        self.stopping = False
+        self.status = ""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[str]:
+        """Read one datagram; return the keys it changed (READY, STATUS, STOPPING)."""
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return []
+        changed = []
+        for line in data.decode(errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            if key == "READY" and value == "1" and not self.ready:
+                self.ready = True
+                changed.append("READY")
+            elif key == "STATUS":
+                self.status = value[:200]
+                changed.append("STATUS")
+            elif key == "STOPPING" and value == "1":
+                self.stopping = True
+                changed.append("STOPPING")
+        return changed
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def make_host_dir(state_dir: str, root_uid: int, notify: NotifyListener) -> str:
+    """/run/host of the machine: container-manager, container-uuid (written later), notify."""
+    d = notify.dir
+    for name, text in (("container-manager", "uspawn\n"),):
+        path = os.path.join(d, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+    return d
+
+
+class Machine:
+    """A booted system container, driven in the foreground (or by a supervisor)."""
+
+    def __init__(self, spec: S.Spec, opts: runtime.Options, la: Launch,
+                 notify: NotifyListener, machine_uuid: str, ns: types.SimpleNamespace) -> None:
+        self.spec = spec
+        self.opts = opts
+        self.la = la
+        self.notify = notify
+        self.uuid = machine_uuid
+        self.ns = ns
+        self.container: runtime.Container | None = None
+        self.on_ready: Callable[[], None] | None = None
+        self.console_log: str | None = None
+        with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
+            f.write(machine_uuid + "\n")
+
+    @property
+    def name(self) -> str:
+        return self.opts.name
+
+    def _state(self, **extra: object) -> None:
+        if self.container is not None:
+            self.la.record(self.container, machine=True, uuid=self.uuid,
+                           ready=self.notify.ready, stopping=self.notify.stopping,
+                           status_text=self.notify.status, console_log=self.console_log,
+                           **extra)
+
+    def _started(self, c: runtime.Container) -> None:
+        self.container = c
+        self._state()
+
+    def _on_notify(self) -> None:
+        changed = self.notify.receive()
+        if not changed:
+            return
+        self._state()
+        if "READY" in changed:
+            if self.opts.verbose:
+                self.opts.log(f"machine {self.name} is ready")
+            if self.on_ready is not None:
+                self.on_ready()
+
+    def run_foreground(self, out_fd: int = 1, interactive: bool | None = None) -> int:
+        if interactive is None:
+            interactive = os.isatty(0)
+        # INT/TERM to uspawn mean "power the machine off cleanly", as for nspawn.
+        self.opts.signal_map = {sig.SIGINT: SIGRTMIN_3, sig.SIGTERM: SIGRTMIN_3}
+        io = ConsoleIO(interactive=interactive, out_fd=out_fd,
+                       extra={self.notify.fileno(): self._on_notify})
+        try:
+            code = runtime.run(self.spec, self.opts, on_start=self._started, io=io)
+        finally:
+            self.notify.close()
+        if code == 128 + sig.SIGHUP:
+            return 0  # poweroff/halt: reboot(2) in a pid namespace kills init with SIGHUP
+        if code == 128 + sig.SIGINT:
+            self.opts.log(f"machine {self.name} asked for a reboot; not restarting it")
+            return 0
+        return code
+
+
+def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
+           make_machine: Callable[[], Machine]) -> int:
+    """Boot in a supervisor process; return once the machine is ready (or failed)."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.setsid()
+            _supervise(wfd, log, make_machine)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    timeout = float(ns.ready_timeout)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    import select
+
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([rfd], [], [], left)[0]:
+            os.close(rfd)
+            raise UspawnError(f"boot: machine not ready within {timeout:.0f}s; it keeps "
+                              "booting in the background",
+                              "see `uspawn logs NAME` and `uspawn status NAME`")
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(rfd)
+    line = buf.decode(errors="replace").split("\n", 1)[0]
+    kind, _, rest = line.partition(" ")
+    if kind == "ready":
+        print(rest)
+        return 0
+    if kind == "error":
+        code, _, msg = rest.partition(" ")
+        log(msg)
+        return int(code) if code.isdigit() else 125
+    log("boot: the machine's supervisor exited before the machine was ready "
+        "(hint: see `uspawn logs NAME`)")
+    return 125
+
+
+def _supervise(wfd: int, log: Callable[[str], None],
+               make_machine: Callable[[], Machine]) -> None:
+    def tell(line: str) -> None:
+        try:
+            os.write(wfd, (line + "\n").encode())
+        except OSError:
+            pass
+
+    try:
+        machine = make_machine()
+    except UspawnError as exc:
+        tell(f"error {exc.exit_code} {exc.one_line()}")
+        return
+    os.makedirs(LOG_DIR, mode=0o750, exist_ok=True)
+    machine.console_log = os.path.join(LOG_DIR, f"{machine.name}.console.log")
+    logfd = os.open(machine.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                    0o640)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(null)
+    os.write(logfd, f"-- uspawn: booting {machine.name} ({machine.uuid})\n".encode())
+
+    def ready() -> None:
+        tell(f"ready {machine.name}")
+
+    machine.on_ready = ready
+    try:
+        code = machine.run_foreground(out_fd=logfd, interactive=False)
+    except UspawnError as exc:
+        tell(f"error {exc.exit_code} {exc.one_line()}")
+        os.write(logfd, f"-- uspawn: {exc.one_line()}\n".encode())
+        return
+    os.write(logfd, f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
+    tell(f"error {code or 125} machine {machine.name} stopped before it was ready")
+

@@ -1,0 +1,172 @@
+"""Running machines: list, status, stop, kill, logs (read from the state directory).
+
+A container's record is trusted only while its owner holds the name lock
+(state.read_states), and a pid is signalled only if its start time still
+matches the record, so a recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+
+from .errors import StateError, UsageError
+from .linux import sig
+from .linux import syscalls as sc
+from .state import proc_starttime, read_states
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
+
+
+def find(root: str, name: str) -> dict[str, object]:
+    for st in read_states(root):
+        if st.get("name") == name:
+            return st
+    raise StateError(f"no running container named {name!r}", "see `uspawn list`")
+
+
+def _pid(st: dict[str, object]) -> int:
+    pid = st.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or proc_starttime(pid) != st.get("pid_start"):
+        raise StateError(f"container {st.get('name')!r} has no live init process")
+    return pid
+
+
+def _uptime(st: dict[str, object]) -> str:
+    started = st.get("started")
+    if not isinstance(started, int | float):
+        return "-"
+    secs = int(time.time() - started)
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}min"
+    return f"{secs // 3600}h"
+
+
+def _state_word(st: dict[str, object]) -> str:
+    if st.get("stopping"):
+        return "stopping"
+    if st.get("machine") and not st.get("ready"):
+        return "starting"
+    return "running"
+
+
+def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    states = read_states(root)
+    if as_json:
+        import json
+
+        rows = [{"name": s.get("name"), "pid": s.get("pid"), "state": _state_word(s),
+                 "uid_base": s.get("uid_base"), "uid_size": s.get("uid_size"),
+                 "uptime_seconds": int(time.time() - float(s["started"]))  # type: ignore[arg-type]
+                 if isinstance(s.get("started"), int | float) else None,
+                 "rootfs": s.get("rootfs"), "ownership": s.get("ownership"),
+                 "machine": bool(s.get("machine")), "uuid": s.get("uuid")} for s in states]
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    header = ("NAME", "PID", "STATE", "UID RANGE", "UPTIME", "ROOTFS")
+    rows2 = [header]
+    for s in states:
+        base, size = s.get("uid_base"), s.get("uid_size")
+        rng = f"{base}:{size}" if isinstance(base, int) else "host"
+        rows2.append((str(s.get("name")), str(s.get("pid")), _state_word(s), rng,
+                      _uptime(s), str(s.get("rootfs"))))
+    widths = [max(len(r[i]) for r in rows2) for i in range(len(header))]
+    for r in rows2:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+def status_command(root: str, name: str, out: TextIO = sys.stdout) -> int:
+    st = find(root, name)
+    lines = [
+        ("Name", st.get("name")), ("State", _state_word(st)), ("Init PID", st.get("pid")),
+        ("UUID", st.get("uuid")), ("Root", st.get("rootfs")),
+        ("UID range", f"{st.get('uid_base')}:{st.get('uid_size')}"),
+        ("Ownership", st.get("ownership")), ("Uptime", _uptime(st)),
+        ("Status", st.get("status_text") or "-"), ("Console log", st.get("console_log") or "-"),
+    ]
+    for key, value in lines:
+        out.write(f"{key + ':':<13}{value}\n")
+    return 0
+
+
+def parse_signal(value: str) -> int:
+    v = value.upper().removeprefix("SIG")
+    if v.isdigit():
+        n = int(v)
+    elif v.startswith("RTMIN"):
+        off = v[5:]
+        n = sig.SIGRTMIN + (int(off) if off.lstrip("+").isdigit() else 0)
+    else:
+        import signal as _signal_mod  # names only; not on the start path
+
+        try:
+            n = int(getattr(_signal_mod.Signals, "SIG" + v))
+        except AttributeError:
+            raise UsageError(f"unknown signal {value!r}") from None
+    if not 0 < n < 65:
+        raise UsageError(f"signal {value!r} out of range")
+    return n
+
+
+def _wait_pid_gone(pid: int, timeout: float) -> bool:
+    try:
+        pidfd = sc.pidfd_open(pid)
+    except OSError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def kill_command(root: str, name: str, signal_name: str) -> int:
+    pid = _pid(find(root, name))
+    os.kill(pid, parse_signal(signal_name))
+    return 0
+
+
+def stop_command(root: str, name: str, timeout: float, log: object = None) -> int:
+    """SIGRTMIN+3 (systemd's clean poweroff), SIGKILL after the timeout; wait for cleanup."""
+    st = find(root, name)
+    pid = _pid(st)
+    # A booted machine powers off on SIGRTMIN+3; a plain `run` payload gets SIGTERM.
+    os.kill(pid, sig.SIGRTMIN + 3 if st.get("machine") else sig.SIGTERM)
+    if not _wait_pid_gone(pid, timeout):
+        os.kill(pid, sig.SIGKILL)
+        _wait_pid_gone(pid, 10)
+    # The runtime that owns the container removes its state and cgroup.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if all(s.get("name") != name for s in read_states(root)):
+            return 0
+        time.sleep(0.02)
+    raise StateError(f"container {name!r} stopped but its runtime did not clean up in 10s")
+
+
+def logs_command(name: str, follow: bool, out: TextIO = sys.stdout) -> int:
+    from .boot import LOG_DIR
+
+    path = os.path.join(LOG_DIR, f"{name}.console.log")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise StateError(f"no console log for {name!r} ({path})",
+                         "logs exist for machines started with `uspawn boot --detach`") from None
+    with f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                out.buffer.write(chunk) if hasattr(out, "buffer") else out.write(
+                    chunk.decode(errors="replace"))
+                out.flush()
+                continue
+            if not follow:
+                return 0
+            time.sleep(0.2)
