@@ -68,6 +68,13 @@ COMMANDS = [
             [Opt("--timeout", default="30", metavar="SECONDS")], positionals=["name"]),
     Command("kill", "send a signal to a container's init", positionals=["name", "signal"],
             optional_positionals=1),
+    Command("exec", "run a command inside a running container",
+            [Opt("-t", "--tty", kind="flag", help="allocate a pseudo-terminal"),
+             Opt("-E", "--setenv", kind="append", metavar="KEY=VALUE"),
+             Opt("--chdir", default="/", metavar="DIR")],
+            positionals=["name"], rest="cmd"),
+    Command("shell", "open a login shell (with a pty) in a running container",
+            positionals=["name"]),
     Command("logs", "show a detached machine's console log", [Opt("-f", "--follow", kind="flag")],
             positionals=["name"]),
     Command("mkrootfs", "build the built-in busybox rootfs in DIRECTORY",
@@ -113,6 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .launch import boot_command
 
             return boot_command(ns, _log)
+        if command in ("exec", "shell"):
+            from .machines import exec_command
+
+            if command == "exec" and not ns.cmd:
+                raise UsageError("exec: no command given", "uspawn exec NAME -- CMD [ARGS...]")
+            return exec_command(ns.root, ns.name, ns.cmd if command == "exec" else None,
+                                getattr(ns, "tty", False) or command == "shell",
+                                getattr(ns, "setenv", []), getattr(ns, "chdir", "/"))
         if command in ("list", "status", "stop", "kill", "logs"):
             from . import machines
             from .state import state_root

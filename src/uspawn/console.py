@@ -79,10 +79,11 @@ def forward_and_wait(c: Container, io: ConsoleIO | None = None) -> int:
     io = io or ConsoleIO()
     if c.console_master < 0 and not io.extra:
         return c.wait()
-    return _pump(c, c.console_master, io)
+    return pump(c.pidfd, c.console_master, io, c.wait)
 
 
-def _pump(c: Container, master: int, io: ConsoleIO) -> int:
+def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int]) -> int:
+    """Copy console bytes (and serve io.extra) until the process behind pidfd exits."""
     stdin_tty = io.interactive and master >= 0 and os.isatty(0)
     saved = None
     if stdin_tty:
@@ -91,7 +92,6 @@ def _pump(c: Container, master: int, io: ConsoleIO) -> int:
         import tty
 
         tty.setraw(0, termios.TCSANOW)
-    pidfd = c.pidfd
     inputs = [pidfd, *io.extra]
     if master >= 0:
         inputs.append(master)
@@ -122,7 +122,7 @@ def _pump(c: Container, master: int, io: ConsoleIO) -> int:
         while master >= 0 and _copy(master, io.out_fd):
             if not select.select([master], [], [], 0.05)[0]:
                 break
-        return c.wait()
+        return wait()
     finally:
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)

@@ -170,3 +170,32 @@ def logs_command(name: str, follow: bool, out: TextIO = sys.stdout) -> int:
             if not follow:
                 return 0
             time.sleep(0.2)
+
+
+def exec_command(root_override: str | None, name: str, cmd: list[str] | None, tty: bool,
+                 setenv: list[str], cwd: str) -> int:
+    """exec (cmd given) or shell (cmd None: the root user's login shell)."""
+    from .enter import enter
+    from .linux import seccomp
+    from .state import state_root
+
+    st = find(state_root(root_override), name)
+    _pid(st)
+    env = list(setenv)
+    if cmd is None:
+        shell = _root_shell(str(st.get("rootfs")))
+        cmd = [shell, "-l"]
+        env = ["USER=root", "LOGNAME=root", f"SHELL={shell}", *env]
+    userns = st.get("uid_base") is not None
+    bpf = seccomp.policy_bpf(seccomp.default_policy(userns=userns))
+    return enter(st, cmd, tty, env, cwd=cwd, seccomp_bpf=bpf)
+
+
+def _root_shell(rootfs: str) -> str:
+    from .presets import _read_in_root
+
+    for line in _read_in_root(rootfs, "/etc/passwd").splitlines():
+        ent = line.split(":")
+        if len(ent) >= 7 and ent[0] == "root" and ent[6].startswith("/"):
+            return ent[6]
+    return "/bin/sh"

@@ -1,0 +1,216 @@
+"""`uspawn exec NAME -- CMD` and `uspawn shell NAME`: a process joining a running container.
+
+The joining process enters every namespace of the container's init, takes the
+container's root identity, its capability bounding set and seccomp policy,
+and execs. Before it calls setns it makes itself non-dumpable, so nothing in
+the container can open /proc/<pid>/exe or /proc/<pid>/mem of a process that
+still runs host code (runc CVE-2019-5736); every fd but stdio is closed at
+execve (CVE-2024-21626). It joins the init's cgroup first, so it is
+accounted and killed with the container.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from . import channel as chan
+from .errors import ExecError, SetupError
+from .init import InitError, find_executable
+from .linux import caps, sig
+from .linux import syscalls as sc
+from .linux.cgroups import detect_layout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# nsenter's order; the user namespace first, so the others are entered with
+# the capabilities the container's root has over them.
+NS_ORDER = (("user", sc.CLONE_NEWUSER), ("cgroup", sc.CLONE_NEWCGROUP),
+            ("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS), ("net", sc.CLONE_NEWNET),
+            ("pid", sc.CLONE_NEWPID), ("mnt", sc.CLONE_NEWNS))
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _open_namespaces(pid: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for name, flag in NS_ORDER:
+        mine = os.stat(f"/proc/self/ns/{name}")
+        theirs = os.stat(f"/proc/{pid}/ns/{name}")
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            continue  # shared with the host (e.g. --network=host): nothing to enter
+        out.append((os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
+    return out
+
+
+def _cgroup_procs(pid: int) -> str | None:
+    """The cgroup.procs file of the init's cgroup2 directory, seen from the host."""
+    _layout, mount = detect_layout()
+    if mount is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return os.path.join(mount, line[3:].strip().lstrip("/"), "cgroup.procs")
+    except OSError:
+        return None
+    return None
+
+
+class Joined:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = sc.pidfd_open(pid)
+        self.status: int | None = None
+
+    def wait(self) -> int:
+        if self.status is None:
+            _, st = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(st)
+            self.status = 128 - code if code < 0 else code
+            os.close(self.pidfd)
+        return self.status
+
+
+def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str],
+          cwd: str = "/", uid: int = 0, gid: int = 0,
+          seccomp_bpf: bytes | None = None, bounding: int | None = None) -> int:
+    """Run argv inside the container described by the state record st; return its status."""
+    pid = st.get("pid")
+    assert isinstance(pid, int)
+    nsfds = _open_namespaces(pid)
+    procs = _cgroup_procs(pid)
+    if bounding is None:
+        bounding = caps.mask([*caps.DEFAULT_CAPS, "CAP_NET_ADMIN"])
+    env = {"PATH": DEFAULT_PATH, "container": "uspawn", "HOME": "/root" if uid == 0 else "/",
+           "TERM": os.environ.get("TERM", "xterm") if tty else "dumb"}
+    for kv in env_extra:
+        k, _, v = kv.partition("=")
+        env[k] = v
+    parent_ch, child_ch = chan.Channel.pair()
+    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    mid = os.fork()
+    if mid == 0:
+        try:
+            parent_ch.close()
+            _child(nsfds, procs, child_ch, argv, env, cwd, uid, gid, tty, seccomp_bpf, bounding)
+        except BaseException as exc:
+            try:
+                child_ch.send_error(str(exc), getattr(exc, "errno", 0) or 0,
+                                    getattr(exc, "exit_code", 125))
+            except BaseException:
+                pass
+        finally:
+            os._exit(125)
+    child_ch.close()
+    for fd, _ in nsfds:
+        os.close(fd)
+    try:
+        try:
+            msg = parent_ch.expect(chan.INIT_PID)
+            target = msg.data.get("pid")
+            assert isinstance(target, int)
+        finally:
+            os.waitpid(mid, 0)
+        joined = Joined(target)
+        master = -1
+        if tty:
+            m = parent_ch.expect(chan.CONSOLE)
+            master = m.fds[0]
+        end = parent_ch.recv()
+        if end is not None:
+            raise SetupError(f"exec: unexpected message {end.kind!r}")
+    except chan.ChildError as exc:
+        raise ExecError(str(exc), not_found=exc.exit_code == 127) from None
+    except chan.ProtocolError as exc:
+        raise SetupError(f"exec: {exc}") from None
+    finally:
+        parent_ch.close()
+    return _wait(joined, master)
+
+
+def _wait(joined: Joined, master: int) -> int:
+    from .console import ConsoleIO, pump
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(joined.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    saved: dict[int, Callable[[int, object], None] | int | None] = {}
+    for s in (sig.SIGINT, sig.SIGTERM, sig.SIGHUP, sig.SIGQUIT, sig.SIGUSR1, sig.SIGUSR2):
+        saved[s] = sig.set_handler(s, forward)
+    try:
+        if master < 0:
+            return joined.wait()
+        try:
+            return pump(joined.pidfd, master, ConsoleIO(interactive=True), joined.wait)
+        finally:
+            os.close(master)
+    finally:
+        for s, h in saved.items():
+            sig.set_handler(s, h)
+
+
+def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
+           argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int, tty: bool,
+           seccomp_bpf: bytes | None, bounding: int) -> None:
+    # Before anything of the container can see us (CVE-2019-5736).
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)
+    sc.prctl(sc.PR_SET_PDEATHSIG, sig.SIGKILL)
+    if procs is not None:
+        try:
+            with open(procs, "w") as f:
+                f.write("0")
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.EOPNOTSUPP):
+                raise SetupError(f"exec: join cgroup {os.path.dirname(procs)}: "
+                                 f"{exc.strerror}") from None
+    for fd, flag in nsfds:
+        try:
+            sc.setns(fd, flag)
+        except OSError as exc:
+            raise SetupError(f"exec: setns: {exc}") from None
+        os.close(fd)
+    os.chdir("/")
+    pid = os.fork()  # the pid namespace applies to children only
+    if pid:
+        ch.init_pid(pid)
+        os._exit(0)
+    os.setsid()
+    if tty:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
+        slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+        fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        os.close(slave)
+        ch.send(chan.CONSOLE, fds=[master])
+        os.close(master)
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        raise SetupError(f"exec: chdir {cwd}: {exc.strerror}") from None
+    exe = find_executable(argv[0], env.get("PATH", DEFAULT_PATH))
+    caps.drop_bounding(bounding)
+    if seccomp_bpf:
+        sc.seccomp_set_mode_filter(seccomp_bpf)
+    sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    sc.prctl(sc.PR_SET_KEEPCAPS, 0)
+    have = sc.capget()[1] & bounding if uid == 0 else 0
+    caps.apply_sets(have, have, 0, 0)
+    sc.close_range(3, 0xFFFFFFFF, sc.CLOSE_RANGE_CLOEXEC)
+    sig.set_handler(sig.SIGPIPE, sig.SIG_DFL)
+    try:
+        os.execve(exe, argv, env)
+    except OSError as exc:
+        raise InitError(f"execve {exe}: {exc.strerror}", exc.errno or 0,
+                        127 if exc.errno == errno.ENOENT else 126) from None
