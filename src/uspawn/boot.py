@@ -160,9 +160,11 @@ class Machine:
             code = runtime.run(self.spec, self.opts, on_start=self._started, io=io)
         finally:
             self.notify.close()
-        if code == 128 + sig.SIGHUP:
-            return 0  # poweroff/halt: reboot(2) in a pid namespace kills init with SIGHUP
+        # reboot(2) in a pid namespace kills its init: SIGINT for power-off and
+        # halt, SIGHUP for restart (kernel/reboot.c reboot_pid_ns).
         if code == 128 + sig.SIGINT:
+            return 0
+        if code == 128 + sig.SIGHUP:
             self.opts.log(f"machine {self.name} asked for a reboot; not restarting it")
             return 0
         return code

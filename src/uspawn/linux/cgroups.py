@@ -165,6 +165,7 @@ class Cgroup:
                             except ProcessLookupError:
                                 pass
                 try:
+                    _remove_children(d)
                     os.rmdir(d)
                     break
                 except FileNotFoundError:
@@ -173,6 +174,16 @@ class Cgroup:
                     if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                         raise CgroupError(f"cannot remove cgroup {d}: {exc.strerror}") from None
                     time.sleep(0.01)
+
+
+def _remove_children(d: str) -> None:
+    """rmdir the sub-cgroups a delegated payload (systemd) made, deepest first."""
+    for top, dirs, _files in os.walk(d, topdown=False):
+        for sub in dirs:
+            try:
+                os.rmdir(os.path.join(top, sub))
+            except FileNotFoundError:
+                pass
 
 
 def create(name: str, controllers_v1: tuple[str, ...] = ()) -> Cgroup:
