@@ -30,3 +30,5 @@ fi
 # The environment may set PYTHONDONTWRITEBYTECODE; without .pyc files every
 # start recompiles uspawn (~20 ms), so compile once here.
 .venv/bin/python -m compileall -q src/uspawn
+# The systemd unit (dist/systemd/uspawn@.service) runs /usr/local/bin/uspawn.
+ln -sfn "$PWD/.venv/bin/uspawn" /usr/local/bin/uspawn

@@ -95,6 +95,22 @@ class NotifyListener:
         self.sock.close()
 
 
+def sd_notify(message: str) -> None:
+    """Tell our own service manager (uspawn@.service is Type=notify), if any."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.sendto(message.encode(), path)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
 def make_host_dir(state_dir: str, root_uid: int, notify: NotifyListener) -> str:
     """/run/host of the machine: container-manager, container-uuid (written later), notify."""
     d = notify.dir
@@ -146,8 +162,11 @@ class Machine:
         if "READY" in changed:
             if self.opts.verbose:
                 self.opts.log(f"machine {self.name} is ready")
+            sd_notify(f"READY=1\nSTATUS=machine {self.name} is ready")
             if self.on_ready is not None:
                 self.on_ready()
+        if "STOPPING" in changed:
+            sd_notify("STOPPING=1")
 
     def run_foreground(self, out_fd: int = 1, interactive: bool | None = None) -> int:
         if interactive is None:
