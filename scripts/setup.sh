@@ -32,3 +32,4 @@ fi
 .venv/bin/python -m compileall -q src/uspawn
 # The systemd unit (dist/systemd/uspawn@.service) runs /usr/local/bin/uspawn.
 ln -sfn "$PWD/.venv/bin/uspawn" /usr/local/bin/uspawn
+ln -sfn "$PWD/.venv/bin/uspawn-runc" /usr/local/bin/uspawn-runc

@@ -75,10 +75,24 @@ class Joined:
         return self.status
 
 
+class ExecOptions:
+    """What an OCI `exec --process` can ask beyond argv (defaults: uspawn exec)."""
+
+    def __init__(self) -> None:
+        self.additional_gids: list[int] = []
+        self.caps: tuple[int, int, int, int] | None = None  # eff, perm, inh, ambient
+        self.no_new_privs = False
+        self.env_replace: list[str] | None = None  # the whole environment
+        self.detach = False
+        self.on_started: Callable[[int, int], None] | None = None  # (pid, pty master)
+
+
 def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str],
           cwd: str = "/", uid: int = 0, gid: int = 0,
-          seccomp_bpf: bytes | None = None, bounding: int | None = None) -> int:
+          seccomp_bpf: bytes | None = None, bounding: int | None = None,
+          xo: ExecOptions | None = None) -> int:
     """Run argv inside the container described by the state record st; return its status."""
+    xo = xo or ExecOptions()
     pid = st.get("pid")
     assert isinstance(pid, int)
     nsfds = _open_namespaces(pid)
@@ -87,16 +101,20 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
         bounding = caps.mask([*caps.DEFAULT_CAPS, "CAP_NET_ADMIN"])
     env = {"PATH": DEFAULT_PATH, "container": "uspawn", "HOME": "/root" if uid == 0 else "/",
            "TERM": os.environ.get("TERM", "xterm") if tty else "dumb"}
+    if xo.env_replace is not None:
+        env = dict(e.split("=", 1) for e in xo.env_replace if "=" in e)
     for kv in env_extra:
         k, _, v = kv.partition("=")
         env[k] = v
     parent_ch, child_ch = chan.Channel.pair()
-    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    if not xo.detach:
+        sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     mid = os.fork()
     if mid == 0:
         try:
             parent_ch.close()
-            _child(nsfds, procs, child_ch, argv, env, cwd, uid, gid, tty, seccomp_bpf, bounding)
+            _child(nsfds, procs, child_ch, argv, env, cwd, uid, gid, tty, seccomp_bpf,
+                   bounding, xo)
         except BaseException as exc:
             try:
                 child_ch.send_error(str(exc), getattr(exc, "errno", 0) or 0,
@@ -129,6 +147,11 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
         raise SetupError(f"exec: {exc}") from None
     finally:
         parent_ch.close()
+    if xo.on_started is not None:
+        xo.on_started(joined.pid, master)
+    if xo.detach:
+        os.close(joined.pidfd)
+        return 0
     return _wait(joined, master)
 
 
@@ -158,7 +181,7 @@ def _wait(joined: Joined, master: int) -> int:
 
 def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
            argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int, tty: bool,
-           seccomp_bpf: bytes | None, bounding: int) -> None:
+           seccomp_bpf: bytes | None, bounding: int, xo: ExecOptions) -> None:
     # Before anything of the container can see us (CVE-2019-5736).
     sc.prctl(sc.PR_SET_DUMPABLE, 0)
     sc.prctl(sc.PR_SET_PDEATHSIG, sig.SIGKILL)
@@ -181,6 +204,7 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
     if pid:
         ch.init_pid(pid)
         os._exit(0)
+
     os.setsid()
     if tty:
         master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
@@ -201,12 +225,19 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
     if seccomp_bpf:
         sc.seccomp_set_mode_filter(seccomp_bpf)
     sc.prctl(sc.PR_SET_KEEPCAPS, 1)
-    os.setgroups([])
+    os.setgroups(xo.additional_gids)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     sc.prctl(sc.PR_SET_KEEPCAPS, 0)
-    have = sc.capget()[1] & bounding if uid == 0 else 0
-    caps.apply_sets(have, have, 0, 0)
+    have = sc.capget()[1] & bounding
+    if xo.caps is not None:
+        eff, perm, inh, amb = (m & have for m in xo.caps)
+        caps.apply_sets(eff, perm, inh, amb)
+    else:
+        have = have if uid == 0 else 0
+        caps.apply_sets(have, have, 0, 0)
+    if xo.no_new_privs:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
     sc.close_range(3, 0xFFFFFFFF, sc.CLOSE_RANGE_CLOEXEC)
     sig.set_handler(sig.SIGPIPE, sig.SIG_DFL)
     try:

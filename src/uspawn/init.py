@@ -26,6 +26,7 @@ import struct
 import termios
 
 from . import channel as chan
+from .hooks import HookError, run_hook
 from .linux import caps, devices, mounts, network
 from .linux import sig as signal
 from .linux import syscalls as sc
@@ -87,6 +88,16 @@ def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
             os.chdir(plan.root_path)
         except OSError as exc:
             raise _step(f"enter rootfs {plan.root_path}", exc) from None
+        # Namespaces given by path (OCI linux.namespaces[].path, e.g. a netns
+        # podman prepared) belong to the host: join them while still real root.
+        for nstype, path in plan.join_namespaces:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(fd, _NS_JOIN_FLAGS[nstype])
+            except OSError as exc:
+                raise _step(f"join {nstype} namespace {path}", exc) from None
+            finally:
+                os.close(fd)
         # 1. user namespace first, so every other namespace is owned by it.
         if plan.userns:
             try:
@@ -127,21 +138,74 @@ def stage_b(plan: InitPlan, ch: chan.Channel) -> None:
         # Our parent (stage A) has exited and the runtime adopted us; tie our
         # life to it now. Had it died before this line, the next receive
         # sees EOF and we exit.
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if plan.die_with_parent:
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         labels = msg.data.get("labels")
         if not isinstance(labels, list) or len(labels) != len(msg.fds):
             raise InitError("mount fd labels do not match the fds received")
         fds = dict(zip((str(x) for x in labels), msg.fds, strict=True))
+        fifo = fds.pop("fifo", -1)
+        state = msg.data.get("state")
+        plan.state_json = state if isinstance(state, str) else ""
         setup_rootfs(plan, fds)
         finish_in_root(plan, ch)
+        if plan.new_keyring:
+            join_session_keyring()
         # 6. set up and waiting.
         ch.send(chan.CREATED)
         # 7. wait for START (no timeout: create and start may be far apart).
-        if not plan.auto_start:
+        if plan.start_fifo:
+            ch = _wait_fifo(fifo)
+        elif not plan.auto_start:
             ch.wait_start()
+        for path, args, env, timeout in plan.start_hooks:
+            try:
+                run_hook(path, args, env, timeout, plan.state_json, "startContainer")
+            except HookError as exc:
+                raise InitError(str(exc)) from None
         exec_payload(plan, ch)
     except BaseException as exc:
         _report_and_exit(ch, exc)
+
+
+_NS_JOIN_FLAGS = {"network": sc.CLONE_NEWNET, "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS,
+                  "cgroup": sc.CLONE_NEWCGROUP, "time": 0x80}
+
+
+class _FifoReporter(chan.Channel):
+    """After an OCI `start` the only one listening is the `start` process on the
+    exec FIFO: errors (a failed execve) go there as text."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send_error(self, message: str, err: int = 0, exit_code: int = 125) -> None:
+        os.write(self.fd, f"error {exit_code} {message}".encode())
+
+    def send(self, kind: str, fds: list[int] | None = None, **data: object) -> None:
+        raise InitError("no channel after start")
+
+
+def _wait_fifo(fifo_path_fd: int) -> chan.Channel:
+    """Block until `start` opens the exec FIFO, then tell it we go (runc's exec.fifo).
+
+    The FIFO lives in the host's state directory, reachable only through the
+    O_PATH fd the parent passed; /proc/self/fd reopens it for writing.
+    """
+    fd = os.open(f"/proc/self/fd/{fifo_path_fd}", os.O_WRONLY | os.O_CLOEXEC)
+    os.close(fifo_path_fd)
+    os.write(fd, b"0")
+    return _FifoReporter(fd)
+
+
+def join_session_keyring() -> None:
+    """A fresh anonymous session keyring, so the container never shares the
+    caller's (runc does the same unless --no-new-keyring)."""
+    try:
+        sc.keyctl_join_session_keyring()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EACCES):
+            raise _step("join a new session keyring", exc) from None
 
 
 def setup_rootfs(plan: InitPlan, fds: dict[str, int]) -> None:

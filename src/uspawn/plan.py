@@ -141,6 +141,15 @@ class InitPlan:
         self.seccomp_bpf: bytes | None = None
         self.preserve_fds = 0
         self.auto_start = False
+        # Foreground containers die with their runtime (PR_SET_PDEATHSIG); an
+        # OCI `create`d one outlives the `create` process.
+        self.die_with_parent = True
+        # OCI: wait on the exec FIFO (fd label "fifo") instead of START.
+        self.start_fifo = False
+        self.join_namespaces: list[tuple[str, str]] = []
+        self.new_keyring = True
+        self.start_hooks: list[tuple[str, list[str], list[str], int | None]] = []
+        self.state_json = ""
 
     def describe(self) -> list[str]:
         return [op.describe() for op in self.mounts]
@@ -160,11 +169,17 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
     proc = spec.process
     host = HostPlan()
     init = InitPlan()
-    ns = {n.type for n in linux.namespaces}
+    ns = {n.type for n in linux.namespaces if not n.path}
     for i, n in enumerate(linux.namespaces):
-        if n.path:
-            raise SpecError(f"linux.namespaces[{i}].path: joining existing namespaces "
-                            "is not supported yet", "remove the path to create a new one")
+        if not n.path:
+            continue
+        if n.type in ("user", "pid", "mount"):
+            raise SpecError(f"linux.namespaces[{i}].path: joining an existing {n.type} "
+                            "namespace is not supported", "let uspawn create it")
+        if not os.path.exists(n.path):
+            raise SpecError(f"linux.namespaces[{i}].path: {n.path} does not exist")
+        # Joined by stage A while still real root (the namespace belongs to the host).
+        init.join_namespaces.append((n.type, n.path))
     init.userns = "user" in ns
     init.mount_ns = "mount" in ns
     if not init.mount_ns:

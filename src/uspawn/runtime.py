@@ -56,6 +56,14 @@ class Options:
         self.delegate_cgroup = delegate_cgroup
         # Signals to uspawn -> signals to the init (boot: TERM -> SIGRTMIN+3).
         self.signal_map: dict[int, int] = {}
+        # OCI `create`: the init outlives us and waits on this FIFO for `start`.
+        self.detached = False
+        self.exec_fifo: str | None = None
+        self.cgroup_rel: str | None = None  # OCI linux.cgroupsPath (resolved)
+        # Host-side hooks run once the init exists (OCI prestart + createRuntime
+        # + createContainer), given the state JSON built for a pid.
+        self.create_hooks: list[tuple[str, list[str], list[str], int | None]] = []
+        self.state_json: Callable[[int, str], str] | None = None
 
 
 def _first_host_id(maps: list[S.IDMapping]) -> int:
@@ -178,6 +186,8 @@ class Container:
         self.ownership_used = "off"
         self.started_at = 0.0
         self.exit_status: int | None = None
+        # Adjusts the init plan before the fork (OCI: preserve-fds, keyring, hooks).
+        self.plan_hook: Callable[[planmod.InitPlan], None] | None = None
 
     # --- create ------------------------------------------------------------
 
@@ -187,6 +197,11 @@ class Container:
         init.parent_pid = os.getpid()
         init.seccomp_bpf = opts.seccomp_bpf
         init.auto_start = opts.auto_start
+        if opts.detached:
+            init.die_with_parent = False
+            init.start_fifo = opts.exec_fifo is not None
+        if self.plan_hook is not None:
+            self.plan_hook(init)
         if opts.debug:
             for line in init.describe():
                 opts.log(f"plan: {line}")
@@ -203,7 +218,7 @@ class Container:
         self.guardian.spawn(opts.claim, opts.range_lease)
         try:
             try:
-                self.cgroup = cgroups.create(opts.name, self._v1_controllers())
+                self.cgroup = cgroups.create(opts.name, self._v1_controllers(), opts.cgroup_rel)
             except (cgroups.CgroupError, OSError) as exc:
                 raise SetupError(f"create cgroup: {exc}") from None
             from .state import dumps
@@ -241,8 +256,12 @@ class Container:
                 finally:
                     _reap(pid_a)
                 self.guardian.tell(f"init {self.init_pid}")
+                self._host_side_after_init(fds)
                 labels = list(fds)
-                self.ch.send(chan.MOUNTS, fds=[fds[k] for k in labels], labels=labels)  # 4
+                state = (self.opts.state_json(self.init_pid, "created")
+                         if self.opts.state_json else "")
+                self.ch.send(chan.MOUNTS, fds=[fds[k] for k in labels], labels=labels,
+                             state=state)  # 4
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -285,6 +304,39 @@ class Container:
             finally:
                 os.close(fd)
         return os.fork(), False
+
+    def _host_side_after_init(self, fds: dict[str, int]) -> None:
+        """oom_score_adj (needs host privilege to lower), the start FIFO, create hooks."""
+        proc = self.spec.process
+        if proc is not None and proc.oom_score_adj is not None:
+            try:
+                with open(f"/proc/{self.init_pid}/oom_score_adj", "w") as f:
+                    f.write(str(proc.oom_score_adj))
+            except OSError as exc:
+                raise SetupError(f"process.oomScoreAdj: {exc.strerror}") from None
+        if self.opts.exec_fifo is not None:
+            # The init reopens it through /proc/self/fd (the path is not
+            # reachable from inside); only the parent can see the state dir.
+            fds["fifo"] = os.open(self.opts.exec_fifo, os.O_PATH | os.O_CLOEXEC)
+        if self.opts.create_hooks and self.opts.state_json is not None:
+            from .hooks import HookError, run_hook
+
+            state = self.opts.state_json(self.init_pid, "creating")
+            for path, args, env, timeout in self.opts.create_hooks:
+                try:
+                    run_hook(path, args, env, timeout, state, "createRuntime")
+                except HookError as exc:
+                    raise SetupError(str(exc)) from None
+
+    def handover(self) -> None:
+        """OCI `create` done: leave the init running for `start`, forget it here."""
+        if self.ch is not None:
+            self.ch.close()
+            self.ch = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.guardian.dismiss()
 
     def _apply_resources(self) -> None:
         linux = self.spec.linux
@@ -536,6 +588,11 @@ def run(spec: S.Spec, opts: Options, on_start: Callable[[Container], None] | Non
             return forward_and_wait(c, io)
     finally:
         c.destroy()
+
+
+def create_container(c: Container) -> None:
+    """c.create() with OS errors turned into one-line SetupErrors."""
+    _create(c)
 
 
 def _create(c: Container) -> None:

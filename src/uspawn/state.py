@@ -52,6 +52,17 @@ def proc_starttime(pid: int) -> int | None:
     return int(fields[19])
 
 
+def proc_running(pid: int, starttime: object) -> bool:
+    """pid exists, is the process that started at starttime, and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0] != b"Z" and int(fields[19]) == starttime
+
+
 def owner_alive(record: dict[str, object]) -> bool:
     pid = record.get("pid")
     start = record.get("starttime")

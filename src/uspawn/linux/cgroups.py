@@ -70,29 +70,33 @@ def _procs(path: str) -> list[int]:
 class Cgroup:
     """The cgroup directories of one container (one per hierarchy)."""
 
-    def __init__(self, name: str, layout: str, unified: str | None, dirs: list[str]) -> None:
+    def __init__(self, name: str, layout: str, unified: str | None, dirs: list[str],
+                 rel: str | None = None) -> None:
         self.name = name
         self.layout = layout
         self.unified = unified
         self.dirs = dirs
+        self.rel = rel or f"{PARENT}/{name}"  # path below each hierarchy's root
 
     @property
     def v2_dir(self) -> str | None:
         if self.unified is None:
             return None
-        return os.path.join(self.unified, PARENT, self.name)
+        return os.path.join(self.unified, self.rel)
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "layout": self.layout, "unified": self.unified,
-                "dirs": self.dirs}
+                "dirs": self.dirs, "rel": self.rel}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Cgroup:
         dirs = data.get("dirs")
         unified = data.get("unified")
+        rel = data.get("rel")
         return cls(str(data.get("name")), str(data.get("layout")),
                    unified if isinstance(unified, str) else None,
-                   [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [])
+                   [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [],
+                   rel if isinstance(rel, str) else None)
 
     def add(self, pid: int, skip_v2: bool = False) -> None:
         v2 = self.v2_dir
@@ -186,7 +190,21 @@ def _remove_children(d: str) -> None:
                 pass
 
 
-def create(name: str, controllers_v1: tuple[str, ...] = ()) -> Cgroup:
+def oci_cgroup_path(cgroups_path: str, container_id: str) -> str:
+    """OCI linux.cgroupsPath -> a path below the hierarchy roots.
+
+    cgroupfs style "/a/b" is taken as is (relative to the root); systemd style
+    "slice:prefix:name" (`--systemd-cgroup`, no systemd to ask here) becomes
+    "<slice>/<prefix>-<name>.scope", the path systemd itself would use.
+    """
+    if ":" in cgroups_path and not cgroups_path.startswith("/"):
+        slice_, prefix, name = [*cgroups_path.split(":"), "", ""][:3]
+        return f"{slice_ or 'system.slice'}/{prefix}-{name or container_id}.scope"
+    rel = os.path.normpath("/" + cgroups_path).lstrip("/")
+    return rel or f"{PARENT}/{container_id}"
+
+
+def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = None) -> Cgroup:
     """Create the container's cgroups. v1 hierarchies are used only on legacy
     hosts, or on hybrid hosts for controllers cgroup2 lacks there (limits)."""
     layout, unified = detect_layout()
@@ -206,15 +224,15 @@ def create(name: str, controllers_v1: tuple[str, ...] = ()) -> Cgroup:
     if not targets:
         raise CgroupError("no usable cgroup hierarchy found under /sys/fs/cgroup")
     dirs: list[str] = []
-    cg = Cgroup(name, layout, unified, dirs)
+    cg = Cgroup(name, layout, unified, dirs, rel)
     try:
         for hier in targets:
-            parent = os.path.join(hier, PARENT)
+            d = os.path.join(hier, cg.rel)
+            parent = os.path.dirname(d)
             if not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
                 if hier == unified:
                     _enable_controllers(hier, parent)
-            d = os.path.join(parent, name)
             try:
                 os.mkdir(d)
             except FileExistsError:

@@ -304,6 +304,28 @@ def _mknod_rules() -> list[Rule]:
     return rules
 
 
+def with_mknod_filter(policy: Policy) -> Policy:
+    """The same policy with the userns mknod device filter (for OCI profiles).
+
+    Where the profile lets mknod/mknodat through (an unconditional ALLOW rule, or
+    an ALLOW default), those are replaced by the filter; a profile that already
+    refuses them is left as it is.
+    """
+    names = ("mknod", "mknodat")
+    allowed = any(r.action == ALLOW and not r.args and set(names) & set(r.names)
+                  for r in policy.rules)
+    mentioned = any(set(names) & set(r.names) for r in policy.rules)
+    if not allowed and (mentioned or policy.default_action != ALLOW):
+        return policy
+    rules = []
+    for r in policy.rules:
+        keep = tuple(n for n in r.names if n not in names)
+        if keep:
+            rules.append(Rule(keep, r.action, r.args))
+    return Policy(policy.default_action, rules + _mknod_rules(), policy.architectures,
+                  policy.flags)
+
+
 def default_policy(userns: bool) -> Policy:
     """The policy for system containers; `userns` adds the mknod device filter.
 

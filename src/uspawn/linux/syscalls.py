@@ -366,6 +366,18 @@ def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     _check(ret, "close_range")
 
 
+_KEYCTL = {"x86_64": 250, "aarch64": 219, "ppc64le": 271, "s390x": 280}
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def keyctl_join_session_keyring() -> int:
+    nr = _KEYCTL.get(os.uname().machine)
+    if nr is None:
+        raise SyscallError(errno.ENOSYS, "keyctl")
+    return _check(_libc.syscall(_c_long(nr), _c_int(KEYCTL_JOIN_SESSION_KEYRING),
+                                _c_void_p(None)), "keyctl")
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
