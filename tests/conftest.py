@@ -102,6 +102,14 @@ def host_mount_count() -> int:
         return sum(1 for _ in f)
 
 
+def mounts_under(path: object) -> list[str]:
+    """Host mount points at or below path (leak check that ignores unrelated mounts)."""
+    prefix = str(path)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+
+
 def cgroup_dirs(name: str) -> list[str]:
     found = []
     for base in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory",

@@ -243,11 +243,25 @@ def _ps(root: str, ns: types.SimpleNamespace) -> int:
     return 0
 
 
+def _wants_version(args: list[str]) -> bool:
+    """--version/-v among the global options (before the command word)."""
+    takes_value = {n for o in GLOBAL if o.kind == "value" for n in o.names}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok in ("--version", "-v"):
+            return True
+        if not tok.startswith("-"):
+            return False
+        i += 2 if tok in takes_value else 1
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     log = Logger("", "text")
     try:
-        if args[:1] in (["--version"], ["-v"]):
+        if _wants_version(args):
             from .spec import OCI_VERSION
 
             print(f"uspawn-runc version {VERSION}\nspec: {OCI_VERSION}")
