@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import mounts_under
+from conftest import cgroup_dirs, mounts_under
 
 
 def runtime_cmd() -> list[str]:
@@ -228,8 +228,7 @@ def test_failing_hook_fails_create_cleanly(oci: Oci, rootfs: Path, tmp_path: Pat
     assert r.returncode == 1 and "createRuntime hook /bin/false" in r.stderr
     assert oci("list", "-q").stdout.strip() == ""
     assert mounts_under(tmp_path) == []
-    assert not any("uspawn/hf" in d for d in os.listdir("/sys/fs/cgroup/unified/uspawn")
-                   ) if os.path.isdir("/sys/fs/cgroup/unified/uspawn") else True
+    assert cgroup_dirs("hf") == []
 
 
 def _console_listener(path: Path) -> socket.socket:
