@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Runner, cgroup_dirs, host_mount_count, skip_or_fail
+from conftest import Runner, cgroup_dirs, mounts_under, skip_or_fail
 
 NAME = "bookworm"
 
@@ -40,13 +40,12 @@ def debian_copy(tmp_path_factory: pytest.TempPathFactory, need_root: None) -> Pa
 def machine(debian_copy: Path, tmp_path_factory: pytest.TempPathFactory,
             ) -> Iterator[Runner]:
     runner = Runner(tmp_path_factory.mktemp("state"))
-    mounts_before = host_mount_count()
     t0 = time.monotonic()
     r = runner.run("boot", "-D", str(debian_copy), "-M", NAME, "--detach", timeout=150)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == NAME
     runner.boot_seconds = time.monotonic() - t0  # type: ignore[attr-defined]
-    runner.mounts_before = mounts_before  # type: ignore[attr-defined]
+    runner.tree = debian_copy  # type: ignore[attr-defined]
     yield runner
     runner.run("stop", NAME, "--timeout", "5", timeout=60)
 
@@ -146,7 +145,7 @@ def test_stop_is_a_clean_poweroff(machine: Runner) -> None:
     assert "shutdown.target" in logs and ("Halting system" in logs or "Powering off" in logs)
     assert cgroup_dirs(NAME) == []
     assert machine.run("list", "--json").stdout.strip() == "[]"
-    assert host_mount_count() == machine.mounts_before  # type: ignore[attr-defined]
+    assert mounts_under(machine.tree) == []  # type: ignore[attr-defined]
     containers = machine.state / "containers"
     assert not containers.exists() or list(containers.iterdir()) == []
 

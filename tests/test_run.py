@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Runner, cgroup_dirs, host_mount_count
+from conftest import Runner, cgroup_dirs, mounts_under
 
 
 def run_ok(uspawn: Runner, rootfs: Path, *cmd: str, extra: tuple[str, ...] = ()) -> str:
@@ -22,13 +22,15 @@ def run_ok(uspawn: Runner, rootfs: Path, *cmd: str, extra: tuple[str, ...] = ())
     return r.stdout
 
 
-def assert_no_leftovers(uspawn: Runner, name: str, mounts_before: int) -> None:
+def assert_no_leftovers(uspawn: Runner, name: str, rootfs: Path) -> None:
     assert cgroup_dirs(name) == []
     containers = uspawn.state / "containers"
     assert not containers.exists() or list(containers.iterdir()) == []
     ranges = uspawn.state / "ranges"
     assert not ranges.exists() or [p.name for p in ranges.iterdir()] == []
-    assert host_mount_count() == mounts_before
+    # Every mount is made in the container's own namespace; a leak would show
+    # up on the host at the rootfs (propagation) or the state directory.
+    assert mounts_under(rootfs) == [] and mounts_under(uspawn.state) == []
 
 
 # --- /dev, mknod, seccomp ------------------------------------------------------
@@ -245,7 +247,6 @@ def test_exit_code_and_signal_death(uspawn: Runner, rootfs: Path) -> None:
 
 
 def test_signals_are_forwarded(uspawn: Runner, rootfs: Path) -> None:
-    mounts_before = host_mount_count()
     script = ("trap 'echo got-term; exit 7' TERM; trap 'echo got-usr1' USR1; "
               "echo ready; while :; do sleep 0.05; done")
     p = uspawn.popen("run", "-D", str(rootfs), "--machine", "sig", "--", "sh", "-c", script,
@@ -258,7 +259,7 @@ def test_signals_are_forwarded(uspawn: Runner, rootfs: Path) -> None:
     out, err = p.communicate(timeout=20)
     assert out.strip() == "got-term"
     assert p.returncode == 7, err
-    assert_no_leftovers(uspawn, "sig", mounts_before)
+    assert_no_leftovers(uspawn, "sig", rootfs)
 
 
 def test_tty_through_a_pty(uspawn: Runner, rootfs: Path) -> None:
@@ -301,13 +302,11 @@ def test_tty_through_a_pty(uspawn: Runner, rootfs: Path) -> None:
 
 
 def test_no_leftovers_after_normal_exit(uspawn: Runner, rootfs: Path) -> None:
-    before = host_mount_count()
     run_ok(uspawn, rootfs, "true", extra=("--machine", "clean"))
-    assert_no_leftovers(uspawn, "clean", before)
+    assert_no_leftovers(uspawn, "clean", rootfs)
 
 
 def test_no_leftovers_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -> None:
-    before = host_mount_count()
     p = uspawn.popen("run", "-D", str(rootfs), "--machine", "killme", "--", "sh", "-c",
                      "echo $$ > /dev/null; echo up; exec sleep 1000",
                      stdout=subprocess.PIPE)
@@ -328,16 +327,15 @@ def test_no_leftovers_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -> N
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (uspawn.state / "containers" / "killme").exists():
         time.sleep(0.05)
-    assert_no_leftovers(uspawn, "killme", before)
+    assert_no_leftovers(uspawn, "killme", rootfs)
 
 
 def test_no_leftovers_after_failed_start(uspawn: Runner, rootfs: Path) -> None:
-    before = host_mount_count()
     r = uspawn.run("run", "-D", str(rootfs), "--machine", "fail", "--", "/no/such/cmd")
     assert r.returncode == 127
     assert r.stderr.count("\n") == 1 and "/no/such/cmd" in r.stderr
     assert "Traceback" not in r.stderr
-    assert_no_leftovers(uspawn, "fail", before)
+    assert_no_leftovers(uspawn, "fail", rootfs)
 
 
 @pytest.mark.parametrize(

@@ -30,10 +30,16 @@ def _split_caps(values: list[str]) -> list[str]:
 
 def claim_container_name(root: str, requested: str | None, default: str,
                          exact: bool = False) -> state.NameClaim:
+    """Claim a name in the state directory whose cgroup is free too (another
+    state directory, e.g. a second installation or --root, shares the cgroup tree)."""
+    from .linux.cgroups import name_busy
+
     if requested or exact:
         name = requested or default
         claim = state.claim_name(root, name)
-        if claim is None:
+        if claim is None or name_busy(name):
+            if claim is not None:
+                claim.release()
             raise StateError(f"container name {name!r} is already in use",
                              "choose another --machine name")
         return claim
@@ -41,7 +47,9 @@ def claim_container_name(root: str, requested: str | None, default: str,
         name = default if i == 1 else f"{default}-{i}"
         claim = state.claim_name(root, name)
         if claim is not None:
-            return claim
+            if not name_busy(name):
+                return claim
+            claim.release()
     raise StateError(f"no free container name derived from {default!r}")
 
 

@@ -180,6 +180,25 @@ class Cgroup:
                     time.sleep(0.01)
 
 
+def name_busy(name: str, rel: str | None = None) -> bool:
+    """Does a cgroup of this container name hold processes already?"""
+    _layout, unified = detect_layout()
+    roots = [unified] if unified else [os.path.join(CGROUP_ROOT, "pids")]
+    path = rel or f"{PARENT}/{name}"
+    for hier in roots:
+        d = os.path.join(hier, path)
+        if not os.path.isdir(d):
+            continue
+        try:
+            with open(os.path.join(d, "cgroup.events")) as f:
+                if "populated 1" in f.read():
+                    return True
+        except FileNotFoundError:
+            if _procs(d):
+                return True
+    return False
+
+
 def _remove_children(d: str) -> None:
     """rmdir the sub-cgroups a delegated payload (systemd) made, deepest first."""
     for top, dirs, _files in os.walk(d, topdown=False):
