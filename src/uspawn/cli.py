@@ -77,6 +77,13 @@ COMMANDS = [
             positionals=["name"]),
     Command("logs", "show a detached machine's console log", [Opt("-f", "--follow", kind="flag")],
             positionals=["name"]),
+    Command("doctor", "probe this host: what will it do to containers",
+            [Opt("--json", kind="flag"),
+             Opt("--path", default="", metavar="DIR", help="where container trees live")]),
+    Command("check", "audit a tree before booting it", [Opt("--json", kind="flag")],
+            positionals=["rootfs"]),
+    Command("selftest", "kernel-upgrade canary: run containers and check /dev, mknod, IDs",
+            [Opt("--json", kind="flag")]),
     Command("mkrootfs", "build the built-in busybox rootfs in DIRECTORY",
             positionals=["kind", "directory"]),
 ]
@@ -142,6 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command == "kill":
                 return machines.kill_command(root, ns.name, ns.signal or "TERM")
             return machines.logs_command(ns.name, ns.follow)
+        if command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(ns.json, sys.stdout, ns.path or None)
+        if command == "check":
+            from .check import run_check
+
+            return run_check(ns.rootfs, ns.json, sys.stdout)
+        if command == "selftest":
+            from .selftest import run_selftest
+
+            return run_selftest(ns.json, sys.stdout)
         if command == "mkrootfs":
             if ns.kind != "busybox":
                 raise UsageError(f"mkrootfs: unknown kind {ns.kind!r}", "only busybox exists")

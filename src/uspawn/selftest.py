@@ -7,7 +7,8 @@ UID, device mknod refused with EPERM, a PrivateDevices=-style fallback that give
 a working /dev/null, writes in /var by a non-root UID, and ownership that matches
 the ID map. Run it after installing a new kernel, before rolling it out.
 
-The rootfs is built once at SELFTEST_ROOTFS (its parent made 0700) and reused.
+The rootfs is built once at SELFTEST_ROOTFS (directories made for it are 0700)
+and reused.
 Each canary is its own container, so one failure never hides another; every line
 is `PASS name` or `FAIL name: reason`, the last one `N passed, M failed`. The
 environment passes through, so USPAWN_TEST_FAULT=dev-nodev (a /dev whose nodes
@@ -31,14 +32,16 @@ USER = "1000"  # `user` in the busybox rootfs's /etc/passwd
 EPERM_TEXT = "Operation not permitted"
 
 # A PrivateDevices=-style fallback, as systemd does it: try mknod for a private
-# /dev; on EPERM, bind-mount the host's node onto an empty file in a new tmpfs
-# (in a new mount namespace when busybox has unshare, else in the container's own).
+# /dev; on EPERM, bind-mount the container's node onto an empty file in a new
+# tmpfs (mode 0755 like systemd's: in a sticky world-writable directory O_CREAT on
+# another user's node is refused), in a new mount namespace when busybox has
+# unshare, else in the container's own.
 _FALLBACK = """
 export d=/tmp/selftest-pd; rm -rf $d; mkdir -p $d
 if mknod $d/null c 1 3 2>$d.err; then echo MKNOD-SUCCEEDED; exit 0; fi
 grep -q "Operation not permitted" $d.err || { echo "MKNOD-ERROR $(cat $d.err)"; exit 0; }
-steps='mount -t tmpfs tmpfs "$d" && touch "$d/null" && mount --bind /dev/null "$d/null" &&
-       echo x > "$d/null" && echo bound-null-works'
+steps='mount -t tmpfs -o mode=755 tmpfs "$d" && touch "$d/null" &&
+       mount --bind /dev/null "$d/null" && echo x > "$d/null" && echo bound-null-works'
 if command -v unshare >$d.which; then unshare -m sh -c "$steps"; else sh -c "$steps"; fi
 """
 _VAR = """
@@ -108,9 +111,16 @@ def ensure_rootfs(path: str) -> None:
         return
     from .busybox_rootfs import build_busybox_rootfs
 
+    # Directories made here are 0700: no host user may reach into trees (issue 6).
     parent = os.path.dirname(path)
-    os.makedirs(parent, mode=0o700, exist_ok=True)
-    os.chmod(parent, 0o700)  # no host user reaches into trees (issue 6)
+    missing = []
+    d = parent
+    while not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        os.mkdir(d, 0o700)
+    os.chmod(parent, 0o700)
     build_busybox_rootfs(path)
 
 
@@ -124,7 +134,10 @@ def _state_dir() -> str:
 def run_canary(state: str, rootfs: str, user: str | None, script: str,
                judge: Callable[[int, str, str], str | None], timeout: float) -> str | None:
     """One throwaway container; None when it passed, else the reason."""
-    argv = [sys.executable, "-m", "uspawn", "--root", state, "run", "-D", rootfs,
+    # A name of its own: cgroups are host-wide, so a container named after the
+    # directory ("busybox") could collide with one in another state directory.
+    name = f"selftest-{os.getpid()}-{len(os.listdir(state))}-{os.urandom(3).hex()}"
+    argv = [sys.executable, "-m", "uspawn", "--root", state, "run", "-D", rootfs, "-M", name,
             *(["--user", user] if user else []), "--", "sh", "-c", script]
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
