@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(busybox-static libseccomp2 gcc libc6-dev acl libcap2-bin iproute2 python3-venv)
+pkgs=(busybox-static libseccomp2 gcc libc6-dev acl libcap2-bin iproute2 python3-venv debootstrap systemd procps)
 # Comparison runtimes for bench/ (optional for the tests, so failures are not fatal).
 bench_pkgs=(runc crun bubblewrap systemd-container)
 missing=()
@@ -17,6 +17,8 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# podman, conmon and runc for the OCI integration tests (tests/oci).
+bash scripts/install-podman.sh
 if [[ "${USPAWN_BENCH_DEPS:-0}" == 1 ]]; then
     apt-get install -y -qq "${bench_pkgs[@]}" >/dev/null || echo "setup: bench runtimes not installed" >&2
 fi
