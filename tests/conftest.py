@@ -29,6 +29,28 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+HOST_NODES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty")
+
+
+def _node_owners() -> list[tuple[str, int, int, int]]:
+    out = []
+    for p in HOST_NODES:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out.append((p, st.st_uid, st.st_gid, st.st_mode))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def host_device_nodes_untouched() -> Iterator[None]:
+    """No test may change the host's device nodes (owner, group or mode)."""
+    before = _node_owners()
+    yield
+    assert _node_owners() == before, "a host device node was changed"
+
+
 @pytest.fixture(scope="session")
 def need_root() -> None:
     if os.geteuid() != 0:

@@ -374,3 +374,13 @@ def test_range_in_use_is_refused(uspawn: Runner, rootfs: Path) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_device_nodes_shipped_in_the_tree_cannot_be_opened(uspawn: Runner, rootfs: Path) -> None:
+    # A hostile tree may carry device nodes (here /dev/null's numbers, owned by
+    # root, which the idmap maps to container root): the rootfs is nodev.
+    os.mknod(rootfs / "root" / "null2", 0o20666, os.makedev(1, 3))
+    os.mknod(rootfs / "root" / "disk", 0o60600, os.makedev(7, 0))
+    out = run_ok(uspawn, rootfs, "sh", "-c",
+                 "probe open /root/null2; probe open /root/disk; probe open /dev/null")
+    assert out.split() == ["EACCES", "EACCES", "ok"]

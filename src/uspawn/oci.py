@@ -16,21 +16,23 @@ passes --root). IDs are unique because the directory is created with mkdir.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import time
 
-from . import runtime
 from . import spec as S
 from .errors import SpecError, UspawnError
 from .linux import cgroups
 from .linux import syscalls as sc
-from .state import dumps, proc_running, proc_starttime, write_atomic
+from .state import dumps, loads, proc_running, proc_starttime, write_atomic
 
+# podman and conmon call the runtime several times per container: only
+# `create`/`run`/`exec` import the engine; `json` (and its `re`) is avoided.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from . import runtime
 
 DEFAULT_ROOT = "/run/uspawn/oci"
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-+")
@@ -54,7 +56,7 @@ def load_bundle(bundle: str, log: Callable[[str], None]) -> S.Spec:
     path = os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:
-            raw = json.loads(f.read())
+            raw = loads(f.read())
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file", "pass --bundle DIR holding config.json") from None
     except (OSError, ValueError) as exc:
@@ -107,7 +109,10 @@ class Record:
         self.id = cid
         try:
             with open(os.path.join(self.dir, "state.json")) as f:
-                self.data: dict[str, object] = json.load(f)
+                data = loads(f.read())
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            self.data: dict[str, object] = data
         except FileNotFoundError:
             raise OciError(f"container {cid!r} does not exist") from None
         except (OSError, ValueError) as exc:
@@ -189,6 +194,8 @@ def send_console(socket_path: str, master: int) -> None:
 def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socket: str | None,
            log: Callable[[str], None], preserve_fds: int = 0, new_keyring: bool = True,
            foreground: bool = False) -> runtime.Container:
+    from . import runtime
+
     check_id(cid)
     bundle = os.path.abspath(bundle)
     spec = load_bundle(bundle, log)

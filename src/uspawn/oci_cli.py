@@ -147,9 +147,9 @@ def dispatch(cmd: str, ns: types.SimpleNamespace, log: Logger) -> int:
     if cmd == "run":
         return _run(ns, log)
     if cmd == "state":
-        import json
+        from .state import dumps
 
-        print(json.dumps(oci.state(root, ns.id), indent=2))
+        print(dumps(oci.state(root, ns.id)))
         return 0
     if cmd == "kill":
         oci.kill(root, ns.id, _signal(ns.signal), ns.all)
@@ -207,9 +207,9 @@ def _list(root: str, ns: types.SimpleNamespace) -> int:
         return 0
     states = [r.oci_state() for r in recs]
     if ns.format == "json":
-        import json
+        from .state import dumps
 
-        print(json.dumps(states))
+        print(dumps(states))
         return 0
     rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
     rows += [(str(s["id"]), str(s["pid"]), str(s["status"]), str(s["bundle"]),
@@ -223,9 +223,9 @@ def _list(root: str, ns: types.SimpleNamespace) -> int:
 def _ps(root: str, ns: types.SimpleNamespace) -> int:
     pids = oci.pids(root, ns.id)
     if ns.format == "json":
-        import json
+        from .state import dumps
 
-        print(json.dumps(pids))
+        print(dumps(pids))
         return 0
     import subprocess
 

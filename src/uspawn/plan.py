@@ -220,6 +220,14 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
     host.console = proc.terminal
     init.verify_devices = nodes
 
+    if (init.userns and "cgroup" not in ns and not any(t == "cgroup" for t, _ in
+                                                     init.join_namespaces)
+            and any(m.type in ("cgroup", "cgroup2") for m in spec.mounts)):
+        # cgroupfs can only be mounted by the owner of the cgroup namespace: a
+        # user-namespaced container that mounts one gets a private cgroup
+        # namespace (podman's default on cgroup v2; runc would show the host's
+        # whole tree through a bind mount instead).
+        init.unshare_flags |= sc.CLONE_NEWCGROUP
     for i, m in enumerate(spec.mounts):
         _plan_mount(i, m, host, init)
 

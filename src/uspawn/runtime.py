@@ -106,7 +106,7 @@ class Guardian:
         if self.wfd >= 0:
             os.write(self.wfd, (line + "\n").encode())
 
-    def dismiss(self) -> None:
+    def dismiss(self, wait: bool = False) -> None:
         if self.wfd < 0:
             return
         self.tell("done")
@@ -115,7 +115,7 @@ class Guardian:
         # Reap it if it is already gone; else it exits on its own right away
         # (and init reaps it once we are gone): no need to wait here.
         try:
-            os.waitpid(self.pid, os.WNOHANG)
+            os.waitpid(self.pid, 0 if wait else os.WNOHANG)
         except ChildProcessError:
             pass
 
@@ -336,7 +336,9 @@ class Container:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        self.guardian.dismiss()
+        # Reap the guardian: once we exit, an unreaped child would be handed
+        # to the caller's subreaper (conmon), which expects only the init.
+        self.guardian.dismiss(wait=True)
 
     def _apply_resources(self) -> None:
         linux = self.spec.linux
@@ -419,8 +421,10 @@ class Container:
                 self._chown_rootfs(path, root_uid)
                 if mnt < 0:
                     mnt = mounts.clone_tree(path, recursive=False)
-            if host.rootfs_readonly:
-                mounts.set_attrs(mnt, sc.MOUNT_ATTR_RDONLY)
+            # nodev: a device node shipped in a (hostile) tree must not open,
+            # whatever its owner maps to; /dev is a separate host-made mount.
+            mounts.set_attrs(mnt, sc.MOUNT_ATTR_NODEV
+                             | (sc.MOUNT_ATTR_RDONLY if host.rootfs_readonly else 0))
         except BaseException:
             if mnt >= 0:
                 os.close(mnt)

@@ -96,6 +96,37 @@ def dumps(obj: object) -> str:
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
 
+class _ScanContext:
+    """What _json's C scanner reads from json.JSONDecoder, without `json` (and `re`)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo: dict[str, str] = {}
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return {"NaN": float("nan"), "Infinity": float("inf"),
+                "-Infinity": float("-inf")}[name]
+
+
+def loads(text: str | bytes) -> object:
+    """json.loads for uspawn's own state files, on the C scanner alone (no `re`)."""
+    from _json import make_scanner
+
+    s = text.decode() if isinstance(text, bytes) else text
+    i = len(s) - len(s.lstrip())
+    try:
+        obj, end = make_scanner(_ScanContext())(s, i)  # type: ignore[arg-type]  # duck-typed ctx
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if s[end:].strip():
+        raise ValueError("extra data after JSON value")
+    return obj
+
+
 def write_atomic(path: str, data: str, mode: int = 0o600) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)

@@ -74,6 +74,10 @@ def drop_bounding(keep: int) -> None:
 def apply_sets(effective: int, permitted: int, inheritable: int, ambient: int) -> None:
     sc.capset(effective, permitted, inheritable)
     sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+    # The kernel raises an ambient capability only if it is both permitted and
+    # inheritable (capabilities(7)); configs (runc's own template) list others
+    # too, and runc skips those, so do we.
+    ambient &= permitted & inheritable
     for cap in range(last_cap() + 1):
         if ambient & (1 << cap):
             sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap)
