@@ -23,7 +23,6 @@ import time
 from . import spec as S
 from .errors import SpecError, UspawnError
 from .linux import cgroups
-from .linux import syscalls as sc
 from .state import dumps, loads, proc_running, proc_starttime, write_atomic
 
 # podman and conmon call the runtime several times per container: only
@@ -239,6 +238,10 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             "annotations": spec.annotations,
             "cgroup": c.cgroup.to_json() if c.cgroup else None,
             "userns": "user" in spec.namespace_types(),
+            # Kept so start/delete need not parse config.json again (podman calls
+            # them for every container; the bundle may also be gone by delete).
+            "poststart": [list(h) for h in _hooks(hooks.poststart)],
+            "poststop": [list(h) for h in _hooks(hooks.poststop)],
         }
         write_atomic(os.path.join(cdir, "state.json"), dumps(record))
         _write_pid_file(pid_file, c.init_pid)
@@ -305,17 +308,27 @@ def start(root: str, cid: str, log: Callable[[str], None], timeout: float = 60) 
     if data[1:].startswith(b"error "):
         _, _code, msg = data[1:].decode(errors="replace").split(" ", 2)
         raise OciError(msg)
-    spec = load_bundle(str(rec.data.get("bundle")), log)
-    hooks = spec.hooks or S.Hooks()
-    if hooks.poststart:
-        from .hooks import HookError, run_hook
+    # runtime-spec: poststart failures are only logged.
+    _run_recorded_hooks(rec, "poststart", rec.pid, "running", log)
 
-        state = _state_json(rec.id, str(rec.data.get("bundle")), spec, rec.pid, "running")
-        for path, args, env, tmo in _hooks(hooks.poststart):
-            try:
-                run_hook(path, args, env, tmo, state, "poststart")
-            except HookError as exc:
-                log(f"warning: {exc}")  # runtime-spec: poststart failures are only logged
+
+def _run_recorded_hooks(rec: Record, which: str, pid: int, status: str,
+                        log: Callable[[str], None]) -> None:
+    hooks = rec.data.get(which)
+    if not isinstance(hooks, list) or not hooks:
+        return
+    from .hooks import HookError, run_hook
+
+    state = dumps({"ociVersion": S.OCI_VERSION, "id": rec.id, "status": status, "pid": pid,
+                   "bundle": rec.data.get("bundle"),
+                   "annotations": rec.data.get("annotations") or {}})
+    for h in hooks:
+        path, args, env, tmo = h
+        try:
+            run_hook(str(path), list(args), list(env), tmo if isinstance(tmo, int) else None,
+                     state, which)
+        except HookError as exc:
+            log(f"warning: {exc}")
 
 
 def state(root: str, cid: str) -> dict[str, object]:
@@ -338,6 +351,8 @@ def kill(root: str, cid: str, signum: int, all_processes: bool = False) -> None:
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
+    from .linux import syscalls as sc  # ctypes: only when something must be waited for
+
     try:
         pidfd = sc.pidfd_open(pid)
     except OSError:
@@ -374,21 +389,8 @@ def delete(root: str, cid: str, force: bool, log: Callable[[str], None]) -> None
             cg.destroy()
         except cgroups.CgroupError as exc:
             raise OciError(str(exc)) from None
-    bundle = str(rec.data.get("bundle"))
     _remove_dir(rec.dir)
-    try:
-        spec = load_bundle(bundle, log)
-    except UspawnError:
-        return  # the bundle is gone: no poststop hooks to run
-    if spec.hooks and spec.hooks.poststop:
-        from .hooks import HookError, run_hook
-
-        st = _state_json(cid, bundle, spec, 0, "stopped")
-        for path, args, env, tmo in _hooks(spec.hooks.poststop):
-            try:
-                run_hook(path, args, env, tmo, st, "poststop")
-            except HookError as exc:
-                log(f"warning: {exc}")
+    _run_recorded_hooks(rec, "poststop", 0, "stopped", log)
 
 
 def list_ids(root: str) -> list[Record]:
