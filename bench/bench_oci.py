@@ -297,7 +297,7 @@ class OciRuntime:
 
 
 def build_runtimes(args: argparse.Namespace, bundle: Path, state: Path, pid_dir: Path,
-                   executors: list[br.Executor]) -> list[OciRuntime]:
+                   executors: list[br.Executor], plain_bundle: Path) -> list[OciRuntime]:
     selected = {n for n in args.runtimes.split(",") if n}
     modes = [m for m in args.modes.split(",") if m]
     local = LocalOci()
@@ -343,16 +343,23 @@ def build_runtimes(args: argparse.Namespace, bundle: Path, state: Path, pid_dir:
                     f"{layout} cgroups: runs in a {worker.description}; every step is "
                     "timed inside the worker, the wait included; --cgroup-manager="
                     "disabled = no cgroup work at all (see bench/README.md)")
+        if name == "crun":
+            # Debian's crun 1.8.1 chowns the HOST's /dev/null to the container's root
+            # when it runs a user-namespaced config (seen here): crun gets the plain
+            # bundle, so its numbers are without a user namespace.
+            rt.label += " (no userns)"
+            rt.notes.append(br.CRUN_NOTE)
+        rt_bundle = plain_bundle if name == "crun" else bundle
         base = [*tool, *flags, "--root", str(state / name)]
         commands = {
-            "cycle": f"{shlex.join(base)} create --bundle {bundle} --pid-file {pid_dir}/ID "
+            "cycle": f"{shlex.join(base)} create --bundle {rt_bundle} --pid-file {pid_dir}/ID "
                      "ID; ... start ID; poll(pidfd of the init); ... delete ID",
-            "run": f"{shlex.join(base)} run --bundle {bundle} ID",
+            "run": f"{shlex.join(base)} run --bundle {rt_bundle} ID",
         }
         rt.notes[:0] = [commands[m] for m in modes]
 
         for mode in modes:
-            factory = ArgvFactory(mode, base, bundle, pid_dir)
+            factory = ArgvFactory(mode, base, rt_bundle, pid_dir)
             rec = Recording(executor)
 
             def cleanup(cid: str, base: list[str] = base, rec: Recording = rec) -> None:
@@ -541,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if spec_tool is None:
         br.log("error: no runc, crun or uspawn-runc to write the config.json template")
         return 2
-    bundle, _ = br.make_bundles(cache / "oci", rootfs, spec_tool)
+    bundle, plain_bundle = br.make_bundles(cache / "oci", rootfs, spec_tool)
     bundle_notes = [f"bundle {bundle}: `{os.path.basename(spec_tool)} spec` + user ns, "
                     "uid/gid 0->100000 (65536), /bin/true, terminal false, root read-only"]
     if args.bundle_fixups:
@@ -561,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[br.Runtime] = []
     interrupted = False
     try:
-        runtimes = build_runtimes(args, bundle, state, pid_dir, executors)
+        runtimes = build_runtimes(args, bundle, state, pid_dir, executors, plain_bundle)
         rows = [row for rt in runtimes for row in rt.rows.values()]
         br.log(f"verifying on {rootfs} (cgroups: {br.cgroup_layout()}) ...")
         for rt in runtimes:

@@ -212,13 +212,7 @@ def try_open(path: str, dir_fd: int | None = None) -> str:
 def _private_tmpfs_on_tmp() -> None:
     """In a fresh mount namespace: stop propagation, put a tmpfs on /tmp."""
     mounts.make_rslave_root(sc.MS_PRIVATE)
-    mnt = mounts.make_fs("tmpfs", [("mode", "0755")])
-    target = os.open("/tmp", os.O_PATH | os.O_CLOEXEC)
-    try:
-        mounts.attach(mnt, target)
-    finally:
-        os.close(target)
-        os.close(mnt)
+    mounts.attach_at(mounts.make_fs("tmpfs", [("mode", "0755")]), "/tmp")
 
 
 def _mknod_null(path: str, dir_fd: int | None = None) -> None:

@@ -305,13 +305,7 @@ def setup_console(plan: InitPlan, ch: chan.Channel) -> None:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(rows, cols))
     # /dev/console is the pty too (systemd and getty write there).
     if os.path.exists("/dev/console"):
-        mnt = mounts.clone_tree("", dirfd=slave)
-        target = os.open("/dev/console", os.O_PATH | os.O_CLOEXEC)
-        try:
-            mounts.attach(mnt, target)
-        finally:
-            os.close(target)
-            os.close(mnt)
+        mounts.attach_at(mounts.clone_tree("", dirfd=slave), "/dev/console")
     fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
     for fd in (0, 1, 2):
         os.dup2(slave, fd)

@@ -8,13 +8,12 @@ matches the record, so a recycled pid is never hit.
 from __future__ import annotations
 
 import os
-import select
 import sys
 import time
 
 from .errors import StateError, UsageError
 from .linux import sig
-from .linux import syscalls as sc
+from .linux.pidwait import wait_gone
 from .state import proc_starttime, read_states
 
 TYPE_CHECKING = False
@@ -115,17 +114,6 @@ def parse_signal(value: str) -> int:
     return n
 
 
-def _wait_pid_gone(pid: int, timeout: float) -> bool:
-    try:
-        pidfd = sc.pidfd_open(pid)
-    except OSError:
-        return True
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
-
-
 def kill_command(root: str, name: str, signal_name: str) -> int:
     pid = _pid(find(root, name))
     os.kill(pid, parse_signal(signal_name))
@@ -138,9 +126,9 @@ def stop_command(root: str, name: str, timeout: float, log: object = None) -> in
     pid = _pid(st)
     # A booted machine powers off on SIGRTMIN+3; a plain `run` payload gets SIGTERM.
     os.kill(pid, sig.SIGRTMIN + 3 if st.get("machine") else sig.SIGTERM)
-    if not _wait_pid_gone(pid, timeout):
+    if not wait_gone(pid, timeout):
         os.kill(pid, sig.SIGKILL)
-        _wait_pid_gone(pid, 10)
+        wait_gone(pid, 10)
     # The runtime that owns the container removes its state and cgroup.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

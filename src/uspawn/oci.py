@@ -351,16 +351,9 @@ def kill(root: str, cid: str, signum: int, all_processes: bool = False) -> None:
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
-    from .linux import syscalls as sc  # ctypes: only when something must be waited for
+    from .linux.pidwait import wait_gone  # ctypes: only when something must be waited for
 
-    try:
-        pidfd = sc.pidfd_open(pid)
-    except OSError:
-        return True
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
+    return wait_gone(pid, timeout)
 
 
 def delete(root: str, cid: str, force: bool, log: Callable[[str], None]) -> None:

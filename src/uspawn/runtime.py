@@ -154,21 +154,15 @@ def _guard(rfd: int, claim: NameClaim | None, lease: Lease | None) -> None:
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
-    import select
+    """The init dies with us (PDEATHSIG); make sure of it, SIGKILL after timeout."""
+    from .linux.pidwait import wait_gone
 
-    try:
-        pidfd = sc.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        if not select.select([pidfd], [], [], timeout)[0]:
-            try:
-                sc.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except OSError:
-                pass
-            select.select([pidfd], [], [], timeout)
-    finally:
-        os.close(pidfd)
+    if not wait_gone(pid, timeout):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        wait_gone(pid, timeout)
 
 
 class Container:

@@ -196,16 +196,32 @@ def pivot_into(rootfd: int) -> None:
     os.chdir("/")
 
 
-def mask_path(path: str, null_fd: int) -> None:
-    """Hide path: /dev/null over a file, an empty read-only tmpfs over a directory."""
+def attach_at(mnt: int, path: str) -> None:
+    """Attach a detached mount at an absolute path we trust (after pivot_root); closes mnt."""
+    target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        attach(mnt, target)
+    finally:
+        os.close(target)
+        os.close(mnt)
+
+
+def _existing_in_root(path: str) -> int | None:
+    """O_PATH fd of path resolved inside `/` (after pivot), or None if it is missing."""
     rootfd = os.open("/", os.O_PATH | os.O_CLOEXEC)
     try:
-        try:
-            target = open_in_root(rootfd, path)
-        except (FileNotFoundError, NotADirectoryError):
-            return
+        return open_in_root(rootfd, path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     finally:
         os.close(rootfd)
+
+
+def mask_path(path: str, null_fd: int) -> None:
+    """Hide path: /dev/null over a file, an empty read-only tmpfs over a directory."""
+    target = _existing_in_root(path)
+    if target is None:
+        return
     try:
         if is_dir_fd(target):
             mnt = make_fs("tmpfs", [("size", "0"), ("mode", "0555")],
@@ -223,14 +239,9 @@ def mask_path(path: str, null_fd: int) -> None:
 
 def make_readonly(path: str) -> None:
     """Re-attach path read-only on top of itself (recursively)."""
-    rootfd = os.open("/", os.O_PATH | os.O_CLOEXEC)
-    try:
-        try:
-            target = open_in_root(rootfd, path)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-    finally:
-        os.close(rootfd)
+    target = _existing_in_root(path)
+    if target is None:
+        return
     try:
         mnt = clone_tree("", recursive=True, dirfd=target)
         try:
