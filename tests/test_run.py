@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Runner, cgroup_dirs, mounts_under
+from conftest import Runner, cgroup_dirs, drain_pty, mounts_under
 
 
 def run_ok(uspawn: Runner, rootfs: Path, *cmd: str, extra: tuple[str, ...] = ()) -> str:
@@ -278,19 +278,8 @@ def test_tty_through_a_pty(uspawn: Runner, rootfs: Path) -> None:
     import termios
 
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
-    out = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(master)
-    text = out.decode(errors="replace").replace("\r", "")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    text, code = drain_pty(master, pid)
+    assert code == 0, text
     lines = [ln for ln in text.split("\n") if ln]
     assert lines[0] == "ok"
     assert lines[1].startswith("/dev/pts/")
@@ -384,3 +373,18 @@ def test_device_nodes_shipped_in_the_tree_cannot_be_opened(uspawn: Runner, rootf
     out = run_ok(uspawn, rootfs, "sh", "-c",
                  "probe open /root/null2; probe open /root/disk; probe open /dev/null")
     assert out.split() == ["EACCES", "EACCES", "ok"]
+
+
+def test_warns_when_an_idmapped_tree_is_reachable_by_others(uspawn: Runner, rootfs: Path,
+                                                           tmp_path: Path) -> None:
+    r = uspawn.run("run", "-D", str(rootfs), "--", "true")
+    assert r.returncode == 0 and "reachable by unprivileged" not in r.stderr  # 0700 tmp dirs
+    open_dir = Path("/tmp") / f"uspawn-open-{os.getpid()}"
+    open_dir.mkdir(mode=0o755)
+    try:
+        os.rename(rootfs, open_dir / "tree")
+        r = uspawn.run("run", "-D", str(open_dir / "tree"), "--", "true")
+        assert r.returncode == 0
+        assert "reachable by unprivileged host users" in r.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(open_dir)], check=False)

@@ -52,6 +52,12 @@ def find_busybox() -> str:
 def build_busybox_rootfs(dest: str) -> None:
     """Create (or refresh) a busybox rootfs at dest. Idempotent."""
     busybox = find_busybox()
+    # The tree's parent stays private (0700): with idmapped mounts, files the
+    # container's root creates are host-root-owned on disk (docs/SECURITY.md).
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
+        os.chmod(parent, 0o700)
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "tmp",
               "run", "root", "home/user", "var/tmp", "var/log", "mnt"):
         os.makedirs(os.path.join(dest, d), exist_ok=True)

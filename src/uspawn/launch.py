@@ -85,7 +85,25 @@ class Launch:
         })
 
 
-def prepare(ns: types.SimpleNamespace, exact_name: bool = False) -> Launch:
+def reachable_by_others(path: str) -> bool:
+    """Can an unprivileged host user walk to path (every ancestor o+x)?"""
+    import stat
+
+    p = path
+    while True:
+        try:
+            if not os.stat(p).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(p)
+        if parent == p:
+            return True
+        p = parent
+
+
+def prepare(ns: types.SimpleNamespace, exact_name: bool = False,
+            log: Callable[[str], None] | None = None) -> Launch:
     """Claim the name and the UID range; decide the ownership mode."""
     rootfs = presets.check_rootfs(ns.directory)
     mode, base, size = presets.parse_private_users(ns.private_users)
@@ -106,6 +124,12 @@ def prepare(ns: types.SimpleNamespace, exact_name: bool = False) -> Launch:
                     "use --private-users-ownership=chown (or auto)")
             if ownership == "auto" and shifted:
                 ownership = "chown"
+            if ownership in ("map", "auto") and log is not None and reachable_by_others(rootfs):
+                # With an idmapped mount, a setuid file made by container root
+                # is owned by host root on disk (issue 6 / docs/SECURITY.md).
+                log(f"warning: {rootfs} is reachable by unprivileged host users; setuid "
+                    "files created inside the container are host-root-owned on disk. Keep "
+                    "container trees under a 0700 directory such as /var/lib/machines")
             allocator = state.RangeAllocator(root)
             if mode == "pick":
                 base, lease = allocator.pick(size, prefer=shifted or None)
@@ -145,7 +169,7 @@ def _console_size() -> tuple[int, int] | None:
 
 def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     binds = _binds(ns)
-    la = prepare(ns)
+    la = prepare(ns, log=log)
     try:
         spec = presets.run_spec(
             la.rootfs, list(ns.cmd), hostname=ns.hostname, base=la.base, size=la.size,
@@ -177,7 +201,7 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
                   binds: list[tuple[str, str, list[str]]]) -> Machine:
     from . import boot
 
-    la = prepare(ns, exact_name=True)
+    la = prepare(ns, exact_name=True, log=log)
     try:
         init = presets.find_init(la.rootfs)
         notify = boot.NotifyListener(la.claim.dir, la.base if la.userns else 0)
