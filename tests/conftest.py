@@ -124,6 +124,30 @@ def host_mount_count() -> int:
         return sum(1 for _ in f)
 
 
+def drain_pty(fd: int, pid: int, timeout: float = 30) -> tuple[str, int]:
+    """Read a pty master until the child closes it (bounded); reap the child.
+
+    Returns (output with \r removed, exit code)."""
+    import select
+    import time
+
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 0.2)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the slave side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return out.decode(errors="replace").replace("\r", ""), os.waitstatus_to_exitcode(status)
+
+
 def mounts_under(path: object) -> list[str]:
     """Host mount points at or below path (leak check that ignores unrelated mounts)."""
     prefix = str(path)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Runner, cgroup_dirs, mounts_under, skip_or_fail
+from conftest import Runner, cgroup_dirs, drain_pty, mounts_under, skip_or_fail
 
 NAME = "bookworm"
 
@@ -114,22 +114,10 @@ def test_shell_through_a_pty(machine: Runner) -> None:
         finally:
             os._exit(127)
     os.write(fd, b"echo shell-$((6*7)); tty; exit\n")
-    out = b""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    text = out.decode(errors="replace")
+    text, code = drain_pty(fd, pid)
     assert "shell-42" in text
     assert "/dev/pts/" in text
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0
 
 
 def test_stop_is_a_clean_poweroff(machine: Runner) -> None:

@@ -75,6 +75,17 @@ class Joined:
         return self.status
 
 
+def _init_limits(pid: int) -> tuple[int, bool]:
+    bounding, nnp = 0, False
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapBnd:"):
+                bounding = int(line.split()[1], 16)
+            elif line.startswith("NoNewPrivs:"):
+                nnp = line.split()[1] == "1"
+    return bounding, nnp
+
+
 class ExecOptions:
     """What an OCI `exec --process` can ask beyond argv (defaults: uspawn exec)."""
 
@@ -98,7 +109,11 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
     nsfds = _open_namespaces(pid)
     procs = _cgroup_procs(pid)
     if bounding is None:
-        bounding = caps.mask([*caps.DEFAULT_CAPS, "CAP_NET_ADMIN"])
+        # What the container was given (--drop-capability, --no-new-privileges): the
+        # init's bounding set and no_new_privs, which its payload can only have
+        # lowered since. Never the defaults: they may hold more.
+        bounding, nnp = _init_limits(pid)
+        xo.no_new_privs = xo.no_new_privs or nnp
     env = {"PATH": DEFAULT_PATH, "container": "uspawn", "HOME": "/root" if uid == 0 else "/",
            "TERM": os.environ.get("TERM", "xterm") if tty else "dumb"}
     if xo.env_replace is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from . import presets, runtime, state
-from .errors import SpecError, StateError
+from .errors import SpecError, StateError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,6 +28,15 @@ def _split_caps(values: list[str]) -> list[str]:
     return [c for v in values for c in v.split(",") if c]
 
 
+def check_name(name: str) -> None:
+    """A name becomes <state>/containers/NAME and <cgroup>/uspawn/NAME: no `/`, no
+    `.`/`..`, only the characters machine_name() produces (runc checks ids alike)."""
+    if not name or presets.machine_name(name) != name:
+        raise UsageError(f"-M/--machine: invalid container name {name!r}",
+                         "use letters, digits, '_', '.' and '-' (at most 64, not "
+                         "starting with '.' or '-')")
+
+
 def claim_container_name(root: str, requested: str | None, default: str,
                          exact: bool = False) -> state.NameClaim:
     """Claim a name in the state directory whose cgroup is free too (another
@@ -36,6 +45,7 @@ def claim_container_name(root: str, requested: str | None, default: str,
 
     if requested or exact:
         name = requested or default
+        check_name(name)
         claim = state.claim_name(root, name)
         if claim is None or name_busy(name):
             if claim is not None:
@@ -130,7 +140,7 @@ def prepare(ns: types.SimpleNamespace, exact_name: bool = False,
                 log(f"warning: {rootfs} is reachable by unprivileged host users; setuid "
                     "files created inside the container are host-root-owned on disk. Keep "
                     "container trees under a 0700 directory such as /var/lib/machines")
-            allocator = state.RangeAllocator(root)
+            allocator = state.RangeAllocator()
             if mode == "pick":
                 base, lease = allocator.pick(size, prefer=shifted or None)
             else:

@@ -101,15 +101,29 @@ def parse_bind(value: str, readonly: bool, field: str) -> tuple[str, str, list[s
 
 
 def _read_in_root(root: str, path: str) -> str:
+    import stat
+
     from .linux import mounts
 
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = mounts.open_in_root(rootfd, path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_PATH first: opening a FIFO would block forever, and opening a device
+        # node as host root runs its driver (a watchdog, a tape). Check, then open.
+        pfd = mounts.open_in_root(rootfd, path, os.O_PATH | os.O_NOFOLLOW)
     except OSError:
         return ""
     finally:
         os.close(rootfd)
+    try:
+        mode = os.fstat(pfd).st_mode
+        if stat.S_ISLNK(mode):
+            return ""  # never followed, as before
+        if not stat.S_ISREG(mode):
+            raise SpecError(f"rootfs {root}: {path} is not a regular file",
+                            "a tree's /etc files must be plain files")
+        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(pfd)
     with os.fdopen(fd) as f:
         return f.read(1 << 20)
 

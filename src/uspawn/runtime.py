@@ -224,6 +224,7 @@ class Container:
                 except OSError as exc:
                     raise SetupError(f"delegate cgroup to the container: {exc}") from None
             self._apply_resources()
+            self._device_policy(host)
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch
             pid_a, joined = self._fork_in_cgroup()
@@ -283,6 +284,19 @@ class Container:
             return ()
         return tuple(name for name, part in (("memory", res.memory), ("pids", res.pids),
                                              ("cpu", res.cpu)) if part is not None)
+
+    def _device_policy(self, host: planmod.HostPlan) -> None:
+        """Only the configured device nodes open in the container, wherever a node is."""
+        v2 = self.cgroup.v2_dir if self.cgroup is not None else None
+        if v2 is None:
+            return  # legacy v1-only host: no device policy yet (docs/SECURITY.md)
+        from .linux import devcgroup
+
+        nodes = [("b" if n.kind == "b" else "c", n.major, n.minor) for n in host.dev_nodes]
+        try:
+            devcgroup.attach(v2, nodes)
+        except OSError as exc:
+            raise SetupError(f"device cgroup policy on {v2}: {exc}") from None
 
     def _fork_in_cgroup(self) -> tuple[int, bool]:
         """Fork stage A, born in the v2 cgroup when the kernel allows (no migration)."""

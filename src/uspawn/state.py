@@ -2,12 +2,13 @@
 
 Layout under the state root (default /run/uspawn, `--root` or $USPAWN_STATE_DIR):
 
-    ranges/<base>.lock         one file per leased 65536-ID range
     containers/<name>/         one directory per live container
         lock                   flock held by the process that owns the container
         state.json             what `list`/`status`/OCI `state` read
 
-A lease or a name is held by an flock on its file, so it is released by the
+UID-range leases live host-wide in /run/uspawn/ranges/<base>-<size>.lock,
+whatever the state root, so instances with different --root never share a
+range. A lease or a name is held by an flock on its file, so it is released by the
 kernel the moment its holders die (kill -9 included): no stale allocation can
 survive a crash. The file content (owner pid + its start time) lets a holder
 that hands the container to another process (detached machines, OCI create)
@@ -223,9 +224,16 @@ def _overlaps(base: int, size: int, used: list[tuple[int, int]]) -> bool:
     return any(start < base + size and base < start + n for start, n in used)
 
 
+RANGES_DIR = "/run/uspawn/ranges"
+
+
 class RangeAllocator:
-    def __init__(self, root: str) -> None:
-        self.dir = os.path.join(root, "ranges")
+    """UID-range leases, host-wide: every uspawn (whatever its --root state
+    directory) takes them from one directory, so two instances never hand out
+    the same range ($USPAWN_RANGES_DIR overrides it, for tests of the allocator)."""
+
+    def __init__(self, ranges_dir: str | None = None) -> None:
+        self.dir = ranges_dir or os.environ.get("USPAWN_RANGES_DIR") or RANGES_DIR
 
     def _lock_dir(self) -> int:
         _mkdir(self.dir)

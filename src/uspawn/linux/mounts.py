@@ -131,47 +131,55 @@ def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
 def ensure_in_root(rootfd: int, path: str, kind: str = "dir", mode: int = 0o755) -> int:
     """Resolve path inside rootfd, creating what is missing; return an O_PATH fd.
 
-    kind is "dir" or "file" for the last component. Parents are created as
-    directories one component at a time, each resolved inside the root, so a
-    concurrent symlink swap can at worst make the mount fail, never escape.
+    kind is "dir" or "file" for the last component. Every lookup starts at the
+    root (RESOLVE_IN_ROOT), so symlinks and `..` resolve exactly as the container
+    will see them; a missing component is created in its parent, itself resolved
+    inside the root, so a concurrent symlink swap can at worst make the mount
+    fail, never escape. A destination other than "/" that resolves to the root
+    itself (a tree's /dev -> /) is refused: it would cover the whole container.
     """
     rel = path.strip("/")
     if not rel:
         return os.dup(rootfd)
     try:
-        return open_in_root(rootfd, rel)
+        fd = open_in_root(rootfd, rel)
     except FileNotFoundError:
-        pass
-    parts = rel.split("/")
-    parent = os.dup(rootfd)
-    try:
-        for i, name in enumerate(parts):
-            if name in ("", "."):
-                continue
-            last = i == len(parts) - 1
+        fd = _create_in_root(rootfd, rel, kind, mode)
+    if _same_inode(fd, rootfd):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "resolves to the container's root directory", path)
+    return fd
+
+
+def _create_in_root(rootfd: int, rel: str, kind: str, mode: int) -> int:
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    fd = -1
+    for i, name in enumerate(parts):
+        prefix = "/".join(parts[: i + 1])
+        try:
+            fd = open_in_root(rootfd, prefix)
+        except FileNotFoundError:
+            dirfd = open_in_root(rootfd, "/".join(parts[:i]), os.O_RDONLY | os.O_DIRECTORY)
             try:
-                fd = sc.openat2(parent, name, os.O_PATH | os.O_CLOEXEC, _RESOLVE)
-            except FileNotFoundError:
-                dirfd = sc.openat2(parent, ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                                   _RESOLVE)
-                try:
-                    if last and kind == "file":
-                        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dirfd))
-                    else:
-                        try:
-                            os.mkdir(name, mode, dir_fd=dirfd)
-                        except FileExistsError:
-                            pass
-                finally:
-                    os.close(dirfd)
-                fd = sc.openat2(parent, name, os.O_PATH | os.O_CLOEXEC, _RESOLVE)
-            os.close(parent)
-            parent = fd
-        return parent
-    except BaseException:
-        os.close(parent)
-        raise
+                if i == len(parts) - 1 and kind == "file":
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o644, dir_fd=dirfd))
+                else:
+                    try:
+                        os.mkdir(name, mode, dir_fd=dirfd)
+                    except FileExistsError:
+                        pass
+            finally:
+                os.close(dirfd)
+            fd = open_in_root(rootfd, prefix)
+        if i < len(parts) - 1:
+            os.close(fd)
+    return fd
+
+
+def _same_inode(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def is_dir_fd(fd: int) -> bool:

@@ -1,0 +1,1 @@
+"""Attack suite (a package, so its conftest does not shadow tests/conftest.py)."""

