@@ -15,26 +15,22 @@ BPF_F_ALLOW_MULTI, so it also holds for every sub-cgroup a delegated payload
 makes), allowing exactly the configured nodes plus ptmx, the console and the pty
 slaves. Legacy v1-only hosts get no policy yet.
 
-Stdlib only (ctypes through uspawn.linux.syscalls' libc handle).
+Stdlib only; the bpf(2) calls live in uspawn.linux.syscalls.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 
 from . import syscalls as sc
 
 # linux/bpf.h
-BPF_PROG_LOAD = 5
-BPF_PROG_ATTACH = 8
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
 BPF_CGROUP_DEVICE = 6
 BPF_F_ALLOW_MULTI = 2
 BPF_DEVCG_DEV_BLOCK = 1
 BPF_DEVCG_DEV_CHAR = 2
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
 
 # Always allowed besides the configured nodes: /dev/ptmx (5:2), /dev/console (5:1),
 # the pty slaves of the container's devpts (Unix98 majors 136..143, any minor).
@@ -75,33 +71,15 @@ def program(allowed: list[tuple[str, int, int]]) -> bytes:
     return b"".join(code)
 
 
-def _bpf(cmd: int, attr: bytes) -> int:
-    nr = _SYS_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(38, "bpf: no syscall number known for this architecture")
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    ret = sc._libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
-    return sc._check(ret, "bpf")
-
-
 def attach(cgroup_dir: str, nodes: list[tuple[str, int, int]]) -> None:
     """Allow exactly `nodes` (plus ALWAYS) to be opened or made in cgroup_dir's subtree."""
     insns = program(nodes + ALWAYS)
-    code_buf = ctypes.create_string_buffer(insns, len(insns))
-    license_buf = ctypes.create_string_buffer(b"GPL")
-    # union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level,
-    # log_size, log_buf, kern_version, prog_flags, prog_name[16], prog_ifindex,
-    # expected_attach_type
-    load = struct.pack("<IIQQIIQII16sII", BPF_PROG_TYPE_CGROUP_DEVICE, len(insns) // 8,
-                       ctypes.addressof(code_buf), ctypes.addressof(license_buf), 0, 0, 0,
-                       0, 0, b"uspawn_devices", 0, BPF_CGROUP_DEVICE)
-    prog = _bpf(BPF_PROG_LOAD, load)
+    prog = sc.bpf_prog_load(BPF_PROG_TYPE_CGROUP_DEVICE, insns, b"uspawn_devices",
+                            BPF_CGROUP_DEVICE)
     try:
         cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            # BPF_PROG_ATTACH: target_fd, attach_bpf_fd, attach_type, attach_flags
-            _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", cg, prog, BPF_CGROUP_DEVICE,
-                                              BPF_F_ALLOW_MULTI))
+            sc.bpf_prog_attach(cg, prog, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI)
         finally:
             os.close(cg)
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 
 # --- clone/unshare flags (linux/sched.h) ---
 CLONE_NEWNS = 0x00020000
@@ -482,3 +483,34 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     if ret < 0:
         raise _BY_ERRNO.get(err, SyscallError)(err, "clone3")
     return int(ret)
+
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+
+
+def _bpf(cmd: int, attr: bytes) -> int:
+    nr = _SYS_BPF.get(os.uname().machine)
+    if nr is None:
+        raise SyscallError(errno.ENOSYS, "bpf")
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    return _check(_libc.syscall(_c_long(nr), _c_int(cmd), buf, _c_uint(len(attr))), "bpf")
+
+
+def bpf_prog_load(prog_type: int, insns: bytes, name: bytes, expected_attach_type: int) -> int:
+    """Load an eBPF program (struct bpf_insn array); return its fd."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    # union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level,
+    # log_size, log_buf, kern_version, prog_flags, prog_name[16], prog_ifindex,
+    # expected_attach_type
+    attr = struct.pack("<IIQQIIQII16sII", prog_type, len(insns) // 8, ctypes.addressof(code),
+                       ctypes.addressof(license_), 0, 0, 0, 0, 0, name[:15], 0,
+                       expected_attach_type)
+    return _bpf(BPF_PROG_LOAD, attr)
+
+
+def bpf_prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
+    # BPF_PROG_ATTACH: target_fd, attach_bpf_fd, attach_type, attach_flags
+    _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", target_fd, prog_fd, attach_type, flags))
