@@ -104,6 +104,7 @@ def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
                 sc.unshare(sc.CLONE_NEWUSER)
             except OSError as exc:
                 raise _step("unshare user namespace", exc) from None
+        devices.test_kill_point("child-userns")
         ch.userns_ready()
         # 2. the parent wrote the maps and moved us into the container's cgroup
         #    (before we unshare the cgroup namespace, whose root is our cgroup).
@@ -121,6 +122,7 @@ def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
             stage_b(plan, ch)
             os._exit(125)  # not reached
         # 3. report pid 1 and leave: the parent (a subreaper) adopts it.
+        devices.test_kill_point("child-forked")
         ch.init_pid(pid)
         os._exit(0)
     except BaseException as exc:
@@ -152,6 +154,7 @@ def stage_b(plan: InitPlan, ch: chan.Channel) -> None:
         if plan.new_keyring:
             join_session_keyring()
         # 6. set up and waiting.
+        devices.test_kill_point("init-set-up")
         ch.send(chan.CREATED)
         # 7. wait for START (no timeout: create and start may be far apart).
         if plan.start_fifo:

@@ -361,7 +361,10 @@ def delete(root: str, cid: str, force: bool, log: Callable[[str], None]) -> None
         rec = Record(root, check_id(cid))
     except OciError:
         if force:
-            return  # runc: delete --force of a missing container is not an error
+            # runc: delete --force of a missing container is not an error; a
+            # `create` killed half-way leaves a directory without state.json.
+            _remove_dir(os.path.join(root, cid))
+            return
         raise
     status = rec.status()
     if status != "stopped":

@@ -218,6 +218,7 @@ class Container:
             from .state import dumps
 
             self.guardian.tell("cgroup " + dumps(self.cgroup.to_json()))
+            devices.test_kill_point("parent-cgroup")
             if opts.delegate_cgroup and init.userns:
                 try:
                     self.cgroup.delegate(root_uid, root_gid)
@@ -228,6 +229,8 @@ class Container:
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch
             pid_a, joined = self._fork_in_cgroup()
+            if pid_a:
+                devices.test_kill_point("parent-forked")
             if pid_a == 0:
                 # Never unwind into the caller from a forked child.
                 try:
@@ -265,7 +268,9 @@ class Container:
                 if len(msg.fds) != 1:
                     raise SetupError("console: expected one pty master fd from the container")
                 self.console_master = msg.fds[0]
+            devices.test_kill_point("parent-mounts-sent")
             self.ch.wait_created()
+            devices.test_kill_point("parent-created")
         except chan.ChildError as exc:
             self.destroy()
             raise SetupError(str(exc), _hint_errno(str(exc), exc.errno)) from None
@@ -384,12 +389,14 @@ class Container:
             except OSError as exc:
                 raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: {exc.strerror}") from None
             self.ch.mapped()  # 2
+            devices.test_kill_point("parent-mapped")
             # Build the host-side mounts while stage A unshares and forks.
             self._build_mounts(host, userns_fd, root_uid, root_gid, fds)
         finally:
             if userns_fd >= 0:
                 os.close(userns_fd)
         self.init_pid = self.ch.wait_init_pid()  # 3
+        devices.test_kill_point("parent-init-pid")
         self.pidfd = sc.pidfd_open(self.init_pid)
 
     def _build_mounts(self, host: planmod.HostPlan, userns_fd: int, root_uid: int,

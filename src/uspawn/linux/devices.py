@@ -68,6 +68,13 @@ def test_fault(name: str) -> bool:
     return name in os.environ.get("USPAWN_TEST_FAULT", "").split(",")
 
 
+def test_kill_point(name: str) -> None:
+    """Test-only fault injection: USPAWN_TEST_KILL_AT=NAME makes the process
+    that reaches sync point NAME SIGKILL itself there (tests/test_faults.py)."""
+    if os.environ.get("USPAWN_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), 9)
+
+
 def build_dev_tmpfs(nodes: list[DeviceNode], root_uid: int, root_gid: int,
                     console: bool = False) -> int:
     """Make the container's /dev as a detached tmpfs owned by the host namespace.
