@@ -45,7 +45,10 @@ RUN_OPTS = [
     Opt("--no-new-privileges", kind="flag", help="set no_new_privs"),
     Opt("--bind", kind="append", metavar="SRC[:DST[:OPTS]]", help="bind mount (idmapped)"),
     Opt("--bind-ro", kind="append", metavar="SRC[:DST[:OPTS]]", help="read-only bind mount"),
-    Opt("--network", default="private", choices=("private", "host"), help="network namespace"),
+    Opt("--network", default="private", metavar="private|host|veth|bridge:BR|netns:PATH",
+        help="network: own namespace (lo only), the host's, a veth to the host, a bridge"),
+    Opt("-p", "--port", kind="append", metavar="[tcp|udp:]HOST:CONT",
+        help="publish a port (with veth or bridge)"),
     Opt("--read-only", kind="flag", help="mount the rootfs read-only"),
     Opt("-t", "--tty", kind="flag", help="allocate a pseudo-terminal"),
     Opt("-v", "--verbose", kind="flag", help="say what uspawn decided"),
@@ -53,7 +56,7 @@ RUN_OPTS = [
 ]
 
 _BOOT_ONLY = {"--hostname", "-D", "-M", "-U", "--private-users-ownership", "--capability",
-              "--drop-capability", "--bind", "--bind-ro", "--network", "-v", "--debug"}
+              "--drop-capability", "--bind", "--bind-ro", "--network", "-p", "-v", "--debug"}
 BOOT_OPTS = [o for o in RUN_OPTS if o.names[0] in _BOOT_ONLY] + [
     Opt("-d", "--detach", kind="flag", help="return once the machine is ready"),
     Opt("--ready-timeout", default="90", metavar="SECONDS", help="with --detach (default 90)"),

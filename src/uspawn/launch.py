@@ -164,6 +164,74 @@ def _options(ns: types.SimpleNamespace, la: Launch, log: Callable[[str], None],
                            auto_start=True, **kw)  # type: ignore[arg-type]
 
 
+class NetworkChoice:
+    """--network / --port, parsed before anything is claimed."""
+
+    def __init__(self, value: str, ports: list[str]) -> None:
+        from .errors import UsageError
+
+        self.mode, _, self.arg = value.partition(":")
+        if self.mode not in ("private", "host", "veth", "bridge", "netns"):
+            raise UsageError(f"--network: unknown mode {value!r}",
+                             "use private, host, veth, bridge:BRIDGE or netns:PATH")
+        if self.mode in ("bridge", "netns") and not self.arg:
+            raise UsageError(f"--network={self.mode}: needs a value ({self.mode}:...)")
+        if self.mode == "netns" and not os.path.exists(self.arg):
+            raise SpecError(f"--network=netns:{self.arg}: no such namespace file")
+        self.ports: list[tuple[str, int, int]] = []
+        if ports:
+            if self.mode not in ("veth", "bridge"):
+                raise UsageError("--port needs --network=veth or --network=bridge:BR")
+            from .netpool import parse_port
+
+            self.ports = [parse_port(p) for p in ports]
+
+    @property
+    def host(self) -> bool:
+        return self.mode == "host"
+
+    @property
+    def netns_path(self) -> str | None:
+        return self.arg if self.mode == "netns" else None
+
+    def wire(self, name: str, opts: runtime.Options) -> None:
+        """Lease addresses/ports now; set the veth up once the init exists."""
+        if self.mode not in ("veth", "bridge"):
+            return
+        from . import netpool
+
+        if os.path.isdir(netpool.NET_DIR):
+            netpool.cleanup_stale()  # what a container killed with -9 left behind
+        pool = netpool.NetPool()
+        lease = (pool.allocate(name, owner_pid=os.getpid()) if self.mode == "veth"
+                 else pool.allocate_on_bridge(name, self.arg, owner_pid=os.getpid()))
+        try:
+            port_leases = pool.reserve_ports(name, self.ports, owner_pid=os.getpid())
+        except BaseException:
+            lease.release()
+            raise
+        opts.cleanups.append(lease.release)
+        for pl in port_leases:
+            opts.cleanups.append(pl.release)
+        bridge = self.arg if self.mode == "bridge" else None
+        ports = self.ports
+
+        def setup(pid: int) -> None:
+            from .linux import netsetup
+
+            veth = netsetup.setup_veth(pid, name, lease.host_addr, lease.cont_addr,
+                                       lease.prefixlen, bridge)
+            opts.cleanups.append(veth.teardown)
+            if ports:
+                rules = netsetup.publish_ports(name, lease.cont_addr, ports, veth.host_ifname)
+                opts.cleanups.append(rules.teardown)
+            if opts.verbose:
+                opts.log(f"network: {veth.host_ifname} <-> host0 {lease.cont_addr}/"
+                         f"{lease.prefixlen}" + "".join(f", {p}/{h}->{c}" for p, h, c in ports))
+
+        opts.network_setup = setup
+
+
 def _binds(ns: types.SimpleNamespace) -> list[tuple[str, str, list[str]]]:
     binds = [presets.parse_bind(b, False, "--bind") for b in ns.bind]
     return binds + [presets.parse_bind(b, True, "--bind-ro") for b in ns.bind_ro]
@@ -179,17 +247,19 @@ def _console_size() -> tuple[int, int] | None:
 
 def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     binds = _binds(ns)
+    net = NetworkChoice(ns.network, ns.port)
     la = prepare(ns, log=log)
     try:
         spec = presets.run_spec(
             la.rootfs, list(ns.cmd), hostname=ns.hostname, base=la.base, size=la.size,
-            userns=la.userns, network_host=ns.network == "host", user=ns.user,
+            userns=la.userns, network_host=net.host, netns_path=net.netns_path, user=ns.user,
             chdir=ns.chdir, setenv=ns.setenv, add_caps=_split_caps(ns.capability),
             drop_caps=_split_caps(ns.drop_capability),
             no_new_privileges=ns.no_new_privileges, tty=ns.tty, binds=binds,
             console_size=_console_size() if ns.tty else None, read_only=ns.read_only,
         )
         opts = _options(ns, la, log)
+        net.wire(la.claim.name, opts)
     except BaseException:
         la.release()
         raise
@@ -201,6 +271,7 @@ def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     from . import boot
 
     binds = _binds(ns)
+    NetworkChoice(ns.network, ns.port)  # bad --network/--port: fail before forking
     if ns.detach:
         return boot.detach(ns, log, lambda: _boot_machine(ns, log, binds))
     machine = _boot_machine(ns, log, binds)
@@ -211,6 +282,7 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
                   binds: list[tuple[str, str, list[str]]]) -> Machine:
     from . import boot
 
+    net = NetworkChoice(ns.network, ns.port)
     la = prepare(ns, exact_name=True, log=log)
     try:
         init = presets.find_init(la.rootfs)
@@ -219,13 +291,14 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
         machine_uuid = boot.new_uuid()
         spec = presets.run_spec(
             la.rootfs, [init], hostname=ns.hostname or la.claim.name, base=la.base,
-            size=la.size, userns=la.userns, network_host=ns.network == "host",
+            size=la.size, userns=la.userns, network_host=net.host, netns_path=net.netns_path,
             add_caps=_split_caps(ns.capability), drop_caps=_split_caps(ns.drop_capability),
             binds=binds, boot=True, host_dir=host_dir, machine_uuid=machine_uuid,
             console_size=_console_size(),
         )
         spec.process.terminal = True  # type: ignore[union-attr]  # the console is a pty
         opts = _options(ns, la, log, delegate_cgroup=True)
+        net.wire(la.claim.name, opts)
     except BaseException:
         la.release()
         raise

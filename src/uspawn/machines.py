@@ -55,8 +55,17 @@ def _state_word(st: dict[str, object]) -> str:
     return "running"
 
 
+def _addresses() -> dict[str, list[str]]:
+    from . import netpool
+
+    if not os.path.isdir(netpool.NET_DIR):
+        return {}
+    return netpool.addresses()
+
+
 def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     states = read_states(root)
+    addrs = _addresses()
     if as_json:
         import json
 
@@ -65,15 +74,17 @@ def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
                  "uptime_seconds": int(time.time() - float(s["started"]))  # type: ignore[arg-type]
                  if isinstance(s.get("started"), int | float) else None,
                  "rootfs": s.get("rootfs"), "ownership": s.get("ownership"),
-                 "machine": bool(s.get("machine")), "uuid": s.get("uuid")} for s in states]
+                 "machine": bool(s.get("machine")), "uuid": s.get("uuid"),
+                 "addresses": addrs.get(str(s.get("name")), [])} for s in states]
         out.write(json.dumps(rows, indent=2) + "\n")
         return 0
-    header = ("NAME", "PID", "STATE", "UID RANGE", "UPTIME", "ROOTFS")
+    header = ("NAME", "PID", "STATE", "UID RANGE", "ADDRESSES", "UPTIME", "ROOTFS")
     rows2 = [header]
     for s in states:
         base, size = s.get("uid_base"), s.get("uid_size")
         rng = f"{base}:{size}" if isinstance(base, int) else "host"
         rows2.append((str(s.get("name")), str(s.get("pid")), _state_word(s), rng,
+                      ",".join(addrs.get(str(s.get("name")), [])) or "-",
                       _uptime(s), str(s.get("rootfs"))))
     widths = [max(len(r[i]) for r in rows2) for i in range(len(header))]
     for r in rows2:

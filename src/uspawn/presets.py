@@ -175,6 +175,7 @@ def run_spec(
     binds: list[tuple[str, str, list[str]]] | None = None,
     console_size: tuple[int, int] | None = None, read_only: bool = False,
     boot: bool = False, host_dir: str | None = None, machine_uuid: str | None = None,
+    netns_path: str | None = None,
 ) -> S.Spec:
     """The Spec for `uspawn run` (rootfs must be check_rootfs()'d already).
 
@@ -192,7 +193,8 @@ def run_spec(
     if userns:
         namespaces.append("user")
     linux = S.Linux(
-        namespaces=[S.Namespace(type=t) for t in namespaces],
+        namespaces=[S.Namespace(type=t, path=netns_path if t == "network" else None)
+                    for t in namespaces],
         masked_paths=list(MASKED_PATHS),
         readonly_paths=list(READONLY_PATHS),
     )

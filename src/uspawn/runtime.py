@@ -64,6 +64,10 @@ class Options:
         # + createContainer), given the state JSON built for a pid.
         self.create_hooks: list[tuple[str, list[str], list[str], int | None]] = []
         self.state_json: Callable[[int, str], str] | None = None
+        # Host-side network setup once the init's network namespace exists
+        # (veth, published ports); undone by the callables in `cleanups`.
+        self.network_setup: Callable[[int], None] | None = None
+        self.cleanups: list[Callable[[], None]] = []
 
 
 def _first_host_id(maps: list[S.IDMapping]) -> int:
@@ -96,6 +100,16 @@ class Guardian:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                             signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
                     signal.set_handler(sig, signal.SIG_IGN)
+                # Hold only what it must clean: other inherited fds (network leases)
+                # would keep those claims alive after the runtime died.
+                keep = {0, 1, 2, rfd, *(x.fd for x in (claim.lease if claim else None, lease)
+                                        if x is not None)}
+                for name in os.listdir("/proc/self/fd"):
+                    if int(name) not in keep:
+                        try:
+                            os.close(int(name))
+                        except OSError:
+                            pass
                 _guard(rfd, claim, lease)
             finally:
                 os._exit(0)
@@ -151,6 +165,13 @@ def _guard(rfd: int, claim: NameClaim | None, lease: Lease | None) -> None:
         claim.release()
     if lease is not None:
         lease.release()
+    from . import netpool
+
+    if os.path.isdir(netpool.NET_DIR):
+        try:
+            netpool.cleanup_stale()  # the network leases of a runtime that died
+        except Exception:
+            pass
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
@@ -327,6 +348,8 @@ class Container:
                     f.write(str(proc.oom_score_adj))
             except OSError as exc:
                 raise SetupError(f"process.oomScoreAdj: {exc.strerror}") from None
+        if self.opts.network_setup is not None:
+            self.opts.network_setup(self.init_pid)
         if self.opts.exec_fifo is not None:
             # The init reopens it through /proc/self/fd (the path is not
             # reachable from inside); only the parent can see the state dir.
@@ -551,6 +574,12 @@ class Container:
         if self.console_master >= 0:
             os.close(self.console_master)
             self.console_master = -1
+        while self.opts.cleanups:
+            undo = self.opts.cleanups.pop()
+            try:
+                undo()
+            except Exception as exc:  # keep cleaning up; report it apart
+                errors.append(str(exc))
         if self.cgroup is not None:
             try:
                 self.cgroup.destroy()

@@ -292,19 +292,31 @@ def _setup_container_side(pid: int, host_addr: str | None, cont_addr: str,
 # --- published ports (nftables) ---
 
 
+def _nft_path() -> str | None:
+    """The nft binary; /usr/sbin is not on every PATH (cron, some units)."""
+    import shutil
+
+    found = shutil.which("nft")
+    if found is None:
+        found = next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None)
+    return found
+
+
 def _nft(args: Sequence[str], script: str | None = None) -> str:
-    try:
-        r = subprocess.run(["nft", *args], input=script, capture_output=True, text=True,
-                           timeout=NFT_TIMEOUT, check=False)
-    except FileNotFoundError:
+    nft = _nft_path()
+    if nft is None:
         raise SetupError("publishing ports needs the nft tool, which is not installed",
-                         "apt-get install nftables") from None
+                         "apt-get install nftables")
+    try:
+        r = subprocess.run([nft, *args], input=script, capture_output=True, text=True,
+                           timeout=NFT_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise SetupError(f"nft {' '.join(args)} did not finish in {NFT_TIMEOUT:.0f} s") from None
     if r.returncode != 0:
-        detail = r.stderr.strip().splitlines()
-        raise SetupError(f"nft {' '.join(args)}: {detail[0] if detail else r.returncode}",
-                         "\n".join(detail[1:]) or None)
+        # nft prints the error, then the offending statement and a caret line.
+        detail = [line.strip() for line in r.stderr.strip().splitlines()]
+        what = ": ".join(detail[:2]) if detail else f"exit status {r.returncode}"
+        raise SetupError(f"nft {' '.join(args)}: {what}")
     return r.stdout
 
 
@@ -332,11 +344,12 @@ def list_rules() -> list[dict[str, Any]]:
     """Rules of the uspawn table (nft JSON objects), [] when there is no table."""
     import json
 
+    if _nft_path() is None:
+        return []  # without the tool no uspawn rule can have been made
     try:
         out = _nft(["-j", "list", "table", NFT_FAMILY, NFT_TABLE])
     except SetupError as exc:
-        if "No such file or directory" in str(exc) or "No such file or directory" in (
-                exc.hint or ""):
+        if "No such file or directory" in str(exc):  # no table (ENOENT)
             return []
         raise
     items = json.loads(out).get("nftables", [])
@@ -378,11 +391,12 @@ def _write_route_localnet(ifname: str, value: str) -> None:
         f.write(value)
 
 
-def _delete_rules_locked(doomed: list[dict[str, Any]]) -> list[str]:
+def _delete_rules_locked(rules_to_delete: list[dict[str, Any]]) -> list[str]:
     """Delete rules (one transaction), drop guards nobody needs, and the empty table.
 
     Caller holds the nft lock.
     """
+    doomed = list(rules_to_delete)
     rules = list_rules()
     handles = {(r["chain"], r["handle"]) for r in doomed}
     keep = [r for r in rules if (r["chain"], r["handle"]) not in handles]
@@ -411,8 +425,10 @@ def _delete_rules_locked(doomed: list[dict[str, Any]]) -> list[str]:
     # Restore route_localnet before the guard goes away (never an unguarded
     # moment), for interfaces that still exist: a deleted veth took its own.
     for ifname in restore:
-        if _read_route_localnet(ifname) is not None:
+        try:
             _write_route_localnet(ifname, "0")
+        except FileNotFoundError:
+            pass
     _nft(["-f", "-"], script)
     removed = [f"nft rule {r['chain']} {r.get('comment', '')}" for r in doomed]
     removed += [f"route_localnet=0 on {name}" for name in restore]
