@@ -337,3 +337,25 @@ def test_spec_and_features(tmp_path: Path, oci: Oci) -> None:
     feats = json.loads(oci("features").stdout)
     assert "createRuntime" in feats["hooks"] and feats["linux"]["cgroup"]["v2"] is True
     assert oci("--version").stdout.startswith("uspawn-runc version")
+
+
+def test_concurrent_commands_on_one_id(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    b = make_bundle(tmp_path, rootfs, ["sleep", "100"])
+    oci("create", "--bundle", str(b), "cc", stdout=subprocess.DEVNULL)
+    results: list[tuple[str, int, str]] = []
+
+    def run(*args: str) -> None:
+        r = oci(*args, check=False)
+        results.append((args[0], r.returncode, r.stderr))
+
+    threads = [threading.Thread(target=run, args=a) for a in
+               (("start", "cc"), ("delete", "--force", "cc"), ("delete", "--force", "cc"),
+                ("state", "cc"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all("Traceback" not in err for _, _, err in results)
+    assert [rc for cmd, rc, _ in results if cmd == "delete"] == [0, 0]
+    assert oci("list", "-q").stdout.strip() == ""
+    assert cgroup_dirs("cc") == []

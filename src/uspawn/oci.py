@@ -102,6 +102,37 @@ def _hooks(hs: list[S.Hook]) -> list[tuple[str, list[str], list[str], int | None
 # --- state ------------------------------------------------------------------------
 
 
+class IdLock:
+    """Serialises commands on one container id: an flock on its state directory
+    (create holds it from mkdir to the end; start/delete/pause/resume take it).
+    Bounded: a wedged holder gives an error, never a hang."""
+
+    def __init__(self, cdir: str, timeout: float = 30) -> None:
+        import fcntl
+
+        try:
+            self.fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise OciError(f"container {os.path.basename(cdir)!r} does not exist") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    raise OciError(f"container {os.path.basename(cdir)!r} is busy: another "
+                                   f"command held its lock for {timeout:.0f}s") from None
+                time.sleep(0.01)
+
+    def __enter__(self) -> IdLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 class Record:
     def __init__(self, root: str, cid: str) -> None:
         self.dir = os.path.join(root, cid)
@@ -208,6 +239,7 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
         os.mkdir(cdir, 0o700)
     except FileExistsError:
         raise OciError(f"container with id {cid!r} already exists") from None
+    lock = IdLock(cdir)
     try:
         bpf = seccomp_for(spec)
         linux = spec.linux or S.Linux()
@@ -225,6 +257,7 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             os.chmod(fifo, 0o622)  # the container's root (an unmapped host uid) writes it
             opts.detached = True
             opts.exec_fifo = fifo
+        opts.close_in_child.append(lock.fd)  # else the init holds the lock until execve
         c = runtime.Container(spec, opts)
         c.plan_hook = lambda init: _tune_plan(init, preserve_fds, new_keyring, hooks)
         runtime.create_container(c)
@@ -251,6 +284,8 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
     except BaseException:
         _remove_dir(cdir)
         raise
+    finally:
+        lock.__exit__()
 
 
 def _tune_plan(init: object, preserve_fds: int, new_keyring: bool, hooks: S.Hooks) -> None:
@@ -275,7 +310,12 @@ def _remove_dir(cdir: str) -> None:
 
 
 def start(root: str, cid: str, log: Callable[[str], None], timeout: float = 60) -> None:
-    rec = Record(root, check_id(cid))
+    with IdLock(os.path.join(root, check_id(cid))):
+        _start(root, cid, log, timeout)
+
+
+def _start(root: str, cid: str, log: Callable[[str], None], timeout: float) -> None:
+    rec = Record(root, cid)
     status = rec.status()
     if status != "created":
         raise OciError(f"cannot start container {cid!r} in state {status!r}",
@@ -358,6 +398,17 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def delete(root: str, cid: str, force: bool, log: Callable[[str], None]) -> None:
     try:
+        lock = IdLock(os.path.join(root, check_id(cid)))
+    except OciError:
+        if force:
+            return  # runc: delete --force of a missing container is not an error
+        raise
+    with lock:
+        _delete(root, cid, force, log)
+
+
+def _delete(root: str, cid: str, force: bool, log: Callable[[str], None]) -> None:
+    try:
         rec = Record(root, check_id(cid))
     except OciError:
         if force:
@@ -404,7 +455,12 @@ def list_ids(root: str) -> list[Record]:
 
 
 def pause(root: str, cid: str, frozen: bool) -> None:
-    rec = Record(root, check_id(cid))
+    with IdLock(os.path.join(root, check_id(cid))):
+        _pause(root, cid, frozen)
+
+
+def _pause(root: str, cid: str, frozen: bool) -> None:
+    rec = Record(root, cid)
     status = rec.status()
     if status not in (("running",) if frozen else ("paused",)):
         raise OciError(f"container {cid!r} is {status}")

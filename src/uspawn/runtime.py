@@ -67,6 +67,8 @@ class Options:
         # Host-side network setup once the init's network namespace exists
         # (veth, published ports); undone by the callables in `cleanups`.
         self.network_setup: Callable[[int], None] | None = None
+        # fds of ours the container must not inherit (e.g. an OCI id lock).
+        self.close_in_child: list[int] = []
         self.cleanups: list[Callable[[], None]] = []
 
 
@@ -259,6 +261,8 @@ class Container:
                     # and the guardian pipe (else the guardian never sees EOF).
                     parent_ch.close()
                     os.close(self.guardian.wfd)
+                    for fd in opts.close_in_child:
+                        os.close(fd)
                     stage_a(init, child_ch)
                 except BaseException as exc:
                     import traceback
