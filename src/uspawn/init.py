@@ -149,6 +149,8 @@ def stage_b(plan: InitPlan, ch: chan.Channel) -> None:
         fifo = fds.pop("fifo", -1)
         state = msg.data.get("state")
         plan.state_json = state if isinstance(state, str) else ""
+        remount = msg.data.get("remount")
+        plan.deferred_remounts = remount if isinstance(remount, dict) else {}
         setup_rootfs(plan, fds)
         finish_in_root(plan, ch)
         if plan.new_keyring:
@@ -231,9 +233,11 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int]) -> None:
         raise _step(f"attach rootfs on {plan.root_path}", exc) from None
     # The detached-mount fd now names the attached rootfs' root.
     try:
+        if "rootfs" in plan.deferred_remounts:
+            mounts.remount_attached(rootfd, plan.deferred_remounts["rootfs"])
         for op in plan.mounts:
             try:
-                op.execute(rootfd, fds)
+                op.execute(rootfd, fds, plan.deferred_remounts)
             except OSError as exc:
                 raise _step(f"mount {op.describe()}", exc) from None
         try:

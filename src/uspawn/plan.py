@@ -49,7 +49,8 @@ class FsMount:
         opts = ",".join(k if v is None else f"{k}={v}" for k, v in self.params)
         return f"{self.fstype} on {self.dest}" + (f" ({opts})" if opts else "")
 
-    def execute(self, rootfd: int, fds: dict[str, int]) -> None:
+    def execute(self, rootfd: int, fds: dict[str, int],
+                remount: dict[str, int] | None = None) -> None:
         target = mounts.ensure_in_root(rootfd, self.dest, "dir")
         try:
             mnt = mounts.make_fs(self.fstype, self.params, self.attrs, self.source)
@@ -72,10 +73,13 @@ class FdMount:
     def describe(self) -> str:
         return f"host-made mount [{self.label}] on {self.dest}"
 
-    def execute(self, rootfd: int, fds: dict[str, int]) -> None:
+    def execute(self, rootfd: int, fds: dict[str, int],
+                remount: dict[str, int] | None = None) -> None:
         target = mounts.ensure_in_root(rootfd, self.dest, "dir" if self.is_dir else "file")
         try:
             mounts.attach(fds[self.label], target)
+            if remount and self.label in remount:
+                mounts.remount_attached(fds[self.label], remount[self.label])
         finally:
             os.close(target)
             os.close(fds.pop(self.label))
@@ -141,6 +145,7 @@ class InitPlan:
         self.seccomp_bpf: bytes | None = None
         self.preserve_fds = 0
         self.auto_start = False
+        self.deferred_remounts: dict[str, int] = {}
         # Foreground containers die with their runtime (PR_SET_PDEATHSIG); an
         # OCI `create`d one outlives the `create` process.
         self.die_with_parent = True

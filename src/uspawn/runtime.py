@@ -203,6 +203,8 @@ class Container:
         self.ownership_used = "off"
         self.started_at = 0.0
         self.exit_status: int | None = None
+        # label -> MS_* flags the init applies by classic remount (Linux < 5.12).
+        self.deferred_remounts: dict[str, int] = {}
         # Adjusts the init plan before the fork (OCI: preserve-fds, keyring, hooks).
         self.plan_hook: Callable[[planmod.InitPlan], None] | None = None
 
@@ -284,7 +286,7 @@ class Container:
                 state = (self.opts.state_json(self.init_pid, "created")
                          if self.opts.state_json else "")
                 self.ch.send(chan.MOUNTS, fds=[fds[k] for k in labels], labels=labels,
-                             state=state)  # 4
+                             state=state, remount=self.deferred_remounts)  # 4
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -465,8 +467,10 @@ class Container:
                     mnt = mounts.clone_tree(path, recursive=False)
             # nodev: a device node shipped in a (hostile) tree must not open,
             # whatever its owner maps to; /dev is a separate host-made mount.
-            mounts.set_attrs(mnt, sc.MOUNT_ATTR_NODEV
-                             | (sc.MOUNT_ATTR_RDONLY if host.rootfs_readonly else 0))
+            deferred = mounts.set_attrs_or_defer(
+                mnt, sc.MOUNT_ATTR_NODEV | (sc.MOUNT_ATTR_RDONLY if host.rootfs_readonly else 0))
+            if deferred:
+                self.deferred_remounts["rootfs"] = deferred
         except BaseException:
             if mnt >= 0:
                 os.close(mnt)
@@ -506,8 +510,9 @@ class Container:
                         raise SetupError(f"idmap bind {b.source}: {exc}", hint_for(exc)) from None
                     self.opts.log(f"bind {b.source}: idmapped mount not possible "
                                   f"({exc.strerror}); files keep their host owners")
-            if b.attr_set or b.attr_clr:
-                mounts.set_attrs(mnt, b.attr_set, b.attr_clr, recursive=b.recursive)
+            deferred = mounts.set_attrs_or_defer(mnt, b.attr_set, b.recursive)
+            if deferred:
+                self.deferred_remounts[b.label] = deferred
         except OSError as exc:
             os.close(mnt)
             raise SetupError(f"bind {b.source}: {exc}", hint_for(exc)) from None

@@ -114,6 +114,36 @@ def set_attrs(mnt_fd: int, attr_set: int = 0, attr_clr: int = 0, userns_fd: int 
     sc.mount_setattr(mnt_fd, "", flags, attr_set, attr_clr, propagation, userns_fd)
 
 
+_ATTR_TO_MS = ((sc.MOUNT_ATTR_RDONLY, sc.MS_RDONLY), (sc.MOUNT_ATTR_NOSUID, sc.MS_NOSUID),
+               (sc.MOUNT_ATTR_NODEV, sc.MS_NODEV), (sc.MOUNT_ATTR_NOEXEC, sc.MS_NOEXEC))
+
+
+def attrs_to_ms(attrs: int) -> int:
+    return sum(ms for attr, ms in _ATTR_TO_MS if attrs & attr)
+
+
+def set_attrs_or_defer(mnt_fd: int, attr_set: int, recursive: bool = False) -> int:
+    """mount_setattr (Linux >= 5.12); on older kernels return the MS_* flags the
+    init must apply with a classic remount once the mount is attached (a
+    detached mount cannot be remounted by mount(2)). 0 = done."""
+    if not attr_set:
+        return 0
+    try:
+        set_attrs(mnt_fd, attr_set, recursive=recursive)
+        return 0
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        return attrs_to_ms(attr_set)
+
+
+def remount_attached(mnt_fd: int, ms_flags: int) -> None:
+    """Classic remount of an attached mount, named by its fd (pre-5.12 fallback).
+
+    MS_REMOUNT|MS_BIND sets exactly ms_flags on this one mount."""
+    sc.mount(None, f"/proc/self/fd/{mnt_fd}", None, sc.MS_REMOUNT | sc.MS_BIND | ms_flags)
+
+
 def attach(mnt_fd: int, target_fd: int) -> None:
     """Attach a detached mount onto the inode target_fd refers to."""
     sc.move_mount(mnt_fd, "", target_fd, "",
@@ -253,9 +283,12 @@ def make_readonly(path: str) -> None:
     try:
         mnt = clone_tree("", recursive=True, dirfd=target)
         try:
-            set_attrs(mnt, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV,
-                      recursive=True)
+            flags = sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
+            deferred = set_attrs_or_defer(mnt, flags, recursive=True)
             attach(mnt, target)
+            if deferred:
+                # Only the top mount (fine for /proc/sys & co.); noexec kept as proc had it.
+                remount_attached(mnt, deferred | sc.MS_NOEXEC)
         finally:
             os.close(mnt)
     finally:
