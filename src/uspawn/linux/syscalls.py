@@ -348,8 +348,10 @@ def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     ret = _libc.syscall(
         _c_long(SYS_close_range), _c_uint(first), _c_uint(last), _c_uint(flags)
     )
-    if ret < 0 and ctypes.get_errno() == errno.ENOSYS:
-        # Linux < 5.9: close what /proc says is open (slower, same result).
+    err = ctypes.get_errno() if ret < 0 else 0
+    if err == errno.ENOSYS or (err == errno.EINVAL and flags & CLOSE_RANGE_CLOEXEC):
+        # Linux < 5.9 has no close_range, < 5.11 no CLOSE_RANGE_CLOEXEC: walk
+        # what /proc says is open (slower, same result).
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if first <= fd <= last:

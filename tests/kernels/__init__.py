@@ -1,0 +1,1 @@
+"""Kernel matrix (issue 8): see matrix.py. A package, so its conftest is kernels.conftest."""

@@ -1,0 +1,335 @@
+"""The checks of the kernel matrix, run on the kernel under test.
+
+Runs inside a qemu guest (as a child of the guest's init script) or directly on
+the host (the "host" row). Stdlib only: the guest has no test tools and no
+network. Every check is a bounded subprocess of the `uspawn` CLI; each result is
+one JSON line written (and flushed) to --out as soon as it is known, so a guest
+that dies half-way still reports what it got to:
+
+    {"check": NAME, "status": "pass"|"fail"|"skip", "detail": TEXT, "seconds": S}
+
+and finally {"done": true}. The expectations (ownership path, doctor verdicts)
+come from the host in --plan (JSON), never from this kernel's own opinion.
+
+Phases:
+  main         selftest, doctor, run checks (non-root /dev/null, mknod EPERM,
+               ownership path)
+  shift-kill   start a chown shift of a large tree, wait until it is half done,
+               `sync`, report "shift-started" and wait: the host kills the VM
+  shift-resume after the kill: the tree must show an unfinished shift, the next
+               `uspawn run` must finish it, and the tree must then be consistent
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+JOURNAL_XATTR = "trusted.uspawn.shift"
+RANGE = 65536
+
+
+class Reporter:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def emit(self, obj: dict[str, Any]) -> None:
+        self.out.write(json.dumps(obj, sort_keys=True) + "\n")
+        self.out.flush()
+        try:
+            os.fsync(self.out.fileno())
+        except OSError:
+            pass
+
+    def check(self, name: str, fn: Callable[[], tuple[str, str]]) -> str:
+        t0 = time.monotonic()
+        try:
+            status, detail = fn()
+        except subprocess.TimeoutExpired as exc:
+            status, detail = "fail", f"timed out after {exc.timeout:.0f} s: {exc.cmd}"
+        except Exception as exc:
+            status, detail = "fail", f"{type(exc).__name__}: {exc}"
+        self.emit({"check": name, "status": status, "detail": detail,
+                   "seconds": round(time.monotonic() - t0, 2)})
+        return status
+
+
+class Ctx:
+    def __init__(self, uspawn: list[str], trees: str, plan: dict[str, Any],
+                 timeout: float) -> None:
+        self.uspawn = uspawn
+        self.trees = trees
+        self.plan = plan
+        self.timeout = timeout
+
+    def run(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.uspawn, *args], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout or self.timeout)
+
+
+def _tail(text: str, n: int = 600) -> str:
+    text = text.strip()
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def _describe(r: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {r.returncode}; stdout: {_tail(r.stdout)!r}; stderr: {_tail(r.stderr)!r}"
+
+
+# ------------------------------------------------------------------ main phase
+
+
+def check_selftest(ctx: Ctx) -> tuple[str, str]:
+    r = ctx.run("selftest", "--json")
+    try:
+        data = json.loads(r.stdout)
+    except ValueError:
+        return "fail", "selftest --json printed no JSON: " + _describe(r)
+    bad = [f"{c['name']}: {c.get('reason')}" for c in data.get("canaries", [])
+           if not c.get("passed")]
+    summary = f"{data.get('passed')} passed, {data.get('failed')} failed"
+    if r.returncode != 0 or bad or not data.get("canaries"):
+        return "fail", f"{summary} (exit {r.returncode}); " + "; ".join(bad)
+    return "pass", summary
+
+
+def check_doctor(ctx: Ctx) -> tuple[str, str]:
+    r = ctx.run("doctor", "--json", "--path", ctx.trees)
+    try:
+        data = json.loads(r.stdout)
+    except ValueError:
+        return "fail", "doctor --json printed no JSON: " + _describe(r)
+    rows = {c["name"]: c for c in data.get("checks", [])}
+    want: dict[str, str] = dict(ctx.plan.get("doctor", {}))
+    problems = []
+    seen = []
+    for name, verdict in want.items():
+        key = name.replace("{trees}", ctx.trees)
+        row = rows.get(key)
+        if row is None:
+            problems.append(f"row {key!r} missing")
+            continue
+        seen.append(f"{key}={row['verdict']}")
+        if row["verdict"] != verdict:
+            problems.append(f"{key}: {row['verdict']} (expected {verdict}; "
+                            f"{row.get('meaning', '')} [{row.get('detail', '')}])")
+    for name, text in dict(ctx.plan.get("doctor_meaning", {})).items():
+        row = rows.get(name)
+        if row is None or text not in row.get("meaning", ""):
+            problems.append(f"{name}: meaning does not say {text!r}: "
+                            f"{row.get('meaning') if row else 'row missing'}")
+        else:
+            seen.append(f"{name}: {text}")
+    broken = [f"{n}: {c.get('meaning', '')} [{c.get('detail', '')}]"
+              for n, c in rows.items() if c["verdict"] == "broken"]
+    if broken:
+        problems.append("broken rows: " + "; ".join(broken))
+    if r.returncode != 0:
+        problems.append(f"exit code {r.returncode}")
+    summary = data.get("summary", {})
+    counts = f"ok {summary.get('ok')}, degraded {summary.get('degraded')}, " \
+             f"broken {summary.get('broken')}"
+    if problems:
+        return "fail", "; ".join(problems) + f" ({counts})"
+    return "pass", ", ".join(seen) + f" ({counts})"
+
+
+def _run_tree(ctx: Ctx) -> str:
+    return os.path.join(ctx.trees, "busybox")
+
+
+def check_devnull_nonroot(ctx: Ctx, state: dict[str, str]) -> tuple[str, str]:
+    script = "id -u; echo x > /dev/null && echo devnull-ok; head -c 8 /dev/zero | wc -c"
+    r = ctx.run("run", "-v", "-D", _run_tree(ctx), "--user", "user", "--", "sh", "-c", script)
+    m = re.search(r"rootfs ownership: (\w+)", r.stderr)
+    state["ownership"] = m.group(1) if m else ""
+    state["ownership_line"] = next((ln for ln in r.stderr.splitlines()
+                                    if "rootfs ownership:" in ln), "")
+    lines = r.stdout.split()
+    if r.returncode != 0 or lines != ["1000", "devnull-ok", "8"]:
+        return "fail", _describe(r)
+    return "pass", "uid 1000 wrote /dev/null and read /dev/zero"
+
+
+def check_mknod(ctx: Ctx) -> tuple[str, str]:
+    script = ("mknod /tmp/n c 1 3; echo rc=$?; mknod /tmp/b b 7 0; echo rc=$?; "
+              "mkfifo /tmp/f && echo fifo-ok; ls /tmp")
+    r = ctx.run("run", "-D", _run_tree(ctx), "--", "sh", "-c", script)
+    out = r.stdout.split()
+    eperm = r.stderr.count("Operation not permitted")
+    if r.returncode != 0 or out[:3] != ["rc=1", "rc=1", "fifo-ok"] or eperm != 2 \
+            or "n" in out[3:] or "b" in out[3:]:
+        return "fail", _describe(r)
+    return "pass", "container root: mknod c and b -> EPERM, nothing left; mkfifo works"
+
+
+def check_ownership(ctx: Ctx, state: dict[str, str]) -> tuple[str, str]:
+    want = ctx.plan.get("ownership", "")
+    got = state.get("ownership", "")
+    if not got:
+        return "fail", "`uspawn run -v` printed no 'rootfs ownership:' line"
+    tree = _run_tree(ctx)
+    st = os.stat(tree)
+    on_disk = f"tree root owned by host uid {st.st_uid}"
+    if got != want:
+        return "fail", f"{state['ownership_line']!r}, expected {want}; {on_disk}"
+    if got == "chown" and (st.st_uid == 0 or st.st_uid % RANGE):
+        return "fail", f"chown reported but {on_disk}"
+    if got == "map" and st.st_uid != 0:
+        return "fail", f"map reported but {on_disk} (the tree was shifted)"
+    return "pass", f"{state['ownership_line'].strip()}; {on_disk}"
+
+
+def phase_main(ctx: Ctx, rep: Reporter) -> None:
+    state: dict[str, str] = {}
+    rep.check("selftest", lambda: check_selftest(ctx))
+    rep.check("doctor", lambda: check_doctor(ctx))
+    rep.check("run-devnull-nonroot", lambda: check_devnull_nonroot(ctx, state))
+    rep.check("run-mknod-eperm", lambda: check_mknod(ctx))
+    rep.check("ownership-path", lambda: check_ownership(ctx, state))
+
+
+# ------------------------------------------------------------------ shift phases
+
+
+def _big_tree(ctx: Ctx) -> str:
+    return os.path.join(ctx.trees, "big")
+
+
+def _journal(path: str) -> bytes | None:
+    try:
+        return os.getxattr(path, JOURNAL_XATTR, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _owner_ranges(path: str) -> dict[int, int]:
+    """{range base: inode count} over the tree (lstat, one filesystem)."""
+    ranges: dict[int, int] = {}
+    dev = os.lstat(path).st_dev
+    stack = [path]
+    while stack:
+        d = stack.pop()
+        st = os.lstat(d)
+        ranges[st.st_uid - st.st_uid % RANGE] = ranges.get(st.st_uid - st.st_uid % RANGE, 0) + 1
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    if e.stat(follow_symlinks=False).st_dev == dev:
+                        stack.append(e.path)
+                    continue
+                u = e.stat(follow_symlinks=False).st_uid
+                ranges[u - u % RANGE] = ranges.get(u - u % RANGE, 0) + 1
+    return ranges
+
+
+def phase_shift_kill(ctx: Ctx, rep: Reporter) -> None:
+    tree = _big_tree(ctx)
+
+    def start() -> tuple[str, str]:
+        argv = [*ctx.uspawn, "run", "-v", "--private-users-ownership=chown", "-D", tree,
+                "--", "true"]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + ctx.timeout
+        while _journal(tree) is None:
+            if proc.poll() is not None:
+                return "fail", f"uspawn exited ({proc.returncode}) before a journal appeared"
+            if time.monotonic() > deadline:
+                proc.kill()
+                return "fail", "no shift journal appeared"
+            time.sleep(0.05)
+        time.sleep(float(ctx.plan.get("kill_after", 1.0)))
+        os.sync()  # what the shift did so far is on disk; the rest dies with the VM
+        if _journal(tree) is None or proc.poll() is not None:
+            return "fail", "the shift finished before the kill: enlarge the tree"
+        ranges = _owner_ranges(tree)
+        return "pass", f"mid-shift at kill: inodes per range {sorted(ranges.items())}"
+
+    if rep.check("shift-started", start) == "pass":
+        time.sleep(3600)  # the host kills the VM now
+
+
+def phase_shift_resume(ctx: Ctx, rep: Reporter) -> None:
+    tree = _big_tree(ctx)
+
+    def before() -> tuple[str, str]:
+        ranges = _owner_ranges(tree)
+        journal = _journal(tree)
+        r = ctx.run("check", "--json", tree)
+        try:
+            rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+        except (ValueError, KeyError):
+            return "fail", "check --json printed no JSON: " + _describe(r)
+        half = rows.get("half-shift", {})
+        detail = (f"after the kill: journal={'yes' if journal else 'no'}, inodes per range "
+                  f"{sorted(ranges.items())}, check half-shift={half.get('verdict')}")
+        if journal is None or len(ranges) < 2:
+            return "fail", detail + " (expected an unfinished shift)"
+        if half.get("verdict") != "degraded":
+            return "fail", detail + f" ({half.get('meaning')})"
+        return "pass", detail
+
+    def resume() -> tuple[str, str]:
+        r = ctx.run("run", "-v", "-D", tree, "--user", "user", "--", "sh", "-c",
+                    "id -u; stat -c %u /bin/busybox /home/user; stat -c '%u %a' "
+                    "/usr/share/filler/suid; echo x > /dev/null && echo ok")
+        ranges = _owner_ranges(tree)
+        # the setuid bit survives the shift (chown clears it; idshift restores it)
+        if r.returncode != 0 or r.stdout.split() != ["1000", "0", "1000", "0", "4755", "ok"]:
+            return "fail", _describe(r)
+        if _journal(tree) is not None or len(ranges) != 1:
+            return "fail", f"journal left or mixed ranges {sorted(ranges.items())}"
+        line = next((ln for ln in r.stderr.splitlines() if "ownership" in ln), "")
+        return "pass", f"{line.strip()}; one range {sorted(ranges.items())}"
+
+    def after() -> tuple[str, str]:
+        r = ctx.run("check", "--json", tree)
+        try:
+            rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+        except (ValueError, KeyError):
+            return "fail", "check --json printed no JSON: " + _describe(r)
+        bad = {n: rows[n]["verdict"] for n in ("ownership", "half-shift")
+               if rows.get(n, {}).get("verdict") != "ok"}
+        if bad:
+            return "fail", f"uspawn check after resume: {bad}"
+        return "pass", "uspawn check: ownership ok, half-shift ok"
+
+    ok = rep.check("shift-unfinished-after-kill", before) == "pass"
+    ok = rep.check("shift-resumed", resume) == "pass" and ok
+    rep.check("shift-consistent", after)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--uspawn", required=True, help="command line of the uspawn CLI")
+    p.add_argument("--trees", required=True)
+    p.add_argument("--plan", required=True, help="JSON file or inline JSON")
+    p.add_argument("--phase", default="main",
+                   choices=("main", "shift-kill", "shift-resume"))
+    p.add_argument("--out", default="-")
+    p.add_argument("--timeout", type=float, default=300)
+    ns = p.parse_args(argv)
+    plan = json.loads(ns.plan) if ns.plan.lstrip().startswith("{") else \
+        json.load(open(ns.plan))
+    out = sys.stdout if ns.out == "-" else open(ns.out, "w")
+    rep = Reporter(out)
+    ctx = Ctx(shlex.split(ns.uspawn), ns.trees, plan, ns.timeout)
+    rep.emit({"kernel": os.uname().release, "phase": ns.phase})
+    {"main": phase_main, "shift-kill": phase_shift_kill,
+     "shift-resume": phase_shift_resume}[ns.phase](ctx, rep)
+    rep.emit({"done": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
