@@ -266,10 +266,9 @@ class Container:
                     for fd in opts.close_in_child:
                         os.close(fd)
                     stage_a(init, child_ch)
-                except BaseException as exc:
-                    import traceback
-
-                    traceback.print_exception(exc)
+                except BaseException as exc:  # stage_a reports its own errors
+                    os.write(2, f"uspawn: internal error before container setup: {exc!r}\n"
+                             .encode())
                 finally:
                     os._exit(125)
             child_ch.close()
