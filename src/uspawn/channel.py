@@ -92,8 +92,24 @@ class Channel:
     def send_error(self, message: str, err: int = 0, exit_code: int = 125) -> None:
         self.send(ERROR, message=message, errno=err, exit_code=exit_code)
 
-    def recv(self, timeout: float | None = DEFAULT_TIMEOUT) -> Message | None:
-        """Next message, or None on EOF (the peer closed or execve'd)."""
+    def recv(self, timeout: float | None = DEFAULT_TIMEOUT, watch_pidfd: int = -1,
+             ) -> Message | None:
+        """Next message, or None on EOF (the peer closed or execve'd).
+
+        watch_pidfd: the process that should send it. If it dies first, the
+        wait ends at once (a process it forked may still hold the socket, so
+        no EOF would come).
+        """
+        if watch_pidfd >= 0:
+            import select
+
+            ready = select.select([self.sock.fileno(), watch_pidfd], [], [], timeout)[0]
+            if not ready:
+                raise ProtocolError(f"no message from the other side within {timeout:.0f}s")
+            if self.sock.fileno() not in ready and not select.select(
+                    [self.sock.fileno()], [], [], 0)[0]:
+                # (Re-checked: the peer may have sent its message and exited at once.)
+                raise ProtocolError("the container's setup process died")
         self.sock.settimeout(timeout)
         try:
             raw, anc, _flags, _addr = self.sock.recvmsg(
@@ -126,8 +142,9 @@ class Channel:
                              int(obj.get("exit_code") or 125))
         return Message(kind, obj, fds)
 
-    def expect(self, kind: str, timeout: float | None = DEFAULT_TIMEOUT) -> Message:
-        msg = self.recv(timeout)
+    def expect(self, kind: str, timeout: float | None = DEFAULT_TIMEOUT,
+               watch_pidfd: int = -1) -> Message:
+        msg = self.recv(timeout, watch_pidfd)
         if msg is None:
             raise ProtocolError(f"expected {kind!r}, got end of stream (peer died)")
         if msg.kind != kind:
@@ -140,8 +157,8 @@ class Channel:
     def userns_ready(self) -> None:
         self.send(USERNS_READY)
 
-    def wait_userns_ready(self) -> None:
-        self.expect(USERNS_READY)
+    def wait_userns_ready(self, watch_pidfd: int = -1) -> None:
+        self.expect(USERNS_READY, watch_pidfd=watch_pidfd)
 
     def mapped(self) -> None:
         self.send(MAPPED)
@@ -152,8 +169,8 @@ class Channel:
     def init_pid(self, pid: int) -> None:
         self.send(INIT_PID, pid=pid)
 
-    def wait_init_pid(self) -> int:
-        pid = self.expect(INIT_PID).data.get("pid")
+    def wait_init_pid(self, watch_pidfd: int = -1) -> int:
+        pid = self.expect(INIT_PID, watch_pidfd=watch_pidfd).data.get("pid")
         if not isinstance(pid, int) or pid <= 0:
             raise ProtocolError(f"bad init pid {pid!r}")
         return pid

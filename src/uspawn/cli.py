@@ -11,7 +11,7 @@ import os
 import sys
 
 from .cmdline import Command, HelpRequested, Opt, parse
-from .errors import EXIT_SETUP, UsageError, UspawnError
+from .errors import EXIT_SETUP, UsageError, UspawnError, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ VERSION = "0.1.0"
 
 
 def _log(msg: str) -> None:
-    sys.stderr.write(f"uspawn: {msg}\n")
+    sys.stderr.write(f"uspawn: {printable(msg)}\n")
 
 
 GLOBAL_OPTS = [

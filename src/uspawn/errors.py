@@ -51,7 +51,16 @@ class UspawnError(Exception):
 
     def one_line(self) -> str:
         msg = str(self)
-        return f"{msg} (hint: {self.hint})" if self.hint else msg
+        return printable(f"{msg} (hint: {self.hint})" if self.hint else msg)
+
+
+def printable(text: str) -> str:
+    """text as one printable line: names, keys and paths from hostile input must
+    neither break the line nor reach a terminal or log as control characters (or
+    as lone surrogates, which cannot be encoded)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class UsageError(UspawnError):

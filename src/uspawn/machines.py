@@ -108,11 +108,12 @@ def status_command(root: str, name: str, out: TextIO = sys.stdout) -> int:
 
 def parse_signal(value: str) -> int:
     v = value.upper().removeprefix("SIG")
-    if v.isdigit():
+    # isascii: "²".isdigit() is true, int("²") raises ValueError.
+    if v.isascii() and v.isdigit():
         n = int(v)
     elif v.startswith("RTMIN"):
-        off = v[5:]
-        n = sig.SIGRTMIN + (int(off) if off.lstrip("+").isdigit() else 0)
+        off = v[5:].lstrip("+")
+        n = sig.SIGRTMIN + (int(off) if off.isascii() and off.isdigit() else 0)
     else:
         import signal as _signal_mod  # names only; not on the start path
 
@@ -158,6 +159,8 @@ def logs_command(name: str, follow: bool, out: TextIO = sys.stdout) -> int:
     except FileNotFoundError:
         raise StateError(f"no console log for {name!r} ({path})",
                          "logs exist for machines started with `uspawn boot --detach`") from None
+    except OSError as exc:  # a name of 300 characters, "x/" ...
+        raise StateError(f"console log {path}: {exc.strerror}") from None
     with f:
         while True:
             chunk = f.read(65536)

@@ -42,7 +42,8 @@ class OciError(UspawnError):
 
 
 def check_id(cid: str) -> str:
-    if not cid or len(cid) > 1024 or not set(cid) <= _ID_CHARS or cid in (".", ".."):
+    # 255 = NAME_MAX: the id is a directory name under the state root.
+    if not cid or len(cid) > 255 or not set(cid) <= _ID_CHARS or cid in (".", ".."):
         raise OciError(f"invalid container id {cid!r}",
                        "use letters, digits and _ . - + only")
     return cid
@@ -58,7 +59,7 @@ def load_bundle(bundle: str, log: Callable[[str], None]) -> S.Spec:
             raw = loads(f.read())
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file", "pass --bundle DIR holding config.json") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
         raise SpecError(f"{path}: {exc}") from None
     unknown: list[str] = []
     spec = S.decode(S.Spec, raw, unknown=unknown)
@@ -114,6 +115,8 @@ class IdLock:
             self.fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise OciError(f"container {os.path.basename(cdir)!r} does not exist") from None
+        except OSError as exc:
+            raise OciError(f"container {os.path.basename(cdir)!r}: {exc.strerror}") from None
         deadline = time.monotonic() + timeout
         while True:
             try:

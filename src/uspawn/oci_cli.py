@@ -18,7 +18,7 @@ import time
 
 from . import oci
 from .cmdline import Command, HelpRequested, Opt, parse
-from .errors import UsageError, UspawnError
+from .errors import UsageError, UspawnError, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class Logger:
         self.fmt = fmt
 
     def __call__(self, msg: str, level: str = "warning") -> None:
+        msg = printable(msg)
         sys.stderr.write(f"uspawn-runc: {msg}\n")
         self.record(msg, level)
 
@@ -133,9 +134,12 @@ def dispatch(cmd: str, ns: types.SimpleNamespace, log: Logger) -> int:
             raise oci.OciError(f"{path} already exists", "remove it first")
         import json
 
-        with open(path, "w") as f:
-            json.dump(default_config(rootless=ns.spec_rootless), f, indent="\t")
-            f.write("\n")
+        try:
+            with open(path, "w") as f:
+                json.dump(default_config(rootless=ns.spec_rootless), f, indent="\t")
+                f.write("\n")
+        except OSError as exc:
+            raise oci.OciError(f"{path}: {exc.strerror}") from None
         return 0
     if cmd == "create":
         oci.create(root, ns.id, ns.bundle, ns.pid_file or None, ns.console_socket or None,

@@ -287,6 +287,8 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
             os.lstat(m.source)
         except OSError as exc:
             raise SpecError(f"{field}.source: {m.source}: {exc.strerror}") from None
+        except ValueError:  # NUL or an unencodable character
+            raise SpecError(f"{field}.source: {m.source!r} is not a valid path") from None
         label = f"bind{i}"
         idmap = "yes" if opts.idmap else ("auto" if "x-uspawn-idmap-auto" in
                                           [k for k, _ in opts.fs_params] else "no")

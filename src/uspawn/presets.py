@@ -44,8 +44,8 @@ def machine_name(rootfs: str) -> str:
 def check_rootfs(path: str) -> str:
     if not path:
         raise UsageError("-D/--directory: missing", "give the container's root directory")
-    real = os.path.realpath(path)
     try:
+        real = os.path.realpath(path)  # readlink of a link it may not read: EACCES
         st = os.stat(real)
     except OSError as exc:
         raise SpecError(f"rootfs {path}: {exc.strerror}", "check the -D path") from None

@@ -138,26 +138,44 @@ class Guardian:
 
 def _guard(rfd: int, claim: NameClaim | None, lease: Lease | None) -> None:
     buf = b""
+    init_pidfd = -1
     while True:
         chunk = os.read(rfd, 4096)
         if not chunk:
             break
         buf += chunk
+        if init_pidfd < 0 and b"init " in buf:
+            # Pin the init now, while the runtime (its reaper) lives: a pid
+            # read later could already belong to another process.
+            for line in buf.decode().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "init" and value.isdigit():
+                    try:
+                        init_pidfd = sc.pidfd_open(int(value))
+                    except OSError:
+                        pass
     lines = buf.decode().splitlines()
     if "done" in lines:
         return
     import json
 
-    init_pid = 0
     cg = None
     for line in lines:
         key, _, value = line.partition(" ")
-        if key == "init":
-            init_pid = int(value)
-        elif key == "cgroup":
+        if key == "cgroup":
             cg = cgroups.Cgroup.from_json(json.loads(value))
-    if init_pid:
-        _wait_gone(init_pid, 10.0)
+    if init_pidfd >= 0:
+        # The runtime died before handing the container over: it must go. (A
+        # foreground init already got SIGKILL through PDEATHSIG; an OCI one
+        # waiting for `start` has none.)
+        import select
+
+        try:
+            sc.pidfd_send_signal(init_pidfd, signal.SIGKILL)
+        except OSError:
+            pass
+        select.select([init_pidfd], [], [], 10.0)
+        os.close(init_pidfd)
     if cg is not None:
         try:
             cg.destroy()
@@ -174,18 +192,6 @@ def _guard(rfd: int, claim: NameClaim | None, lease: Lease | None) -> None:
             netpool.cleanup_stale()  # the network leases of a runtime that died
         except Exception:
             pass
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    """The init dies with us (PDEATHSIG); make sure of it, SIGKILL after timeout."""
-    from .linux.pidwait import wait_gone
-
-    if not wait_gone(pid, timeout):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        wait_gone(pid, timeout)
 
 
 class Container:
@@ -277,6 +283,14 @@ class Container:
                 try:
                     self._handshake(pid_a, uid_maps, gid_maps, init.userns, joined, host,
                                     root_uid, root_gid, fds)
+                except BaseException:
+                    # Stage A may be waiting for MAPPED (no timeout) on a channel we
+                    # still hold open: end it, or the reap below waits forever.
+                    try:
+                        os.kill(pid_a, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    raise
                 finally:
                     _reap(pid_a)
                 self.guardian.tell(f"init {self.init_pid}")
@@ -401,7 +415,21 @@ class Container:
                    host: planmod.HostPlan, root_uid: int, root_gid: int,
                    fds: dict[str, int]) -> None:
         assert self.ch is not None and self.cgroup is not None
-        self.ch.wait_userns_ready()  # 1
+        pidfd_a = sc.pidfd_open(pid_a)
+        try:
+            self._handshake_a(pid_a, pidfd_a, uid_maps, gid_maps, use_userns, joined, host,
+                              root_uid, root_gid, fds)
+        finally:
+            os.close(pidfd_a)
+        self.pidfd = sc.pidfd_open(self.init_pid)
+
+    def _handshake_a(self, pid_a: int, pidfd_a: int, uid_maps: list[tuple[int, int, int]],
+                     gid_maps: list[tuple[int, int, int]], use_userns: bool, joined: bool,
+                     host: planmod.HostPlan, root_uid: int, root_gid: int,
+                     fds: dict[str, int]) -> None:
+        """Sync points 1-3 with stage A; its death ends every wait at once."""
+        assert self.ch is not None and self.cgroup is not None
+        self.ch.wait_userns_ready(pidfd_a)  # 1
         userns_fd = -1
         try:
             if use_userns:
@@ -423,9 +451,8 @@ class Container:
         finally:
             if userns_fd >= 0:
                 os.close(userns_fd)
-        self.init_pid = self.ch.wait_init_pid()  # 3
+        self.init_pid = self.ch.wait_init_pid(pidfd_a)  # 3
         devices.test_kill_point("parent-init-pid")
-        self.pidfd = sc.pidfd_open(self.init_pid)
 
     def _build_mounts(self, host: planmod.HostPlan, userns_fd: int, root_uid: int,
                       root_gid: int, fds: dict[str, int]) -> None:

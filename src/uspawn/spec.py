@@ -149,6 +149,8 @@ def _decode(tp: Any, value: Any, path: str, unknown: list[str]) -> Any:
             if not isinstance(value, dict):
                 raise SpecError(f"{path}: expected an object, got {type(value).__name__}")
             _, val_tp = tp.__args__
+            for k in value:
+                _check_str(str(k), f"{path}: key")
             return {str(k): _decode(val_tp, v, f"{path}.{k}", unknown) for k, v in value.items()}
         raise SpecError(f"{path}: unsupported generic in model")
     if tp is object:  # raw JSON passed through (e.g. linux.seccomp)
@@ -166,8 +168,21 @@ def _decode(tp: Any, value: Any, path: str, unknown: list[str]) -> Any:
     if tp is str or tp is bool:
         if type(value) is not tp:
             raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        if isinstance(value, str):
+            _check_str(value, path)
         return value
     raise SpecError(f"{path}: unsupported type {_type_name(tp)} in model")
+
+
+def _check_str(value: str, where: str) -> None:
+    """Strings end up as syscall arguments (paths, argv, env): no NUL, no unpaired
+    surrogate (JSON can spell both; the kernel and os.fsencode cannot take them)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise SpecError(f"{where}: {value!r}: unpaired surrogates are not allowed") from None
+    if "\x00" in value:
+        raise SpecError(f"{where}: {value!r}: NUL characters are not allowed")
 
 
 def decode(

@@ -72,6 +72,8 @@ def test_kill_point(name: str) -> None:
     """Test-only fault injection: USPAWN_TEST_KILL_AT=NAME makes the process
     that reaches sync point NAME SIGKILL itself there (tests/test_faults.py)."""
     if os.environ.get("USPAWN_TEST_KILL_AT") == name:
+        if os.getpid() == 1:
+            os._exit(137)  # a pid-namespace init ignores its own SIGKILL: die as if killed
         os.kill(os.getpid(), 9)
 
 

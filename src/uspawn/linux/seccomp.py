@@ -551,7 +551,10 @@ def _oci_action(name: object, errno_ret: object, where: str, errno_where: str) -
     if not (isinstance(name, str) and name.startswith("SCMP_ACT_") and kind in _ACTION_KINDS):
         raise SeccompPolicyError(f'{where}: unknown action "{name}"')
     if kind in ("ERRNO", "TRACE"):  # runtime-spec: errnoRet defaults to EPERM
-        return Action(kind, errno.EPERM if errno_ret is None else _uint(errno_ret, errno_where, 16))
+        value = errno.EPERM if errno_ret is None else _uint(errno_ret, errno_where, 16)
+        if kind == "ERRNO" and value >= 4095:  # MAX_ERRNO; libseccomp refuses it (EINVAL)
+            raise SeccompPolicyError(f"{errno_where}: {value} is not an errno (0..4094)")
+        return Action(kind, value)
     if errno_ret is not None:  # runtime-spec: "the runtime MUST print an error and fail"
         raise SeccompPolicyError(f'{errno_where}: action "{name}" takes no errno')
     return Action(kind)
@@ -604,6 +607,10 @@ def policy_from_oci(obj: dict[str, object], where: str = "linux.seccomp") -> Pol
         names = _strings(entry.get("names"), f"{at}.names")
         if not names or not all(names):
             raise SeccompPolicyError(f"{at}.names: needs at least one non-empty name")
+        for j, name in enumerate(names):
+            # libseccomp takes a C string: NUL would cut it, a surrogate cannot be encoded.
+            if not (name.isascii() and name.replace("_", "a").isalnum()):
+                raise SeccompPolicyError(f"{at}.names[{j}]: {name!r} is not a syscall name")
         action = _oci_action(entry.get("action"), entry.get("errnoRet"), f"{at}.action",
                              f"{at}.errnoRet")  # fmt: skip
         args = _optional(entry, "args")

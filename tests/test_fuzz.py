@@ -1,0 +1,1045 @@
+"""Fuzzing hostile input (issue 6): config.json documents and command lines.
+
+Malformed, random and near-valid input must end in success or in one of
+uspawn's own errors (UspawnError and its subclasses, SeccompPolicyError), which
+the front ends print as one line. Any other exception is a traceback for the
+user, i.e. a bug. End to end, nothing may be left behind either: no state
+directory entry, no cgroup, no process, no mount.
+
+- In process (no root needed, fast): `spec.decode` + `spec.validate` +
+  `plan.build` and `oci.load_bundle` on mutated default configs, random JSON
+  and raw JSON text; `seccomp.policy_from_oci` (+ `compile_bpf`) on mutated
+  and random profiles; `cli.main` / `oci_cli.main` on random argv lists, for
+  commands that do not start containers.
+- End to end (root): `uspawn-runc create` on mutated bundles, then
+  `delete --force`, then the leak checks.
+
+The default run does ~700 in-process cases and ~30 end-to-end cases
+(USPAWN_FUZZ_E2E_EXAMPLES=N for more). `test_fuzz_long` (marked slow) does
+10,000 in-process cases per target (50,000 in all, ~2 min); it runs only with
+`-m slow` or USPAWN_FUZZ_LONG=1 (the marker alone does not deselect it).
+The `test_found_*` tests replay, every run, the inputs the fuzz found bugs with.
+
+Hostile input is not allowed to harm the host running the tests: argv that would
+start containers, walk the host or write outside a sandbox directory is not run,
+and the end-to-end configs are kept from running host hooks, opening random device
+numbers, joining host namespaces or using another rootfs (`sanitize_for_host`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import cgroup_dirs, mounts_under, skip_or_fail
+from hypothesis import HealthCheck, Phase, given, settings  # the `test` extra
+from hypothesis import strategies as st
+
+from uspawn import cli, oci, oci_cli
+from uspawn import plan as planmod
+from uspawn import spec as S
+from uspawn.errors import SpecError, UspawnError
+from uspawn.linux import seccomp
+from uspawn.oci_defaults import default_config
+
+ALLOWED = (UspawnError, seccomp.SeccompPolicyError)
+LONG_EXAMPLES = 10_000
+
+# No example database (it would be written into the work tree) and no deadline
+# (the first plan.build of a run imports modules; a slow VM is not a bug).
+COMMON: dict[str, Any] = {
+    "database": None,
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                              HealthCheck.filter_too_much],
+}
+
+
+def long_run_requested(config: pytest.Config) -> bool:
+    if os.environ.get("USPAWN_FUZZ_LONG") == "1":
+        return True
+    expr = str(config.getoption("markexpr", "") or "")
+    return "slow" in expr.split() and "not" not in expr.split()
+
+
+# --- hostile values -----------------------------------------------------------------
+
+HOSTILE_STRINGS = [
+    "", "/", ".", "..", "//", "/.", "/..", "../../../../../../etc/passwd",
+    "/../../../../../etc/shadow", "/proc/self/root/etc", "/proc/1/root", "/dev/../../etc",
+    "/dev/", "/dev/..", "/dev/../dev/null", "/dev/sda", "/proc/self/ns/net", "/dev/null",
+    "relative/path", "./x", "~root", "$(id)", "`id`", "%s%n%x", "\n", "a\nb", "a\x00b",
+    "/tmp/a\x00b", "\ud800", "/\udcff", "é/ü/€", "\u202e/txt.exe", "\ufeff",
+    "\uff43\uff4f\uff4e\uff46",
+    "x" * 5000, "/" + "a/" * 1500, "SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_NOTIFY",
+    "SCMP_CMP_EQ", "SCMP_ARCH_X86_64", "user", "mount", "network", "pid", "cgroup", "time",
+    "bind", "rbind", "tmpfs", "proc", "sysfs", "overlay", "cgroup2", "devpts", "ro", "rw",
+    "idmap", "ridmap", "mode=0777", "size=1", "uid=4294967295", "CAP_SYS_ADMIN", "CAP_NOPE",
+    "ALL", "RLIMIT_NOFILE", "RLIMIT_NOPE", "c", "b", "u", "p", "rshared", "unbindable",
+    "system:uspawn:x", ":::", "1.2.0", "NaN", "-1", "0x10", "1e400",
+]
+HOSTILE_INTS = [
+    0, 1, -1, 5, 6, 7, 64, 255, 256, 65535, 65536, 2**31 - 1, 2**31, -(2**31), 2**32 - 1,
+    2**32, 2**53 + 1, 2**63 - 1, 2**63, -(2**63), 2**64 - 1, 2**64, 10**100, -(10**100),
+]
+
+# Inserted into an otherwise valid string of the config.
+INJECT = ["\x00", "\n", "\r", "\x1b[2J", "\ud800", "\udcff", "\u202e", "/../../..", "/..",
+          "//", " ", "=", ",", ":", "*", "\\", "\t", "é", "\uffff", "x" * 4096]
+
+PATH_KEYS = {"source", "destination", "path", "cwd", "type", "cgroupsPath"}
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(),
+    st.integers(), st.sampled_from(HOSTILE_INTS),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30), st.sampled_from(HOSTILE_STRINGS),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=12) | st.sampled_from(HOSTILE_STRINGS), inner,
+                      max_size=4),
+    max_leaves=12,
+)
+
+
+def _nest(depth: int, leaf: object) -> object:
+    for i in range(depth):
+        leaf = [leaf] if i % 2 else {"a": leaf}
+    return leaf
+
+
+hostile_values = st.one_of(
+    json_scalars,
+    json_values,
+    st.lists(st.sampled_from(HOSTILE_STRINGS), max_size=4),
+    st.lists(st.sampled_from(HOSTILE_INTS), max_size=4),
+    st.builds(_nest, st.integers(20, 300), json_scalars),
+)
+
+# Plausible places in a config (intermediate objects and lists are created as
+# needed), so that mutations reach the code behind the first type checks.
+I = 0  # noqa: E741  (list index in a target path)
+TARGETS: list[tuple[str | int, ...]] = [
+    ("ociVersion",), ("process",), ("process", "args"), ("process", "args", I),
+    ("process", "env"), ("process", "env", I), ("process", "cwd"), ("process", "user"),
+    ("process", "user", "uid"), ("process", "user", "gid"), ("process", "user", "umask"),
+    ("process", "user", "additionalGids"), ("process", "user", "additionalGids", I),
+    ("process", "user", "username"), ("process", "capabilities"),
+    ("process", "capabilities", "bounding", I), ("process", "capabilities", "ambient"),
+    ("process", "capabilities", "effective", I), ("process", "rlimits"),
+    ("process", "rlimits", I, "type"), ("process", "rlimits", I, "soft"),
+    ("process", "rlimits", I, "hard"), ("process", "oomScoreAdj"), ("process", "terminal"),
+    ("process", "consoleSize"), ("process", "consoleSize", "height"),
+    ("process", "noNewPrivileges"), ("process", "apparmorProfile"),
+    ("root",), ("root", "path"), ("root", "readonly"), ("hostname",), ("domainname",),
+    ("mounts",), ("mounts", I), ("mounts", I, "destination"), ("mounts", I, "type"),
+    ("mounts", I, "source"), ("mounts", I, "options"), ("mounts", I, "options", I),
+    ("mounts", I, "uidMappings"), ("mounts", 9, "destination"), ("mounts", 9, "options"),
+    ("mounts", -1, "destination"), ("mounts", -1, "source"), ("mounts", -1, "type"),
+    ("mounts", -1, "options"), ("mounts", -1, "options", -1), ("mounts", 3, "destination"),
+    ("mounts", 6, "destination"), ("mounts", 2, "options", -1),
+    ("linux",), ("linux", "namespaces"), ("linux", "namespaces", I),
+    ("linux", "namespaces", I, "type"), ("linux", "namespaces", I, "path"),
+    ("linux", "namespaces", 9), ("linux", "uidMappings"), ("linux", "uidMappings", I),
+    ("linux", "uidMappings", I, "size"), ("linux", "uidMappings", I, "hostID"),
+    ("linux", "uidMappings", I, "containerID"), ("linux", "gidMappings", I, "size"),
+    ("linux", "devices"), ("linux", "devices", I), ("linux", "devices", I, "type"),
+    ("linux", "devices", I, "path"), ("linux", "devices", I, "major"),
+    ("linux", "devices", I, "minor"), ("linux", "devices", I, "fileMode"),
+    ("linux", "devices", I, "uid"), ("linux", "resources"), ("linux", "resources", "memory"),
+    ("linux", "resources", "memory", "limit"), ("linux", "resources", "pids", "limit"),
+    ("linux", "resources", "cpu", "quota"), ("linux", "resources", "cpu", "period"),
+    ("linux", "resources", "devices"), ("linux", "resources", "devices", I),
+    ("linux", "cgroupsPath"), ("linux", "sysctl"), ("linux", "sysctl", "kernel.msgmax"),
+    ("linux", "seccomp"), ("linux", "seccomp", "defaultAction"),
+    ("linux", "seccomp", "defaultErrnoRet"), ("linux", "seccomp", "architectures"),
+    ("linux", "seccomp", "flags"), ("linux", "seccomp", "syscalls"),
+    ("linux", "seccomp", "syscalls", I, "names"), ("linux", "seccomp", "syscalls", I, "action"),
+    ("linux", "seccomp", "syscalls", I, "errnoRet"),
+    ("linux", "seccomp", "syscalls", I, "args", I, "index"),
+    ("linux", "seccomp", "syscalls", I, "args", I, "op"),
+    ("linux", "seccomp", "syscalls", I, "args", I, "value"),
+    ("linux", "seccomp", "listenerPath"), ("linux", "rootfsPropagation"),
+    ("linux", "maskedPaths"), ("linux", "maskedPaths", I), ("linux", "readonlyPaths", I),
+    ("linux", "mountLabel"), ("hooks",), ("hooks", "prestart", I, "path"),
+    ("hooks", "createRuntime", I, "timeout"), ("hooks", "poststop", I, "args"),
+    ("annotations",), ("annotations", "org.example"),
+]
+
+
+def _paths(obj: object, prefix: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, (*prefix, i))
+
+
+def _set(obj: object, path: tuple[str | int, ...], value: object) -> object:
+    """obj with path set to value; intermediates created; a mismatching shape is left."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    blank: object = [] if rest and isinstance(rest[0], int) else {}
+    if isinstance(head, int) and isinstance(obj, list):
+        if head < 0 and obj:  # -1: the last element
+            obj[head] = _set(obj[head], rest, value)
+        elif 0 <= head < len(obj):
+            obj[head] = _set(obj[head], rest, value)
+        else:
+            obj.append(_set(copy.deepcopy(blank), rest, value))
+    elif isinstance(head, str) and isinstance(obj, dict):
+        obj[head] = _set(obj.get(head, copy.deepcopy(blank)), rest, value)
+    return obj
+
+
+def _delete(obj: object, path: tuple[str | int, ...]) -> object:
+    if not path:
+        return None
+    parent: object = obj
+    for key in path[:-1]:
+        if isinstance(parent, dict) and isinstance(key, str) and key in parent:
+            parent = parent[key]
+        elif isinstance(parent, list) and isinstance(key, int) and key < len(parent):
+            parent = parent[key]
+        else:
+            return obj
+    last = path[-1]
+    if isinstance(parent, dict) and isinstance(last, str):
+        parent.pop(last, None)
+    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+        del parent[last]
+    return obj
+
+
+SECCOMP_PROFILE: dict[str, object] = {
+    "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+    "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    "flags": ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
+    "syscalls": [
+        {"names": ["read", "write", "exit_group", "openat", "execve"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]},
+        {"names": ["mknodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+         "args": [{"index": 2, "value": 0o170000, "valueTwo": 0o20000,
+                   "op": "SCMP_CMP_MASKED_EQ"}]},
+    ],
+}
+
+
+def base_config(rootfs: str, rich: bool, bind_source: str) -> dict[str, Any]:
+    """A valid user-namespaced config (runc's template + mappings); `rich` adds the
+    optional parts (devices, a bind, seccomp, limits, hooks) for mutations to hit."""
+    cfg: dict[str, Any] = default_config()
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["true"]
+    cfg["root"] = {"path": rootfs, "readonly": False}
+    linux = cfg["linux"]
+    linux["namespaces"] = [*linux["namespaces"], {"type": "user"}]
+    m = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    linux["uidMappings"] = copy.deepcopy(m)
+    linux["gidMappings"] = copy.deepcopy(m)
+    if rich:
+        linux["devices"] = [{"type": "c", "path": "/dev/fuse", "major": 10, "minor": 229,
+                             "fileMode": 0o666, "uid": 0, "gid": 0}]
+        cfg["mounts"].append({"destination": "/mnt", "type": "bind", "source": bind_source,
+                              "options": ["rbind", "ro", "nosuid"]})
+        linux["seccomp"] = copy.deepcopy(SECCOMP_PROFILE)
+        linux["resources"] = {"memory": {"limit": 1 << 28}, "pids": {"limit": 64},
+                              "cpu": {"quota": 50000, "period": 100000}}
+        linux["sysctl"] = {"kernel.msgmax": "8192"}
+        cfg["process"]["oomScoreAdj"] = 100
+        cfg["hooks"] = {"poststop": [{"path": "/nonexistent-hook", "args": ["x"]}]}
+        cfg["annotations"] = {"org.example": "x"}
+    return cfg
+
+
+def value_for(current: object) -> st.SearchStrategy[object]:
+    """Half of the time a value of the field's own type (so the mutation gets past
+    the type check and reaches the code behind it), else anything."""
+    if isinstance(current, str):
+        typed: st.SearchStrategy[object] = st.sampled_from(HOSTILE_STRINGS) | st.text(max_size=20)
+    elif isinstance(current, bool):
+        typed = st.booleans()
+    elif isinstance(current, int):
+        typed = st.sampled_from(HOSTILE_INTS) | st.integers()
+    elif isinstance(current, list) and current and isinstance(current[0], str):
+        typed = st.lists(st.sampled_from(HOSTILE_STRINGS), min_size=1, max_size=4)
+    else:
+        return hostile_values
+    return typed | hostile_values
+
+
+@st.composite
+def mutated_configs(draw: st.DrawFn, rootfs: str, bind_source: str) -> object:
+    cfg: object = base_config(rootfs, draw(st.sampled_from([False, True, True])), bind_source)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["target", "target", "target", "any", "inject", "inject",
+                                   "delete", "unknown", "dup"]))
+        if op == "inject":
+            # A hostile character or fragment inside one of the config's strings.
+            leaves = [p for p in _paths(cfg) if isinstance(_get(cfg, p), str)]
+            pathish = [p for p in leaves if p and p[-1] in PATH_KEYS]
+            prefer_paths = draw(st.booleans())
+            if pathish and prefer_paths:
+                leaves = pathish  # the strings that become syscall arguments on the host
+            if leaves:
+                path = draw(st.sampled_from(leaves))
+                old = _get(cfg, path)
+                assert isinstance(old, str)
+                at = draw(st.integers(0, len(old)))
+                frag = draw(st.sampled_from(INJECT))
+                cfg = _set(cfg, path, old[:at] + frag + old[at:])
+        elif op in ("target", "any"):
+            path = draw(st.sampled_from(TARGETS if op == "target" else list(_paths(cfg))))
+            cfg = _set(cfg, path, draw(value_for(_get(cfg, path))))
+        elif op == "delete":
+            cfg = _delete(cfg, draw(st.sampled_from(list(_paths(cfg))[1:] or [()])))
+        elif op == "unknown":
+            parents = [p for p in _paths(cfg) if isinstance(_get(cfg, p), dict)]
+            if parents:
+                p = draw(st.sampled_from(parents))
+                cfg = _set(cfg, (*p, draw(st.text(max_size=8) | st.sampled_from(HOSTILE_STRINGS))),
+                           draw(json_scalars))
+        else:
+            lists = [p for p in _paths(cfg) if isinstance(_get(cfg, p), list) and _get(cfg, p)]
+            if lists:
+                p = draw(st.sampled_from(lists))
+                seq = _get(cfg, p)
+                assert isinstance(seq, list)
+                seq.append(copy.deepcopy(seq[0]))
+    return cfg
+
+
+def _get(obj: object, path: tuple[str | int, ...]) -> object:
+    for key in path:
+        if isinstance(obj, dict) and isinstance(key, str):
+            obj = obj.get(key)
+        elif isinstance(obj, list) and isinstance(key, int) and key < len(obj):
+            obj = obj[key]
+        else:
+            return None
+    return obj
+
+
+def any_configs(rootfs: str, bind_source: str) -> st.SearchStrategy[object]:
+    return st.one_of(
+        mutated_configs(rootfs, bind_source),
+        mutated_configs(rootfs, bind_source),
+        json_values,
+        st.dictionaries(st.sampled_from(["ociVersion", "process", "root", "mounts", "linux",
+                                         "hooks", "hostname", "annotations"]),
+                        json_values, max_size=6),
+    )
+
+
+# --- the in-process targets ----------------------------------------------------------------
+
+
+def _one_line(exc: UspawnError | seccomp.SeccompPolicyError) -> str:
+    """What the front ends print (oci.seccomp_for wraps SeccompPolicyError in SpecError)."""
+    return exc.one_line() if isinstance(exc, UspawnError) else SpecError(str(exc)).one_line()
+
+
+def check_config(obj: object) -> str:
+    """decode + validate + plan (+ the seccomp conversion): 'ok' or 'error'."""
+    try:
+        spec = S.decode(S.Spec, obj, unknown=[])
+        S.validate(spec)
+        planmod.build(spec, "off")
+        if spec.linux is not None and spec.linux.seccomp is not None:
+            seccomp.policy_from_oci(spec.linux.seccomp)
+    except ALLOWED as exc:
+        msg = _one_line(exc)
+        assert msg and msg.isprintable(), f"error is not one printable line: {msg!r}"
+        return "error"
+    return "ok"
+
+
+def _dump(obj: object, deep: int) -> str:
+    """JSON text; `deep` > 0 puts a nesting deeper than any parser recursion limit in."""
+    text = json.dumps(obj, allow_nan=True)
+    if deep and isinstance(obj, dict):
+        inner = "[" * deep + "]" * deep
+        text = "{" + f'"annotations": {{"x": {inner}}}, ' + text[1:] if text != "{}" else (
+            f'{{"annotations": {{"x": {inner}}}}}')
+    return text
+
+
+def check_bundle_text(bundle: Path, text: str | bytes) -> str:
+    """oci.load_bundle on raw config.json bytes (the JSON parser is fuzzed too)."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    (bundle / "config.json").write_bytes(data)
+    try:
+        spec = oci.load_bundle(str(bundle), lambda msg: None)
+        planmod.build(spec, "off")
+        if spec.linux is not None and spec.linux.seccomp is not None:
+            seccomp.policy_from_oci(spec.linux.seccomp)
+    except ALLOWED as exc:
+        msg = _one_line(exc)
+        assert msg and msg.isprintable(), f"error is not one printable line: {msg!r}"
+        return "error"
+    return "ok"
+
+
+def seccomp_profiles() -> st.SearchStrategy[object]:
+    rule = st.fixed_dictionaries(
+        {"names": st.lists(st.sampled_from(["read", "mknodat", "keyctl", "bpf", "no_such_call",
+                                            "", "clone3", "personality"]) | st.text(max_size=8),
+                           max_size=3)},
+        optional={
+            "action": st.sampled_from(oci_defaults_actions()) | json_scalars,
+            "errnoRet": st.sampled_from(HOSTILE_INTS) | json_scalars,
+            "args": st.lists(st.fixed_dictionaries(
+                {"index": st.sampled_from(HOSTILE_INTS) | json_scalars,
+                 "value": st.sampled_from(HOSTILE_INTS) | json_scalars,
+                 "op": st.sampled_from(oci_defaults_ops()) | json_scalars},
+                optional={"valueTwo": st.sampled_from(HOSTILE_INTS) | json_scalars}),
+                max_size=3) | json_scalars,
+        })
+    profile = st.fixed_dictionaries(
+        {},
+        optional={
+            "defaultAction": st.sampled_from(oci_defaults_actions()) | json_scalars,
+            "defaultErrnoRet": st.sampled_from(HOSTILE_INTS) | json_scalars,
+            "architectures": st.lists(st.sampled_from(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86",
+                                                       "SCMP_ARCH_AARCH64", "SCMP_ARCH_NOPE",
+                                                       "x86_64"]) | json_scalars, max_size=3),
+            "flags": st.lists(st.sampled_from(["SECCOMP_FILTER_FLAG_TSYNC",
+                                               "SECCOMP_FILTER_FLAG_LOG", "NOPE"])
+                              | json_scalars, max_size=2),
+            "syscalls": st.lists(rule, max_size=4) | json_scalars,
+            "listenerPath": st.none() | st.text(max_size=5),
+        })
+    mutated = st.builds(lambda v, p: _set(copy.deepcopy(SECCOMP_PROFILE), p, v),
+                        hostile_values,
+                        st.sampled_from([p for p in _paths(SECCOMP_PROFILE) if p]))
+    return st.one_of(profile, mutated, json_values)
+
+
+def oci_defaults_actions() -> list[str]:
+    from uspawn.oci_defaults import SECCOMP_ACTIONS
+
+    return [*SECCOMP_ACTIONS, "SCMP_ACT_NOTIFY", "SCMP_ACT_NOPE", "ALLOW"]
+
+
+def oci_defaults_ops() -> list[str]:
+    from uspawn.oci_defaults import SECCOMP_OPERATORS
+
+    return [*SECCOMP_OPERATORS, "SCMP_CMP_NOPE", "EQ"]
+
+
+def check_seccomp(obj: object, compile_it: bool) -> str:
+    try:
+        policy = seccomp.policy_from_oci(obj)  # type: ignore[arg-type]  # hostile on purpose
+        if compile_it:
+            # No cache (policy_bpf would store every random program under /var/cache).
+            seccomp.compile_bpf(seccomp.with_mknod_filter(policy))
+    except ALLOWED as exc:
+        msg = _one_line(exc)
+        assert msg and msg.isprintable(), f"error is not one printable line: {msg!r}"
+        return "error"
+    return "ok"
+
+
+# --- argv -------------------------------------------------------------------------------------
+
+CLI_WORDS = [
+    "run", "boot", "list", "status", "stop", "kill", "exec", "shell", "logs", "doctor", "check",
+    "selftest", "mkrootfs", "busybox", "help", "--help", "-h", "--version", "--", "-", "--json",
+    "-D", "--directory", "-M", "--machine", "--name", "--hostname", "-U", "--private-users",
+    "--private-users-ownership", "-u", "--user", "--chdir", "-E", "--setenv", "--capability",
+    "--drop-capability", "--no-new-privileges", "--bind", "--bind-ro", "--network",
+    "--read-only", "-t", "--tty", "-v", "--verbose", "--debug", "-d", "--detach",
+    "--ready-timeout", "--timeout", "-f", "--follow", "--path", "pick", "no", "auto", "map",
+    "chown", "off", "private", "host", "TERM", "SIGKILL", "9", "0", "65", "RTMIN+3", "RTMIN+99",
+    "--bind=/etc:/x:ro", "-Uno", "-Mx", "-vt", "--network=", "--timeout=-1", "--timeout=nan",
+    "--timeout=inf", "--ready-timeout=0", "--nope", "-Z",
+]
+RUNC_WORDS = [
+    "spec", "create", "start", "run", "state", "kill", "delete", "list", "ps", "pause",
+    "resume", "features", "exec", "checkpoint", "--help", "-h", "-v", "--version", "--", "-",
+    "--debug", "--systemd-cgroup", "--rootless", "true", "--criu", "--log-format", "json",
+    "text", "xml", "--log-level", "-b", "--bundle", "--pid-file", "--console-socket",
+    "--no-pivot", "--no-new-keyring", "--preserve-fds", "--no-subreaper", "-d", "--detach",
+    "--keep", "-a", "--all", "-f", "--force", "--format", "table", "-q", "--quiet", "-p",
+    "--process", "-t", "--tty", "--cwd", "-e", "--env", "-u", "--user", "-c", "--cap",
+    "--no-new-privs", "--apparmor", "--process-label", "-g", "--additional-gids",
+    "--ignore-paused", "--cgroup", "TERM", "SIGKILL", "KILL", "9", "0", "-1", "65",
+    "RTMIN+3", "RTMIN+99", "SIGRTMAX", "ZZ", "c1", "bad/id", "..", ".", "a" * 1100,
+    "--preserve-fds=-1", "--preserve-fds=99999999999999999999", "--format=json", "-fq",
+]
+# An argv string has no NUL and is UTF-8, or undecodable bytes that Python
+# surrogate-escapes (such as "/\udcff" in the hostile strings).
+ARG_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+                   max_size=20)
+
+
+ARG_HOSTILE = [s for s in HOSTILE_STRINGS if "\x00" not in s and "\ud800" not in s]
+
+
+def arg_values(sandbox: str) -> st.SearchStrategy[str]:
+    return st.one_of(
+        ARG_TEXT, st.sampled_from(ARG_HOSTILE), st.sampled_from([str(n) for n in HOSTILE_INTS]),
+        st.sampled_from([sandbox, f"{sandbox}/new", f"{sandbox}/no/such/dir", "/nonexistent",
+                         f"{sandbox}/../{os.path.basename(sandbox)}/x", "c1", "fz-1", "x" * 300,
+                         "TERM", "KILL", "SIGRTMIN+2", "RTMIN+70", "²", "٣", "0x9", "+9",
+                         " 9", "9 ", "1.5", "nan", "inf", "-inf", "1e9", "-0", "pick", "0:1",
+                         "524288:65536", "4294967295:2", "a:b:c", "/etc:/x:ro", "K=V", "=V"]),
+    )
+
+
+@st.composite
+def structured_argv(draw: st.DrawFn, commands: list[Any], global_opts: list[Any],
+                    sandbox: str) -> list[str]:
+    """[global options] COMMAND [its options and positionals, with hostile values]."""
+    values = arg_values(sandbox)
+
+    def opt_tokens(opts: list[Any]) -> list[str]:
+        o = draw(st.sampled_from(opts))
+        name = draw(st.sampled_from(list(o.names)))
+        if o.kind == "flag":
+            return [name]
+        value = draw(st.sampled_from(list(o.choices)) | values if o.choices else values)
+        if name.startswith("--") and draw(st.booleans()):
+            return [f"{name}={value}"]
+        return [name, value]
+
+    argv: list[str] = []
+    usable_globals = [o for o in global_opts if "--root" not in o.names and "--log" not in o.names]
+    for _ in range(draw(st.integers(0, 2))):
+        argv += opt_tokens(usable_globals)
+    cmd = draw(st.sampled_from(commands))
+    argv.append(cmd.name)
+    # Mostly the right number of positionals, so that parsing succeeds and the
+    # command itself meets the hostile values; sometimes too few or too many.
+    n_pos = len(cmd.positionals) + draw(st.sampled_from([0, 0, 0, 0, -1, 1]))
+    items = ["pos"] * max(n_pos, 0) + ["opt"] * draw(st.integers(0, 3))
+    if draw(st.integers(0, 9)) == 0:
+        items.append(draw(st.sampled_from(["dashdash", "junk"])))
+    for kind in draw(st.permutations(items)):
+        if kind == "opt" and cmd.opts:
+            argv += opt_tokens(cmd.opts)
+        elif kind == "dashdash":
+            argv.append("--")
+        elif kind == "junk":
+            argv.append(draw(st.sampled_from(["-", "--nope", "-Z", "-h", "--help"]) | ARG_TEXT))
+        elif kind == "pos":
+            argv.append(draw(values))
+    if cmd.rest is not None and draw(st.booleans()):
+        argv += ["--", *draw(st.lists(values, max_size=3))]
+    return argv
+
+
+def argvs(words: list[str], commands: list[Any], global_opts: list[Any],
+          sandbox: str) -> st.SearchStrategy[list[str]]:
+    return st.one_of(
+        structured_argv(commands, global_opts, sandbox),
+        structured_argv(commands, global_opts, sandbox),
+        structured_argv(commands, global_opts, sandbox),
+        st.lists(st.sampled_from(words) | arg_values(sandbox), max_size=8),
+    )
+
+
+def _is_dir_or_file(path: object) -> bool:
+    return isinstance(path, str) and bool(path) and os.path.lexists(path)
+
+
+def _inside(path: object, sandbox: str) -> bool:
+    try:
+        real = os.path.realpath(os.path.join(sandbox, str(path)))
+    except OSError:  # a link it may not read (/proc/1/root in a container): not ours
+        return False
+    return real == sandbox or real.startswith(sandbox + "/")
+
+
+def _safe_cli(argv: list[str], sandbox: str) -> bool:
+    """argv for `uspawn` that cannot start a container, walk the host or write outside sandbox."""
+    from uspawn.cmdline import HelpRequested, parse
+    from uspawn.errors import UsageError
+
+    try:
+        cmd, ns = parse(cli.GLOBAL_OPTS, cli.COMMANDS, argv)
+    except (UsageError, HelpRequested):
+        return True
+    if ns.root != sandbox:
+        return False
+    if cmd in ("run", "boot"):
+        return not _is_dir_or_file(ns.directory) and not getattr(ns, "detach", False)
+    if cmd in ("doctor", "selftest", "mkrootfs", "check"):
+        return (cmd == "mkrootfs" and ns.kind != "busybox") or (
+            cmd == "check" and (not _is_dir_or_file(ns.rootfs) or _inside(ns.rootfs, sandbox)))
+    if cmd == "logs":
+        from uspawn.boot import LOG_DIR
+
+        return not os.path.lexists(os.path.join(LOG_DIR, f"{ns.name}.console.log"))
+    return True  # list, status, stop, kill, exec, shell: name lookups in the sandbox
+
+
+def _safe_runc(argv: list[str], sandbox: str) -> bool:
+    from uspawn.cmdline import HelpRequested, parse
+    from uspawn.errors import UsageError
+
+    if oci_cli._wants_version(argv):
+        return True
+    try:
+        cmd, ns = parse(oci_cli.GLOBAL, oci_cli.COMMANDS, argv, prog="uspawn-runc")
+    except (UsageError, HelpRequested):
+        return True
+    if ns.root != sandbox or (ns.log and not ns.log.startswith(sandbox + "/")):
+        return False
+    bundle = getattr(ns, "bundle", None)
+    if cmd == "spec":
+        return not _is_dir_or_file(bundle) or _inside(bundle, sandbox)
+    if cmd in ("create", "run"):
+        return not os.path.lexists(os.path.join(str(bundle), "config.json")) and not (
+            _is_dir_or_file(ns.pid_file) or _is_dir_or_file(ns.console_socket))
+    if cmd == "exec":
+        return not (_is_dir_or_file(ns.pid_file) or _is_dir_or_file(ns.console_socket))
+    return True
+
+
+def run_main(main: Callable[[list[str]], int], argv: list[str], prog: str, cwd: str) -> int:
+    """main(argv) with output captured and relative paths landing in cwd (the sandbox)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except ALLOWED as exc:  # pragma: no cover - main catches them; keep the message
+            raise AssertionError(f"{prog} {argv!r}: {exc!r} escaped main()") from exc
+    assert isinstance(code, int), (argv, code)
+    lines = err.getvalue().split("\n")[:-1]
+    assert all(line.startswith(f"{prog}: ") and line.isprintable() for line in lines), \
+        (argv, lines)
+    if code != 0:
+        assert code in (1, 2, 125, 130), (argv, code, lines)
+        assert lines, f"{prog} {argv!r}: exit {code} without a message"
+        errors = [line for line in lines if not line.startswith(f"{prog}: warning: ")]
+        assert len(errors) == 1, (argv, lines)
+    return code
+
+
+def check_cli(argv: list[str], sandbox: str) -> int:
+    return run_main(cli.main, ["--root", sandbox, *argv], "uspawn", sandbox)
+
+
+def check_runc(argv: list[str], sandbox: str) -> int:
+    return run_main(oci_cli.main, ["--root", sandbox, *argv], "uspawn-runc", sandbox)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real busybox rootfs (made once per module), a bind source, a bundle dir and
+    a sandbox for state roots and `spec` output."""
+    from uspawn.busybox_rootfs import build_busybox_rootfs
+
+    base = tmp_path_factory.mktemp("fuzz")
+    rootfs = base / "shared" / "rootfs"
+    try:
+        build_busybox_rootfs(str(rootfs))
+    except Exception as exc:
+        skip_or_fail(f"cannot build busybox rootfs: {exc}")
+    (base / "bindsrc").mkdir()
+    (base / "bundle").mkdir()
+    (base / "bundle" / "rootfs").symlink_to(rootfs)  # relative root.path "rootfs" resolves
+    (base / "sandbox").mkdir()
+    return {"base": base, "rootfs": rootfs, "bindsrc": base / "bindsrc",
+            "bundle": base / "bundle", "sandbox": base / "sandbox"}
+
+
+def _strategies(d: dict[str, Path]) -> dict[str, st.SearchStrategy[Any]]:
+    return {
+        "config": any_configs(str(d["rootfs"]), str(d["bindsrc"])),
+        "text": st.tuples(any_configs("rootfs", str(d["bindsrc"])), st.sampled_from(
+            [0, 0, 0, 10, 1500, 100_000])) | st.binary(max_size=64) | st.sampled_from(
+            [b"", b"{", b"[]", b"null", b"\xff\xfe{}", b'{"a": NaN}', b'{"a":1e999999}',
+             b'{"process": {"args": ["\\ud800"]}}', b"{}" * 3, b'{"a": 1} x',
+             b'{"root": {"path": "rootfs"}, "process": {"args": ["x"], "env": ["\\u0000=1"]}}']),
+        "seccomp": st.tuples(seccomp_profiles(), st.booleans()),
+        "cli": argvs(CLI_WORDS, cli.COMMANDS, cli.GLOBAL_OPTS, str(d["sandbox"])),
+        "runc": argvs(RUNC_WORDS, oci_cli.COMMANDS, oci_cli.GLOBAL, str(d["sandbox"])),
+    }
+
+
+def _run_target(name: str, value: Any, d: dict[str, Path]) -> None:
+    sandbox = str(d["sandbox"])
+    if name == "config":
+        check_config(value)
+    elif name == "text":
+        if isinstance(value, tuple):
+            obj, deep = value
+            check_bundle_text(d["bundle"], _dump(obj, deep))
+        else:
+            check_bundle_text(d["bundle"], value)
+    elif name == "seccomp":
+        check_seccomp(value[0], value[1])
+    elif name == "cli":
+        with contextlib.chdir(sandbox):
+            safe = _safe_cli(["--root", sandbox, *value], sandbox)
+        if safe:
+            check_cli(value, sandbox)
+            _clean_sandbox(d["sandbox"])
+    elif name == "runc":
+        with contextlib.chdir(sandbox):
+            safe = _safe_runc(["--root", sandbox, *value], sandbox)
+        if safe:
+            check_runc(value, sandbox)
+            _clean_sandbox(d["sandbox"])
+
+
+def _clean_sandbox(sandbox: Path) -> None:
+    for entry in sandbox.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+# --- in-process tests (default suite: a few hundred cases) ----------------------------------
+
+
+DEFAULT_EXAMPLES = {"config": 250, "text": 100, "seccomp": 120, "cli": 120, "runc": 120}
+
+
+@pytest.mark.parametrize("target", list(DEFAULT_EXAMPLES))
+def test_fuzz_in_process(target: str, fuzz_dirs: dict[str, Path]) -> None:
+    strategy = _strategies(fuzz_dirs)[target]
+
+    @settings(max_examples=DEFAULT_EXAMPLES[target], **COMMON)
+    @given(strategy)
+    def run(value: Any) -> None:
+        _run_target(target, value, fuzz_dirs)
+
+    run()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(DEFAULT_EXAMPLES))
+def test_fuzz_long(target: str, fuzz_dirs: dict[str, Path], request: pytest.FixtureRequest,
+                   ) -> None:
+    """>= 10,000 in-process cases per target: `pytest -m slow tests/test_fuzz.py`."""
+    if not long_run_requested(request.config):
+        pytest.skip("long fuzz run: pass -m slow or set USPAWN_FUZZ_LONG=1")
+    strategy = _strategies(fuzz_dirs)[target]
+    seen = {"n": 0}
+
+    @settings(max_examples=LONG_EXAMPLES, **COMMON)
+    @given(strategy)
+    def run(value: Any) -> None:
+        seen["n"] += 1
+        _run_target(target, value, fuzz_dirs)
+
+    run()
+    assert seen["n"] >= LONG_EXAMPLES
+
+
+def test_pipeline_accepts_the_base_configs(fuzz_dirs: dict[str, Path]) -> None:
+    """The mutations start from configs that pass: the fuzz exercises real code paths."""
+    for rich in (False, True):
+        cfg = base_config(str(fuzz_dirs["rootfs"]), rich, str(fuzz_dirs["bindsrc"]))
+        assert check_config(cfg) == "ok"
+        assert check_bundle_text(fuzz_dirs["bundle"], json.dumps(cfg)) == "ok"
+    assert check_seccomp(SECCOMP_PROFILE, True) == "ok"
+    assert check_runc(["features"], str(fuzz_dirs["sandbox"])) == 0
+    assert check_cli(["list"], str(fuzz_dirs["sandbox"])) == 0
+
+
+# --- end to end: uspawn-runc create + delete --force on mutated bundles -------------------------
+
+E2E_EXAMPLES = int(os.environ.get("USPAWN_FUZZ_E2E_EXAMPLES", "30"))
+E2E_TIMEOUT_S = 20  # a create that takes longer is a hang (the runtime is then SIGKILLed)
+SAFE_HOOKS = ("/nonexistent-hook", "/bin/false", "relative-hook", "")
+# Only nodes whose open has no side effect (a random major:minor could be a watchdog).
+SAFE_DEVICES = [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (10, 229), (4095, 1048575),
+                (2**31, 0), (2**32, 2**32), (-1, -1)]
+
+
+def _runtime(root: Path, *args: str, env: dict[str, str] | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Like test_oci.Oci: output through files (a created init inherits stdio)."""
+    from test_oci import runtime_cmd
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.run([*runtime_cmd(), "--root", str(root), *args], stdout=out,
+                           stderr=err, stdin=subprocess.DEVNULL, timeout=timeout,
+                           env=env)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())
+
+
+def sanitize_for_host(cfg: object, rootfs: str, bundle: Path, cid: str) -> object:
+    """Keep a mutated config from touching the host in ways the fuzz is not about:
+    root.path only our rootfs (or nothing that exists), hooks that run nothing,
+    harmless device numbers, no joins of host namespaces, our own cgroup path,
+    seccomp profiles from a fixed set (the compiled programs are cached on disk)."""
+    if not isinstance(cfg, dict):
+        return cfg
+    root = cfg.get("root")
+    if isinstance(root, dict) and isinstance(root.get("path"), str):
+        p = root["path"]
+        try:
+            resolved = os.path.normpath(os.path.join(str(bundle), p))
+            exists = os.path.lexists(resolved)
+        except ValueError:
+            exists = False
+            resolved = ""
+        if exists and resolved != rootfs:
+            root["path"] = rootfs
+    hooks = cfg.get("hooks")
+    if isinstance(hooks, dict):
+        for lst in hooks.values():
+            for h in lst if isinstance(lst, list) else []:
+                if isinstance(h, dict) and h.get("path") not in SAFE_HOOKS:
+                    h["path"] = SAFE_HOOKS[0]
+    linux = cfg.get("linux")
+    if isinstance(linux, dict):
+        devs = linux.get("devices")
+        for i, d in enumerate(devs if isinstance(devs, list) else []):
+            if isinstance(d, dict):
+                major, minor = SAFE_DEVICES[i % len(SAFE_DEVICES)]
+                if isinstance(d.get("major"), int) and not isinstance(d.get("major"), bool):
+                    d["major"] = major
+                if isinstance(d.get("minor"), int) and not isinstance(d.get("minor"), bool):
+                    d["minor"] = minor
+        nss = linux.get("namespaces")
+        for n in nss if isinstance(nss, list) else []:
+            if isinstance(n, dict) and "path" in n and isinstance(n["path"], str):
+                n["path"] = "/nonexistent/ns" if not n["path"].startswith("/proc/self/ns/user") \
+                    else n["path"]
+        if "cgroupsPath" in linux:
+            linux["cgroupsPath"] = f"/uspawn/{cid}"
+        if "seccomp" in linux:
+            try:
+                seccomp.policy_from_oci(linux["seccomp"])
+                linux["seccomp"] = copy.deepcopy(SECCOMP_PROFILE)
+            except seccomp.SeccompPolicyError:
+                pass  # refused before anything is compiled or cached
+            except Exception:  # the in-process fuzz reports those; keep this case valid
+                linux["seccomp"] = copy.deepcopy(SECCOMP_PROFILE)
+        if "sysctl" in linux:
+            linux["sysctl"] = {"kernel.msgmax": "8192"} if linux["sysctl"] else {}
+    return cfg
+
+
+def _procs_in_cgroup_named(cid: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cgroup") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if any(line.endswith(f"/{cid}") or f"/{cid}/" in line for line in text.splitlines()):
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return not f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def e2e(fuzz_dirs: dict[str, Path], need_root: None) -> Iterator[dict[str, Path]]:
+    d = dict(fuzz_dirs)
+    d["state"] = d["base"] / "oci-state"
+    d["bundles"] = d["base"] / "bundles"
+    d["bundles"].mkdir()
+    yield d
+    for cid in os.listdir(d["state"]) if d["state"].exists() else []:
+        _runtime(d["state"], "delete", "--force", cid)  # only after a failure
+
+
+def e2e_case(d: dict[str, Path], cfg: object, outcomes: dict[str, int],
+             text: str | None = None, runtime_opts: tuple[str, ...] = ()) -> None:
+    """create + delete --force + leak checks for one config (or raw config.json text)."""
+    cid = f"fz-{uuid.uuid4().hex[:10]}"
+    bundle = d["bundles"] / cid
+    bundle.mkdir()
+    if text is None:
+        cfg = sanitize_for_host(cfg, str(d["rootfs"]), bundle, cid)
+        text = json.dumps(cfg)
+    (bundle / "config.json").write_text(text, errors="surrogatepass")
+    pid_file = bundle / "pid"
+    what = f"config={text[:3000]!r}"
+    try:
+        try:
+            r = _runtime(d["state"], *runtime_opts, "create", "--bundle", str(bundle),
+                         "--pid-file", str(pid_file), cid, timeout=E2E_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"create hung (> {E2E_TIMEOUT_S}s); {what}") from None
+        what = f"create rc={r.returncode} stderr={r.stderr!r} {what}"
+        outcomes["ok" if r.returncode == 0 else "error"] += 1
+        assert r.returncode in (0, 1), what
+        assert "Traceback" not in r.stderr, what
+        lines = r.stderr.split("\n")[:-1]
+        assert all(line.startswith("uspawn-runc: ") and line.isprintable() for line in lines), \
+            what
+        errors = [line for line in lines if not line.startswith("uspawn-runc: warning: ")]
+        assert len(errors) == (1 if r.returncode else 0), what
+    finally:
+        # Always, so that a failed assertion above leaves no container behind.
+        pid = int(pid_file.read_text()) if pid_file.exists() else 0
+        dr = _runtime(d["state"], "delete", "--force", cid)
+    assert dr.returncode == 0 and "Traceback" not in dr.stderr, \
+        f"delete --force: {dr.stderr!r}; {what}"
+    assert not d["state"].exists() or os.listdir(d["state"]) == [], what
+    assert cgroup_dirs(cid) == [], what
+    assert _wait_until(lambda: _procs_in_cgroup_named(cid) == [], 5), what
+    if pid:
+        assert _wait_until(lambda: not _alive(pid), 5), f"init {pid} alive; {what}"
+    assert mounts_under(d["base"]) == [], what
+    shutil.rmtree(bundle)
+
+
+def test_fuzz_oci_create_end_to_end(e2e: dict[str, Path]) -> None:
+    outcomes = {"ok": 0, "error": 0}
+    strategy = mutated_configs(str(e2e["rootfs"]), str(e2e["bindsrc"]))
+
+    # No shrinking: each step would cost a create (a hang 20 s); the failing config
+    # is in the assertion message.
+    @settings(max_examples=E2E_EXAMPLES, phases=[Phase.generate], **COMMON)
+    @given(strategy)
+    def run(cfg: object) -> None:
+        e2e_case(e2e, cfg, outcomes)
+
+    # The unmutated configs first: they must create (so cleanup after success is tested).
+    for rich in (False, True):
+        e2e_case(e2e, base_config(str(e2e["rootfs"]), rich, str(e2e["bindsrc"])), outcomes)
+    assert outcomes["ok"] == 2, outcomes
+    run()
+    assert outcomes["ok"] + outcomes["error"] >= E2E_EXAMPLES
+
+
+# --- regressions: what this fuzz found, replayed every run ------------------------------------
+
+
+def _rich(d: dict[str, Path], change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+    cfg = base_config(str(d["rootfs"]), True, str(d["bindsrc"]))
+    change(cfg)
+    return cfg
+
+
+FOUND_IN_PROCESS: dict[str, Callable[[dict[str, Path]], object]] = {
+    # oci.load_bundle: RecursionError from the JSON parser.
+    "deeply-nested-json": lambda d: check_bundle_text(d["bundle"], "[" * 100_000 + "]" * 100_000),
+    # a hostile key breaks the one-line error (and can forge a second line).
+    "newline-in-key": lambda d: check_config({"annotations": {"a\nuspawn-runc: fake": 1}}),
+    # ... or drives the terminal that shows it.
+    "escape-in-key": lambda d: check_config({"annotations": {"\x1b]0;owned\x07": 1}}),
+    # plan.build: os.lstat ValueError on a bind source.
+    "nul-in-bind-source": lambda d: check_config(_rich(d, lambda c: c["mounts"][-1].update(
+        source=str(d["bindsrc"]) + "\x00x"))),
+    # seccomp.compile_bpf: UnicodeEncodeError on a syscall name.
+    "surrogate-in-syscall-name": lambda d: check_seccomp(
+        _set(copy.deepcopy(SECCOMP_PROFILE), ("syscalls", 0, "names", 0), "re\ud800ad"), True),
+    # seccomp.compile_bpf: OSError from libseccomp for an errno >= 4095 as default action.
+    "default-errno-4095": lambda d: check_seccomp(
+        _set(copy.deepcopy(SECCOMP_PROFILE), ("defaultErrnoRet",), 4095), True),
+    # presets.check_rootfs: os.path.realpath raises on a link it cannot read (EACCES
+    # where pid 1 belongs to another container; elsewhere a plain "no such file").
+    "unreadable-link-in-rootfs-path": lambda d: check_cli(
+        ["run", "-D", "/proc/1/root/nonexistent", "--", "true"], str(d["sandbox"])),
+    # machines.logs_command: ENAMETOOLONG from open().
+    "long-name-logs": lambda d: check_cli(["logs", "m" * 300], str(d["sandbox"])),
+    # uspawn-runc spec: FileNotFoundError.
+    "spec-into-missing-dir": lambda d: check_runc(["spec", "-b", "no/such/dir"],
+                                                  str(d["sandbox"])),
+    # machines.parse_signal: int("²") raises ValueError.
+    "superscript-signal-runc": lambda d: check_runc(["kill", "c1", "²"], str(d["sandbox"])),
+    "superscript-signal-rtmin": lambda d: check_runc(["kill", "c1", "RTMIN+²"],
+                                                     str(d["sandbox"])),
+    # oci.IdLock: ENAMETOOLONG for ids of 256..1024 characters (check_id allows 1024).
+    "long-id-start": lambda d: check_runc(["start", "a" * 300], str(d["sandbox"])),
+}
+
+
+@pytest.mark.parametrize("case", list(FOUND_IN_PROCESS))
+def test_found_in_process(case: str, fuzz_dirs: dict[str, Path]) -> None:
+    try:
+        FOUND_IN_PROCESS[case](fuzz_dirs)
+    finally:
+        _clean_sandbox(fuzz_dirs["sandbox"])
+
+
+FOUND_END_TO_END: dict[str, Callable[[dict[str, Path]], dict[str, Any]]] = {
+    # parent: os.mknod ValueError while building /dev (traceback).
+    "nul-in-device-path": lambda d: _rich(d, lambda c: c["linux"]["devices"][0].update(
+        path="/dev/fu\x00se")),
+    # parent: write_id_maps fails, then waits forever to reap stage A (which waits
+    # for MAPPED on a channel the parent still holds open).
+    "overlapping-gid-mappings": lambda d: _rich(d, lambda c: c["linux"].update(
+        gidMappings=c["linux"]["gidMappings"] * 2)),
+    "newline-in-unknown-key": lambda d: _rich(d, lambda c: c["linux"].update(
+        {"x\nuspawn-runc: forged line": 1})),
+}
+
+
+@pytest.mark.parametrize("case", list(FOUND_END_TO_END))
+def test_found_end_to_end(case: str, e2e: dict[str, Path]) -> None:
+    e2e_case(e2e, FOUND_END_TO_END[case](e2e), {"ok": 0, "error": 0})
+
+
+def test_found_long_id_create(e2e: dict[str, Path]) -> None:
+    """oci.create: os.mkdir ENAMETOOLONG for an id of 256..1024 characters."""
+    bundle = e2e["bundles"] / "long-id"
+    bundle.mkdir()
+    cfg = base_config(str(e2e["rootfs"]), False, str(e2e["bindsrc"]))
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    cid = "a" * 300
+    try:
+        r = _runtime(e2e["state"], "create", "--bundle", str(bundle), cid)
+    finally:
+        _runtime(e2e["state"], "delete", "--force", cid)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert not e2e["state"].exists() or os.listdir(e2e["state"]) == []
+
+
+def test_found_deep_json_end_to_end(e2e: dict[str, Path]) -> None:
+    e2e_case(e2e, None, {"ok": 0, "error": 0}, text="[" * 100_000 + "]" * 100_000)
+
+
+def test_found_unencodable_error_with_log_file(e2e: dict[str, Path]) -> None:
+    """--log FILE: an error naming a key with a lone surrogate (UnicodeEncodeError)."""
+    log = e2e["base"] / "runtime.log"
+    cfg = base_config(str(e2e["rootfs"]), False, str(e2e["bindsrc"]))
+    text = json.dumps(cfg)[:-1] + ', "annotations": {"\\ud800": 1}}'
+    e2e_case(e2e, None, {"ok": 0, "error": 0}, text=text, runtime_opts=("--log", str(log)))
+    assert log.exists() and "annotations" in log.read_text()
