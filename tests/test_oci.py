@@ -359,3 +359,25 @@ def test_concurrent_commands_on_one_id(oci: Oci, rootfs: Path, tmp_path: Path) -
     assert [rc for cmd, rc, _ in results if cmd == "delete"] == [0, 0]
     assert oci("list", "-q").stdout.strip() == ""
     assert cgroup_dirs("cc") == []
+
+
+def test_cgroups_path_never_takes_over_a_foreign_cgroup(oci: Oci, rootfs: Path,
+                                                        tmp_path: Path) -> None:
+    from uspawn.linux.cgroups import detect_layout
+
+    _layout, unified = detect_layout()
+    assert unified is not None
+    foreign = Path(unified) / f"usptest-foreign-{os.getpid()}"
+    (foreign / "child").mkdir(parents=True)
+    try:
+        b = make_bundle(tmp_path, rootfs, ["true"])
+        cfg = json.loads((b / "config.json").read_text())
+        cfg["linux"]["cgroupsPath"] = "/" + foreign.name
+        (b / "config.json").write_text(json.dumps(cfg))
+        r = oci("create", "--bundle", str(b), "fc", check=False)
+        assert r.returncode == 1 and "belongs to someone else" in r.stderr
+        assert (foreign / "child").is_dir()  # untouched
+        assert oci("list", "-q").stdout.strip() == ""
+    finally:
+        (foreign / "child").rmdir()
+        foreign.rmdir()

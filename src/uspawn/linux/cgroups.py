@@ -255,9 +255,12 @@ def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = No
             try:
                 os.mkdir(d)
             except FileExistsError:
-                if _procs(d):
-                    raise CgroupError(f"cgroup {d} already holds processes; "
-                                      "it belongs to another container") from None
+                # Only an empty leaf (our own leftover) is reused: a cgroup with
+                # processes or sub-cgroups belongs to someone else (an OCI
+                # cgroupsPath of "/system.slice" must not take over the host's).
+                if _procs(d) or any(e.is_dir() for e in os.scandir(d)):
+                    raise CgroupError(f"cgroup {d} already holds processes or sub-cgroups;"
+                                      " it belongs to someone else") from None
             dirs.append(d)
     except BaseException:
         cg.destroy()
