@@ -256,7 +256,6 @@ class Container:
                 except OSError as exc:
                     raise SetupError(f"delegate cgroup to the container: {exc}") from None
             self._apply_resources()
-            self._device_policy(host)
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch
             pid_a, joined = self._fork_in_cgroup()
@@ -446,7 +445,10 @@ class Container:
                 raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: {exc.strerror}") from None
             self.ch.mapped()  # 2
             devices.test_kill_point("parent-mapped")
-            # Build the host-side mounts while stage A unshares and forks.
+            # While stage A unshares and forks: the device policy (attached to the
+            # cgroup before the init can open any node: it waits for MOUNTS) and
+            # the host-side mounts.
+            self._device_policy(host)
             self._build_mounts(host, userns_fd, root_uid, root_gid, fds)
         finally:
             if userns_fd >= 0:
