@@ -25,16 +25,15 @@ the subnet size are arguments (NetPool(pool=..., prefixlen=...)).
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import socket
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from . import state
 from .errors import SpecError, StateError, UsageError, UspawnError
+from .linux.flock import flock_exclusive
 
 NET_DIR = "/run/uspawn/net"
 DEFAULT_POOL = "10.252.0.0/16"
@@ -168,16 +167,9 @@ class NetPool:
             os.makedirs(d, mode=0o700, exist_ok=True)
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            deadline = time.monotonic() + LOCK_TIMEOUT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StateError(f"timed out waiting for the lock on {self.dir}",
-                                         "another uspawn is allocating addresses") from None
-                    time.sleep(0.02)
+            if not flock_exclusive(fd, LOCK_TIMEOUT):
+                raise StateError(f"timed out waiting for the lock on {self.dir}",
+                                 "another uspawn is allocating addresses")
             yield
         finally:
             os.close(fd)

@@ -109,7 +109,7 @@ class IdLock:
     Bounded: a wedged holder gives an error, never a hang."""
 
     def __init__(self, cdir: str, timeout: float = 30) -> None:
-        import fcntl
+        from .linux.flock import flock_exclusive
 
         try:
             self.fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -117,17 +117,10 @@ class IdLock:
             raise OciError(f"container {os.path.basename(cdir)!r} does not exist") from None
         except OSError as exc:
             raise OciError(f"container {os.path.basename(cdir)!r}: {exc.strerror}") from None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self.fd)
-                    raise OciError(f"container {os.path.basename(cdir)!r} is busy: another "
-                                   f"command held its lock for {timeout:.0f}s") from None
-                time.sleep(0.01)
+        if not flock_exclusive(self.fd, timeout):
+            os.close(self.fd)
+            raise OciError(f"container {os.path.basename(cdir)!r} is busy: another "
+                           f"command held its lock for {timeout:.0f}s")
 
     def __enter__(self) -> IdLock:
         return self

@@ -41,27 +41,27 @@ def _mkdir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
-def proc_starttime(pid: int) -> int | None:
-    """Start time of pid (clock ticks since boot), or None when it is gone."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on, or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     # comm may contain spaces and ')': split after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19])
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def proc_starttime(pid: int) -> int | None:
+    """Start time of pid (clock ticks since boot), or None when it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def proc_running(pid: int, starttime: object) -> bool:
     """pid exists, is the process that started at starttime, and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0] != b"Z" and int(fields[19]) == starttime
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z" and int(fields[19]) == starttime
 
 
 def owner_alive(record: dict[str, object]) -> bool:

@@ -23,17 +23,16 @@ nft runs with a timeout; every step that fails removes what this call made.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SetupError, SpecError, StateError
 from . import syscalls
+from .flock import flock_exclusive
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -325,16 +324,9 @@ def _nft_lock() -> Iterator[None]:
     os.makedirs(os.path.dirname(NFT_LOCK), exist_ok=True)
     fd = os.open(NFT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StateError(f"timed out waiting for {NFT_LOCK}",
-                                     "another uspawn is editing the nft table") from None
-                time.sleep(0.02)
+        if not flock_exclusive(fd, LOCK_TIMEOUT):
+            raise StateError(f"timed out waiting for {NFT_LOCK}",
+                             "another uspawn is editing the nft table")
         yield
     finally:
         os.close(fd)
