@@ -156,6 +156,22 @@ def mounts_under(path: object) -> list[str]:
     return [p for p in points if p == prefix or p.startswith(prefix + "/")]
 
 
+def processes_in_cgroup_named(name: str) -> list[int]:
+    """Host pids whose cgroup (any hierarchy) is NAME or below it."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        if any(line.endswith(f"/{name}") or f"/{name}/" in line for line in lines):
+            found.append(int(entry))
+    return found
+
+
 def cgroup_dirs(name: str) -> list[str]:
     found = []
     for base in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory",

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import cgroup_dirs, mounts_under, uspawn_cmd
+from conftest import cgroup_dirs, mounts_under, processes_in_cgroup_named, uspawn_cmd
 from test_oci import make_bundle, runtime_cmd
 
 PARENT_POINTS = ["parent-cgroup", "parent-forked", "parent-mapped", "parent-init-pid",
@@ -95,22 +95,6 @@ def processes_in(tree: Path) -> list[str]:
             if target == prefix or target.startswith(prefix + "/"):
                 found.append(f"{entry} {link}={target}")
                 break
-    return found
-
-
-def processes_in_cgroup_named(name: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cgroup") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        if any(line.endswith(f"/uspawn/{name}") or f"/uspawn/{name}/" in line
-               for line in lines):
-            found.append(int(entry))
     return found
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cgroup_dirs, mounts_under, skip_or_fail
+from conftest import cgroup_dirs, mounts_under, processes_in_cgroup_named, skip_or_fail
 from hypothesis import HealthCheck, Phase, given, settings  # the `test` extra
 from hypothesis import strategies as st
 
@@ -842,21 +842,6 @@ def sanitize_for_host(cfg: object, rootfs: str, bundle: Path, cid: str) -> objec
     return cfg
 
 
-def _procs_in_cgroup_named(cid: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cgroup") as f:
-                text = f.read()
-        except OSError:
-            continue
-        if any(line.endswith(f"/{cid}") or f"/{cid}/" in line for line in text.splitlines()):
-            found.append(int(entry))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -921,7 +906,7 @@ def e2e_case(d: dict[str, Path], cfg: object, outcomes: dict[str, int],
         f"delete --force: {dr.stderr!r}; {what}"
     assert not d["state"].exists() or os.listdir(d["state"]) == [], what
     assert cgroup_dirs(cid) == [], what
-    assert _wait_until(lambda: _procs_in_cgroup_named(cid) == [], 5), what
+    assert _wait_until(lambda: processes_in_cgroup_named(cid) == [], 5), what
     if pid:
         assert _wait_until(lambda: not _alive(pid), 5), f"init {pid} alive; {what}"
     assert mounts_under(d["base"]) == [], what

@@ -205,14 +205,16 @@ def _open_regular(rootfd: int, rel: str, seen: set[tuple[int, int]] | None = Non
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (seen is not None and (st.st_dev, st.st_ino) in seen):
+        if seen is not None and (st.st_dev, st.st_ino) in seen:
+            return None
+        rfd = mounts.reopen_regular(fd)
+        if rfd is None:
             return None
         if seen is not None:
             seen.add((st.st_dev, st.st_ino))
-        # Re-open the very inode the O_PATH fd holds; the type is checked already.
-        proc = f"/proc/self/fd/{fd}"
-        with open(proc, encoding="utf-8", errors="replace") as f:
-            return f.read(1 << 20), os.path.basename(os.readlink(proc))
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        with open(rfd, encoding="utf-8", errors="replace") as f:
+            return f.read(1 << 20), name
     except OSError:
         return None
     finally:

@@ -107,21 +107,18 @@ def _read_in_root(root: str, path: str) -> str:
 
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        # O_PATH first: opening a FIFO would block forever, and opening a device
-        # node as host root runs its driver (a watchdog, a tape). Check, then open.
         pfd = mounts.open_in_root(rootfd, path, os.O_PATH | os.O_NOFOLLOW)
     except OSError:
         return ""
     finally:
         os.close(rootfd)
     try:
-        mode = os.fstat(pfd).st_mode
-        if stat.S_ISLNK(mode):
+        if stat.S_ISLNK(os.fstat(pfd).st_mode):
             return ""  # never followed, as before
-        if not stat.S_ISREG(mode):
+        fd = mounts.reopen_regular(pfd)
+        if fd is None:
             raise SpecError(f"rootfs {root}: {path} is not a regular file",
                             "a tree's /etc files must be plain files")
-        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(pfd)
     with os.fdopen(fd) as f:

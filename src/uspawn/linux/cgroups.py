@@ -28,25 +28,29 @@ class CgroupError(Exception):
     pass
 
 
-def _is_cgroup2(path: str) -> bool:
+def _cgroup2_mounts() -> set[str]:
+    """Mount points of cgroup2 filesystems, from one read of mountinfo."""
+    found = set()
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                if fields[4] == path and fields[sep + 1] == "cgroup2":
-                    return True
+                if fields[sep + 1] == "cgroup2":
+                    found.add(fields[4])
     except (OSError, ValueError):
         pass
-    return False
+    return found
 
 
-def detect_layout() -> tuple[str, str | None]:
+def detect_layout(cgroup2: set[str] | None = None) -> tuple[str, str | None]:
     """Return (layout, cgroup2 mount point or None)."""
-    if _is_cgroup2(CGROUP_ROOT):
+    if cgroup2 is None:
+        cgroup2 = _cgroup2_mounts()
+    if CGROUP_ROOT in cgroup2:
         return "unified", CGROUP_ROOT
     unified = os.path.join(CGROUP_ROOT, "unified")
-    if _is_cgroup2(unified):
+    if unified in cgroup2:
         return "hybrid", unified
     return "legacy", None
 
@@ -226,7 +230,8 @@ def oci_cgroup_path(cgroups_path: str, container_id: str) -> str:
 def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = None) -> Cgroup:
     """Create the container's cgroups. v1 hierarchies are used only on legacy
     hosts, or on hybrid hosts for controllers cgroup2 lacks there (limits)."""
-    layout, unified = detect_layout()
+    cgroup2 = _cgroup2_mounts()
+    layout, unified = detect_layout(cgroup2)
     targets: list[str] = []
     if unified is not None:
         targets.append(unified)
@@ -238,7 +243,7 @@ def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = No
             if ctrl in v2_has:
                 continue
             base = os.path.join(CGROUP_ROOT, ctrl)
-            if os.path.isdir(base) and not _is_cgroup2(base):
+            if os.path.isdir(base) and base not in cgroup2:
                 targets.append(base)
     if not targets:
         raise CgroupError("no usable cgroup hierarchy found under /sys/fs/cgroup")

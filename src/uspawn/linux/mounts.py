@@ -158,6 +158,17 @@ def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
     return sc.openat2(rootfd, path.lstrip("/") or ".", flags | os.O_CLOEXEC, _RESOLVE)
 
 
+def reopen_regular(path_fd: int) -> int | None:
+    """A readable fd for the regular file an O_PATH fd holds, else None.
+
+    Check, then open the very inode: opening a FIFO would block forever, and
+    opening a device node as host root runs its driver (a watchdog, a tape).
+    """
+    if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+        return None
+    return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
 def ensure_in_root(rootfd: int, path: str, kind: str = "dir", mode: int = 0o755) -> int:
     """Resolve path inside rootfd, creating what is missing; return an O_PATH fd.
 
