@@ -445,3 +445,132 @@ def test_unwritable_cache_falls_back_to_memory(
     with open(blocker, "w"):
         pass
     assert seccomp.policy_bpf(default_policy(True), os.path.join(blocker, "c")) == compiled
+
+
+# --- ioctl: no terminal input injection (TIOCSTI, TIOCLINUX) ---
+
+TIOCSTI, TIOCLINUX, TCGETS, TIOCGWINSZ, TIOCSCTTY = 0x5412, 0x541C, 0x5401, 0x5413, 0x540E
+
+
+def test_tty_inject_requests_match_the_host() -> None:
+    import termios
+
+    assert seccomp.tty_inject_requests() == (termios.TIOCSTI, termios.TIOCLINUX)
+
+
+@pytest.mark.parametrize("userns", [True, False])
+@pytest.mark.parametrize(
+    ("cmd", "expected"),
+    [
+        (TIOCSTI, EPERM),
+        (TIOCLINUX, EPERM),
+        (TIOCSTI | 1 << 32, EPERM),  # the kernel truncates the request to unsigned int
+        (TIOCSTI | 0xFFFFFFFF << 32, EPERM),
+        (TIOCLINUX | 1 << 63, EPERM),
+        (TCGETS, ALLOW),
+        (TIOCGWINSZ, ALLOW),
+        (TIOCSCTTY, ALLOW),
+        (TIOCSTI ^ 1, ALLOW),
+        (TIOCSTI ^ 1 << 31, ALLOW),
+        (TIOCSTI ^ 1 << 31 | 1 << 40, ALLOW),
+        (0, ALLOW),
+        (0xFFFFFFFF, ALLOW),
+        (0xC0045878, ALLOW),  # FITHAW: anything else is the kernel's business
+    ],
+)
+def test_ioctl_filter_model(userns: bool, cmd: int, expected: Action) -> None:
+    assert evaluate(default_policy(userns), "ioctl", (0, cmd, 0, 0, 0, 0)) == expected
+
+
+def test_complement_masks_partition_the_values() -> None:
+    for excluded in ((TIOCSTI, TIOCLINUX), (0,), (0xFFFFFFFF, 0, 0x80017472), (7, 7)):
+        pairs = seccomp.complement_masks(excluded)
+        # every pair is within 32 bits and matches none of the excluded values
+        assert all(m <= 0xFFFFFFFF and v & ~m == 0 for m, v in pairs)
+        assert not [(m, v) for m, v in pairs for x in excluded if x & m == v]
+        # pairwise disjoint, and together as large as everything else: a partition
+        for i, (m1, v1) in enumerate(pairs):
+            for m2, v2 in pairs[i + 1:]:
+                assert (v1 ^ v2) & m1 & m2, ((m1, v1), (m2, v2))
+        covered = sum(1 << (32 - bin(m).count("1")) for m, _ in pairs)
+        assert covered == (1 << 32) - len(set(excluded))
+        assert len(pairs) <= 32 * len(set(excluded))
+
+
+# A classic-BPF interpreter for the instructions libseccomp emits, to run the compiled
+# program (not only the policy model) over many requests. seccomp_data: nr, arch,
+# instruction_pointer, args[6], little-endian.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "x86": 0x40000003}
+_NR_IOCTL = {"x86_64": 16, "x86": 54}
+
+
+def run_bpf(program: bytes, nr: int, arch: int, args: tuple[int, ...]) -> int:
+    import struct
+
+    data = struct.pack("<IIQ6Q", nr, arch, 0, *args)
+    insns = [struct.unpack_from("<HBBI", program, i) for i in range(0, len(program), 8)]
+    acc, mem, pc = 0, [0] * 16, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code == 0x20:  # ld [k]
+            acc = struct.unpack_from("<I", data, k)[0]
+        elif code == 0x00:  # ld #k
+            acc = k
+        elif code == 0x02:  # st M[k]
+            mem[k] = acc
+        elif code == 0x60:  # ld M[k]
+            acc = mem[k]
+        elif code == 0x54:  # and #k
+            acc &= k
+        elif code == 0x05:  # ja
+            pc += k
+        elif code in (0x15, 0x25, 0x35, 0x45):  # jeq, jgt, jge, jset
+            taken = {0x15: acc == k, 0x25: acc > k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        elif code == 0x06:  # ret #k
+            return int(k)
+        else:
+            raise AssertionError(f"opcode {code:#x} not emulated")
+
+
+def test_compiled_ioctl_filter(compiled: bytes) -> None:
+    import random
+
+    if os.uname().machine != "x86_64":
+        pytest.skip("audit arch and syscall numbers listed for x86_64 only")
+    ret_eperm, ret_allow = 0x00050000 | errno.EPERM, 0x7FFF0000
+    rng = random.Random(19)
+    refused = (TIOCSTI, TIOCLINUX)
+    requests = [*range(0x5400, 0x5500), *(rng.getrandbits(64) for _ in range(2000))]
+    requests += [x ^ 1 << i for x in refused for i in range(64)]
+    requests += [x | rng.getrandbits(32) << 32 for x in refused for _ in range(50)]
+    for arch in ("x86_64", "x86"):
+        width = 64 if arch == "x86_64" else 32  # compat arguments are 32-bit
+        for req in requests:
+            req &= (1 << width) - 1
+            want = ret_eperm if req & 0xFFFFFFFF in refused else ret_allow
+            got = run_bpf(compiled, _NR_IOCTL[arch], _AUDIT_ARCH[arch], (3, req, 0, 0, 0, 0))
+            assert got == want, (arch, hex(req), hex(got))
+
+
+def test_oci_profile_gets_the_tty_ioctl_filter() -> None:
+    from uspawn.linux.seccomp import with_tty_ioctl_filter
+
+    # moby's default profile shape: ioctl on the unconditional allow list
+    docker = Policy(EPERM, [Rule(("read", "ioctl", "write"), ALLOW)])
+    filtered = with_tty_ioctl_filter(docker)
+    assert filtered.rules[0].names == ("read", "write")
+    assert not [r for r in filtered.rules_for("ioctl") if not r.args]
+    for req, want in ((TIOCSTI, EPERM), (TIOCSTI | 1 << 33, EPERM), (TCGETS, ALLOW)):
+        assert evaluate(filtered, "ioctl", (0, req, 0, 0, 0, 0)) == want
+    seccomp.compile_bpf(filtered)
+    # an ALLOW default (uspawn-runc without a profile): only the two refusals
+    permissive = with_tty_ioctl_filter(Policy(ALLOW, []))
+    assert [r.action for r in permissive.rules] == [EPERM, EPERM]
+    assert evaluate(permissive, "ioctl", (0, TIOCLINUX | 1 << 40, 0, 0, 0, 0)) == EPERM
+    assert evaluate(permissive, "ioctl", (0, TCGETS, 0, 0, 0, 0)) == ALLOW
+    # a profile that refuses ioctl, or filters it itself, is left alone
+    for p in (Policy(EPERM, []),
+              Policy(ALLOW, [Rule(("ioctl",), ALLOW, (Arg(1, "EQ", TCGETS),))])):
+        assert with_tty_ioctl_filter(p) is p

@@ -30,7 +30,7 @@ NR = {
     "syslog": 103, "reboot": 169, "init_module": 175, "perf_event_open": 298,
     "kexec_load": 246, "add_key": 248, "keyctl": 250, "open_by_handle_at": 304,
     "clock_settime": 227, "bpf": 321, "userfaultfd": 323, "fanotify_init": 300,
-    "mknodat": 259, "personality": 135, "clone3": 435, "statmount": 457,
+    "mknodat": 259, "personality": 135, "clone3": 435, "statmount": 457, "ioctl": 16,
 }  # fmt: skip
 UNALLOCATED = 470  # nothing on x86_64 as of 6.18; checked below before relying on it
 X32_SYSCALL_BIT = 0x40000000
@@ -278,3 +278,49 @@ def test_x32_syscalls_kill_the_process(bpf: bytes) -> None:
         return {"x32_getpid": errname(raw(X32_SYSCALL_BIT | 39))}
 
     assert in_filtered_child(check, bpf) == {"signal": signal.SIGSYS}
+
+
+def _inject_on_own_ctty(cmds: dict[str, int]) -> Report:
+    """What a payload does with a tty nobody controls: a new session takes it as its
+    controlling terminal (TIOCSCTTY), then pushes one byte per request into its
+    input (TIOCSTI). Injected bytes queue up as input on the slave side, where the
+    host's reader would get them. TCGETS and TIOCGWINSZ must keep working."""
+    import fcntl
+    import select
+    import termios
+    import tty
+
+    _master, slave = os.openpty()
+    os.setsid()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    byte = ctypes.c_char(b"X")
+    out: Report = {
+        name: errname(raw("ioctl", slave, cmd, ctypes.addressof(byte)))
+        for name, cmd in cmds.items()
+    }
+    out["tcgets"] = len(termios.tcgetattr(slave))
+    out["winsize"] = len(fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8))
+    # injected bytes would sit in the slave's input queue (a reader gets them)
+    os.set_blocking(slave, False)
+    tty.setraw(slave, termios.TCSANOW)  # a partial line becomes readable
+    out["queued"] = os.read(slave, 64).decode() if select.select([slave], [], [], 0.1)[0] else ""
+    return out
+
+
+def test_tiocsti_is_refused(bpf: bytes) -> None:
+    import termios
+
+    cmds = {"sti": termios.TIOCSTI, "sti_high": termios.TIOCSTI | 1 << 32,
+            "sti_all_high": termios.TIOCSTI | 0xFFFFFFFF << 32,
+            "linux": termios.TIOCLINUX, "linux_high": termios.TIOCLINUX | 1 << 63}
+    # Control, same process shape without the filter: this kernel really injects
+    # (legacy_tiocsti=1, and we are root), so the refusal below is the filter's.
+    control = in_filtered_child(lambda: _inject_on_own_ctty({"sti": termios.TIOCSTI}),
+                                install=lambda: None)
+    if control.get("sti") != "ok":
+        skip_or_fail(f"TIOCSTI does not work here even without the filter: {control}")
+    assert control["queued"] == "X"
+    result = in_filtered_child(lambda: _inject_on_own_ctty(cmds), bpf)
+    assert result == {"sti": "EPERM", "sti_high": "EPERM", "sti_all_high": "EPERM",
+                      "linux": "EPERM", "linux_high": "EPERM", "tcgets": 7, "winsize": 8,
+                      "queued": ""}

@@ -186,7 +186,7 @@ _ALLOW = (
     "getresuid32 getrlimit getrusage getsid getsockname getsockopt gettid gettimeofday getuid "
     "getuid32 getxattr getxattrat inotify_add_watch inotify_init inotify_init1 "
     "inotify_rm_watch io_cancel io_destroy io_getevents io_pgetevents io_pgetevents_time64 "
-    "io_setup io_submit ioctl ioprio_get ioprio_set ipc kill landlock_add_rule "
+    "io_setup io_submit ioprio_get ioprio_set ipc kill landlock_add_rule "
     "landlock_create_ruleset landlock_restrict_self lchown lchown32 lgetxattr link linkat "
     "listen listxattr listxattrat llistxattr _llseek lremovexattr lseek lsetxattr "
     "lsm_get_self_attr lsm_list_modules lsm_set_self_attr lstat lstat64 madvise "
@@ -219,6 +219,7 @@ _ALLOW = (
     # arm, ppc, riscv specifics (moby's per-arch entries)
     "arm_fadvise64_64 arm_sync_file_range breakpoint cacheflush set_tls sync_file_range2 "
     "riscv_flush_icache"
+    # ioctl is allowed by _tty_ioctl_rules(), all requests but two
 ).split()
 
 # What a system container needs beyond an application container: systemd as PID 1
@@ -304,6 +305,91 @@ def _mknod_rules() -> list[Rule]:
     return rules
 
 
+# ioctl(2) requests that inject input into a terminal: TIOCSTI pushes bytes into the
+# tty's input queue as if typed, so a payload holding a host tty (or taking one with
+# TIOCSCTTY) runs commands in the admin's shell (CVE-2016-7545 SELinux sandbox,
+# CVE-2017-5226 bubblewrap); TIOCLINUX TIOCL_SETSEL + TIOCL_PASTESEL does the same on a
+# virtual console through the selection buffer (CVE-2023-28100, flatpak). Both are
+# refused, as flatpak's filter does. The values are the asm-generic ones; powerpc
+# encodes TIOCSTI with the _IOW() direction and size bits.
+_TTY_INJECT = {"ppc64le": (0x80017472, 0x541C)}
+_TTY_INJECT_GENERIC = (0x5412, 0x541C)  # TIOCSTI, TIOCLINUX
+_U32 = 0xFFFFFFFF
+
+
+def tty_inject_requests() -> tuple[int, ...]:
+    """TIOCSTI and TIOCLINUX on this machine."""
+    return _TTY_INJECT.get(_machine(), _TTY_INJECT_GENERIC)
+
+
+def complement_masks(excluded: tuple[int, ...], bits: int = 32) -> list[tuple[int, int]]:
+    """(mask, value) pairs, one MASKED_EQ each, that together match exactly the
+    `bits`-wide numbers not in `excluded`, each number by one pair only.
+
+    A walk down the binary trie of the excluded values, from the top bit: wherever a
+    branch holds none of them, one pair (the bits so far as the mask) covers it all.
+    At most `bits` pairs per excluded value.
+    """
+    out: list[tuple[int, int]] = []
+
+    def walk(mask: int, value: int, bit: int, here: list[int]) -> None:
+        if bit < 0:
+            return  # `value` itself is excluded
+        b = 1 << bit
+        for side in (0, b):
+            below = [v for v in here if v & b == side]
+            if below:
+                walk(mask | b, value | side, bit - 1, below)
+            else:
+                out.append((mask | b, value | side))
+
+    walk(0, 0, bits - 1, sorted(set(excluded)))
+    return out
+
+
+def _tty_ioctl_rules(action: Action = ALLOW) -> list[Rule]:
+    """ioctl: EPERM for TIOCSTI and TIOCLINUX, `action` for every other request.
+
+    The kernel truncates the request to unsigned int (ksys_ioctl), so only the low 32
+    bits are compared: a payload setting bits 32-63 of TIOCSTI must not slip past an
+    exact compare. libseccomp drops conditional rules of a syscall that also has an
+    unconditional one, so "allow the rest" is spelled out as conditional rules too:
+    disjoint MASKED_EQ tests whose union is every other low-32-bit value (34 rules).
+    """
+    refused = tty_inject_requests()
+    rules = [Rule(("ioctl",), ERRNO(errno.EPERM), (Arg(1, "MASKED_EQ", _U32, r),))
+             for r in refused]
+    if action != ERRNO(errno.EPERM):
+        rules += [Rule(("ioctl",), action, (Arg(1, "MASKED_EQ", m, v),))
+                  for m, v in complement_masks(refused)]
+    return rules
+
+
+def with_tty_ioctl_filter(policy: Policy) -> Policy:
+    """The same policy with ioctl TIOCSTI/TIOCLINUX refused (for OCI profiles).
+
+    An unconditional ioctl rule becomes _tty_ioctl_rules() with its action; a profile
+    that does not mention ioctl gets the two EPERM rules when its default lets ioctl
+    through (ALLOW, LOG). Conditional ioctl rules of the profile are left as they are:
+    adding rules that overlap them would make libseccomp pick one by its own order.
+    """
+    plain = [r for r in policy.rules if "ioctl" in r.names and not r.args]
+    mentioned = any("ioctl" in r.names for r in policy.rules)
+    if plain:
+        action = plain[-1].action
+    elif not mentioned and policy.default_action in (ALLOW, LOG):
+        action = ERRNO(errno.EPERM)  # only the two refusals; the default does the rest
+    else:
+        return policy
+    rules = []
+    for r in policy.rules:
+        keep = tuple(n for n in r.names if n != "ioctl") if not r.args else r.names
+        if keep:
+            rules.append(Rule(keep, r.action, r.args))
+    return Policy(policy.default_action, rules + _tty_ioctl_rules(action),
+                  policy.architectures, policy.flags)
+
+
 def with_mknod_filter(policy: Policy) -> Policy:
     """The same policy with the userns mknod device filter (for OCI profiles).
 
@@ -334,6 +420,7 @@ def default_policy(userns: bool) -> Policy:
     """
     rules = [Rule(_ALLOW + _ALLOW_SYSTEM, ALLOW), Rule(_DENY, ERRNO(errno.EPERM))]
     rules += [Rule(("personality",), ALLOW, (Arg(0, "EQ", v),)) for v in _PERSONALITY_OK]
+    rules += _tty_ioctl_rules()
     if userns:
         rules += _mknod_rules()
     else:
