@@ -142,6 +142,15 @@ class Channel:
                              int(obj.get("exit_code") or 125))
         return Message(kind, obj, fds)
 
+    def peer_gone(self) -> bool:
+        """True if the other end was closed (a peek that sees EOF, without blocking)."""
+        try:
+            return self.sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def expect(self, kind: str, timeout: float | None = DEFAULT_TIMEOUT,
                watch_pidfd: int = -1) -> Message:
         msg = self.recv(timeout, watch_pidfd)

@@ -2,13 +2,15 @@
 
 Two forked processes run this code (no exec, so no second interpreter start):
 
-  stage A ("intermediate"): unshares the user namespace, waits for the parent
-      to write the ID maps, becomes root inside, unshares the other namespaces
-      and forks stage B, reports B's pid and exits. (unshare(CLONE_NEWPID) only
-      affects children, so pid 1 of the container must be a fork.)
-  stage B ("container init", pid 1 inside): attaches the host-made mounts,
-      mounts proc/sys/devpts/..., pivots, masks, verifies /dev, waits for
-      START, drops privileges, applies seccomp last, and execve()s.
+  stage A (real root, host user namespace): unshares a mount namespace of its
+      own (owned by the host user namespace), clones the init into the new
+      user/pid/net/... namespaces, attaches the rootfs and the host-side mounts
+      the parent made (/dev, binds, tmpfs) onto the tree, hands the rest to the
+      init and exits.
+  stage B ("container init", pid 1 inside): unshares its mount namespace from
+      A's, which locks every mount A made; mounts proc/sys/devpts/... (only its
+      namespaces can), pivots, masks, verifies /dev, waits for START, drops
+      privileges, applies seccomp last, and execve()s.
 
 After execve nothing of Python remains in the container. Constraints: stdlib +
 uspawn.linux only, everything imported before pivot_root (the host's Python
@@ -27,7 +29,7 @@ import termios
 
 from . import channel as chan
 from .hooks import HookError, run_hook
-from .linux import caps, devices, mounts, network
+from .linux import caps, devices, mounts, network, workdir
 from .linux import sig as signal
 from .linux import syscalls as sc
 
@@ -79,8 +81,16 @@ def _report_and_exit(ch: chan.Channel, exc: BaseException) -> None:
 
 
 def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
+    """Real root in the host user namespace: build the container's mounts, clone the init.
+
+    The mounts are attached in a mount namespace of our own, owned by the host
+    user namespace; the init is cloned into the new user namespace and later
+    unshares its mount namespace from ours, which locks every mount made here
+    (MNT_LOCK_READONLY & co., MNT_LOCKED): container root, with CAP_SYS_ADMIN in
+    its own namespaces, can neither remount them writable nor unmount them.
+    """
     try:
-        # If the parent dies from here on, so do we (and our child, below).
+        # If the parent dies from here on, so do we (and the init sees EOF).
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != plan.parent_pid:
             os._exit(125)
@@ -89,7 +99,8 @@ def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
         except OSError as exc:
             raise _step(f"enter rootfs {plan.root_path}", exc) from None
         # Namespaces given by path (OCI linux.namespaces[].path, e.g. a netns
-        # podman prepared) belong to the host: join them while still real root.
+        # podman prepared) belong to the host: join them while still real root;
+        # the init inherits them.
         for nstype, path in plan.join_namespaces:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -98,59 +109,133 @@ def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
                 raise _step(f"join {nstype} namespace {path}", exc) from None
             finally:
                 os.close(fd)
-        # 1. user namespace first, so every other namespace is owned by it.
-        if plan.userns:
-            try:
-                sc.unshare(sc.CLONE_NEWUSER)
-            except OSError as exc:
-                raise _step("unshare user namespace", exc) from None
-        devices.test_kill_point("child-userns")
-        ch.userns_ready()
-        # 2. the parent wrote the maps and moved us into the container's cgroup
-        #    (before we unshare the cgroup namespace, whose root is our cgroup).
-        ch.expect(chan.MAPPED, timeout=None)
-        if plan.userns:
-            os.setgroups([])
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
+        if plan.wait_cgroup:
+            # 1-2: the parent moves us into the (v1) cgroups; the init is born there.
+            ch.userns_ready()
+            ch.expect(chan.MAPPED, timeout=None)
         try:
-            sc.unshare(plan.unshare_flags)
+            sc.unshare(sc.CLONE_NEWNS)
+            # Before anything is mounted: nothing may propagate back to the host
+            # (on a systemd host / is shared).
+            mounts.make_rslave_root(sc.MS_SLAVE)
         except OSError as exc:
-            raise _step("unshare namespaces", exc) from None
-        pid = os.fork()
+            raise _step("unshare the setup mount namespace", exc) from None
+        link, init_link = chan.Channel.pair()
+        flags = plan.unshare_flags & ~sc.CLONE_NEWNS
+        if plan.userns:
+            flags |= sc.CLONE_NEWUSER
+        try:
+            pid = sc.clone(flags)
+        except OSError as exc:
+            raise _step("clone the container init into its namespaces", exc) from None
         if pid == 0:
-            stage_b(plan, ch)
+            link.close()
+            stage_b(plan, ch, init_link)
             os._exit(125)  # not reached
-        # 3. report pid 1 and leave: the parent (a subreaper) adopts it.
-        devices.test_kill_point("child-forked")
+        init_link.close()
+        devices.test_kill_point("child-userns")
+        # 3. the init exists (its user namespace is unmapped until the parent
+        #    writes the maps), 4. the host-made mounts arrive as fds.
         ch.init_pid(pid)
+        msg = ch.expect(chan.MOUNTS, timeout=None)
+        fds = _labelled_fds(msg)
+        remount = msg.data.get("remount")
+        remount = remount if isinstance(remount, dict) else {}
+        rootfd = build_host_side(plan, fds, remount)
+        devices.test_kill_point("child-forked")
+        # Hand the rest to the init; our exit tells it we are done.
+        labels = ["rootfs", *fds]
+        link.send(chan.MOUNTS, fds=[rootfd, *fds.values()], labels=labels,
+                  state=msg.data.get("state"),
+                  remount={k: v for k, v in remount.items() if k in fds})
         os._exit(0)
     except BaseException as exc:
         _report_and_exit(ch, exc)
 
 
+def _labelled_fds(msg: chan.Message) -> dict[str, int]:
+    labels = msg.data.get("labels")
+    if not isinstance(labels, list) or len(labels) != len(msg.fds):
+        raise InitError("mount fd labels do not match the fds received")
+    return dict(zip((str(x) for x in labels), msg.fds, strict=True))
+
+
+def build_host_side(plan: InitPlan, fds: dict[str, int], remount: dict[str, int]) -> int:
+    """Stage A: attach the rootfs on the tree's directory and the host-side mounts
+    onto it; create the init's mount targets; make the root read-only last.
+    Returns the rootfs fd (it names the attached mount)."""
+    rootfd = fds.pop("rootfs")
+    try:
+        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mounts.attach(rootfd, here)
+        finally:
+            os.close(here)
+        if "rootfs" in remount:
+            mounts.remount_attached(rootfd, remount["rootfs"])
+    except OSError as exc:
+        raise _step(f"attach rootfs on {plan.root_path}", exc) from None
+    if plan.userns:
+        # Mount targets are created as container root (through an idmapped
+        # rootfs they land as its root, in a chowned tree they belong to it),
+        # keeping root's override of permission bits to reach them.
+        try:
+            sc.set_fs_ids(*plan.root_ids)
+            _eff, permitted, inheritable = sc.capget()
+            sc.capset(permitted, permitted, inheritable)
+        except OSError as exc:
+            raise _step("switch to container root's file IDs", exc) from None
+    for op in plan.host_mounts:
+        try:
+            op.execute(rootfd, fds, remount)
+        except OSError as exc:
+            raise _step(f"mount {op.describe()}", exc) from None
+    for dest, kind in plan.precreate:
+        try:
+            os.close(mounts.ensure_in_root(rootfd, dest, kind))
+        except OSError as exc:
+            raise _step(f"create mount point {dest}", exc) from None
+    if plan.rootfs_readonly:
+        # Last, so that missing mount points could still be created (runc's order).
+        try:
+            deferred = mounts.set_attrs_or_defer(rootfd, sc.MOUNT_ATTR_RDONLY)
+            if deferred:
+                mounts.remount_attached(
+                    rootfd, deferred | mounts.remount_flags(remount.get("rootfs", sc.MS_NODEV)))
+        except OSError as exc:
+            raise _step("make the rootfs read-only", exc) from None
+    return rootfd
+
+
 # --- stage B ---------------------------------------------------------------
 
 
-def stage_b(plan: InitPlan, ch: chan.Channel) -> None:
+def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
     try:
+        # 4'. stage A hands over the rootfs and the mounts that only we can
+        # place, then exits; its EOF means we now belong to the runtime.
+        msg = link.expect(chan.MOUNTS, timeout=None)
+        fds = _labelled_fds(msg)
+        if link.recv(timeout=None) is not None:
+            raise InitError("unexpected message from the setup process")
+        link.close()
         os.setsid()
-        # 4. host-made detached mounts arrive as fds.
-        msg = ch.expect(chan.MOUNTS, timeout=None)
-        # Our parent (stage A) has exited and the runtime adopted us; tie our
-        # life to it now. Had it died before this line, the next receive
-        # sees EOF and we exit.
         if plan.die_with_parent:
+            # Adopted by the runtime (a subreaper): tie our life to it. Had it
+            # died before this line, its end of the channel is closed. (In a
+            # new pid namespace getppid() says 0 either way.)
             sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        labels = msg.data.get("labels")
-        if not isinstance(labels, list) or len(labels) != len(msg.fds):
-            raise InitError("mount fd labels do not match the fds received")
-        fds = dict(zip((str(x) for x in labels), msg.fds, strict=True))
+            if ch.peer_gone():
+                os._exit(125)
         fifo = fds.pop("fifo", -1)
         state = msg.data.get("state")
         plan.state_json = state if isinstance(state, str) else ""
         remount = msg.data.get("remount")
         plan.deferred_remounts = remount if isinstance(remount, dict) else {}
+        if plan.userns:
+            os.setgroups([])
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
         setup_rootfs(plan, fds)
         finish_in_root(plan, ch)
         if plan.new_keyring:
@@ -214,27 +299,36 @@ def join_session_keyring() -> None:
 
 
 def setup_rootfs(plan: InitPlan, fds: dict[str, int]) -> None:
-    if plan.mount_ns:
-        try:
-            mounts.make_rslave_root(plan.root_propagation)
-        except OSError as exc:
-            raise _step("make / a slave mount", exc) from None
-    # Our cwd is the rootfs directory: stage A entered it while still real
-    # root, and unshare(CLONE_NEWNS) carried it into the new namespace. So the
-    # host directories above the tree (often 0700) are never walked again.
+    """Our own mount namespace, the init-side mounts, pivot_root.
+
+    The rootfs fd from stage A names a mount in A's namespace: we enter it
+    (fchdir) before unsharing, and unshare carries the cwd into the copy, so
+    no host path above the tree (often 0700) is walked with our IDs.
+    """
     rootfd = fds.pop("rootfs")
     try:
-        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            mounts.attach(rootfd, here)
-        finally:
-            os.close(here)
+        os.fchdir(rootfd)
     except OSError as exc:
-        raise _step(f"attach rootfs on {plan.root_path}", exc) from None
-    # The detached-mount fd now names the attached rootfs' root.
+        raise _step(f"enter rootfs {plan.root_path}", exc) from None
+    finally:
+        os.close(rootfd)
     try:
-        if "rootfs" in plan.deferred_remounts:
-            mounts.remount_attached(rootfd, plan.deferred_remounts["rootfs"])
+        sc.unshare(sc.CLONE_NEWNS)
+    except OSError as exc:
+        raise _step("unshare mount namespace", exc) from None
+    try:
+        locked = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # Our copy of the rootfs is locked onto its host parent, and
+            # pivot_root refuses a locked mount: stack a recursive clone (ours,
+            # its submounts still locked) on it and pivot into that.
+            rootfd = mounts.clone_tree("", recursive=True, dirfd=locked)
+            mounts.attach(rootfd, locked)
+        finally:
+            os.close(locked)
+    except OSError as exc:
+        raise _step(f"clone rootfs {plan.root_path}", exc) from None
+    try:
         for op in plan.mounts:
             try:
                 op.execute(rootfd, fds, plan.deferred_remounts)
@@ -246,6 +340,11 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int]) -> None:
             raise _step(f"pivot_root into {plan.root_path}", exc) from None
     finally:
         os.close(rootfd)
+    try:
+        # After pivot_root: a shared new root would make it fail (EINVAL).
+        mounts.make_rslave_root(plan.root_propagation)
+    except OSError as exc:
+        raise _step("set the propagation of /", exc) from None
 
 
 def finish_in_root(plan: InitPlan, ch: chan.Channel) -> None:
@@ -342,12 +441,15 @@ def find_executable(name: str, path_env: str) -> str:
 
 def exec_payload(plan: InitPlan, ch: chan.Channel) -> None:
     env = dict(e.split("=", 1) for e in plan.env)
+    # The cwd first: resolved inside the root (a /proc/self/fd/N magic link
+    # would lead out of it), and a relative "./x" is then looked up in it, as
+    # runc does (finalizeNamespace's chdir, then LookPath).
+    try:
+        workdir.enter_workdir(plan.cwd)
+    except workdir.WorkdirError as exc:
+        raise InitError(exc.with_hint(), exc.errno, exit_code=126) from None
     exe = find_executable(plan.args[0], env.get("PATH", "/usr/local/sbin:/usr/local/bin:"
                                                  "/usr/sbin:/usr/bin:/sbin:/bin"))
-    try:
-        os.chdir(plan.cwd)
-    except OSError as exc:
-        raise _step(f"chdir to {plan.cwd}", exc) from None
     if plan.umask is not None:
         os.umask(plan.umask)
     try:

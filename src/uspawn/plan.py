@@ -32,6 +32,10 @@ _FS_DEFAULT_ATTRS = {
 }
 SUPPORTED_FS = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "bind",
                 "none", "overlay")
+# Filesystems that only the container's own namespaces can mount (proc of its pid
+# namespace, sysfs of its network namespace, ...): the init mounts them, in its
+# own mount namespace. Everything else is mounted on the host side (see build()).
+INIT_ONLY_FS = ("proc", "sysfs", "mqueue", "devpts", "cgroup2")
 
 
 class FsMount:
@@ -89,8 +93,10 @@ class HostBind:
     """A bind-mount source opened by the parent (optionally idmapped / read-only)."""
 
     def __init__(self, label: str, source: str, recursive: bool, attr_set: int,
-                 attr_clr: int, idmap: str) -> None:
+                 attr_clr: int, idmap: str, propagation: int = 0) -> None:
         self.label = label
+        # MS_PRIVATE unless the mount asks for (r)slave or (r)shared.
+        self.propagation = propagation or sc.MS_PRIVATE
         self.source = source
         self.recursive = recursive
         self.attr_set = attr_set
@@ -110,6 +116,19 @@ class HostPlan:
 
 
 class InitPlan:
+    """What the two container processes do.
+
+    Stage A stays real root in the host user namespace, in a mount namespace
+    of its own (owned by the host user namespace): it attaches the rootfs and
+    `host_mounts` there, then clones the init into the new user namespace.
+    When the init unshares its mount namespace, the kernel copies A's mounts
+    into a namespace owned by the container's user namespace and locks them:
+    their read-only/nosuid/nodev/noexec flags cannot be changed and they
+    cannot be unmounted by container root (systemd-nspawn's split). `mounts`
+    are what only the init can mount (proc of its pid namespace, sysfs of its
+    network namespace, ...) and whatever lies below them.
+    """
+
     def __init__(self) -> None:
         self.parent_pid = 0
         self.userns = False
@@ -117,7 +136,16 @@ class InitPlan:
         self.unshare_flags = 0
         self.root_path = ""
         self.root_propagation = sc.MS_SLAVE
+        self.rootfs_readonly = False
+        # Host IDs of container root: stage A creates mount targets as them.
+        self.root_ids = (0, 0)
+        # Stage A waits for the parent to move it into the cgroup before
+        # cloning the init (v1 controllers, or no clone3 into the v2 cgroup).
+        self.wait_cgroup = False
+        self.host_mounts: list[FsMount | FdMount] = []
         self.mounts: list[FsMount | FdMount] = []
+        # Targets of `mounts` that stage A creates before the rootfs turns read-only.
+        self.precreate: list[tuple[str, str]] = []
         self.sysctl: dict[str, str] = {}
         self.masked_paths: list[str] = []
         self.readonly_paths: list[str] = []
@@ -157,7 +185,12 @@ class InitPlan:
         self.state_json = ""
 
     def describe(self) -> list[str]:
-        return [op.describe() for op in self.mounts]
+        return ([f"{op.describe()} (host side, locked)" for op in self.host_mounts]
+                + [f"{op.describe()} (by the init)" for op in self.mounts])
+
+    def labels_for_init(self) -> list[str]:
+        """Host-made mounts stage A hands on to the init (they lie below init-only mounts)."""
+        return [op.label for op in self.mounts if isinstance(op, FdMount)]
 
 
 def _caps(names: list[str], field: str) -> int:
@@ -181,8 +214,15 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
         if n.type in ("user", "pid", "mount"):
             raise SpecError(f"linux.namespaces[{i}].path: joining an existing {n.type} "
                             "namespace is not supported", "let uspawn create it")
-        if not os.path.exists(n.path):
-            raise SpecError(f"linux.namespaces[{i}].path: {n.path} does not exist")
+        # O_PATH first, nsfs checked: a FIFO or device node there is never opened.
+        from .linux import nsfs
+
+        try:
+            nsfs.check_ns_path(n.path, n.type)
+        except nsfs.NsPathError as exc:
+            raise SpecError(f"linux.namespaces[{i}].path: {exc}") from None
+        except OSError as exc:
+            raise SpecError(f"linux.namespaces[{i}].path: {n.path}: {exc.strerror}") from None
         # Joined by stage A while still real root (the namespace belongs to the host).
         init.join_namespaces.append((n.type, n.path))
     init.userns = "user" in ns
@@ -196,6 +236,10 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
     init.root_path = spec.root.path
     host.rootfs = spec.root.path
     host.rootfs_readonly = spec.root.readonly
+    init.rootfs_readonly = spec.root.readonly
+    if init.userns:
+        init.root_ids = (_to_host(0, linux.uid_mappings, "linux.uidMappings"),
+                         _to_host(0, linux.gid_mappings, "linux.gidMappings"))
     host.ownership = ownership if init.userns else "off"
     # Also without a user namespace: one path, and nodes are verified the same way.
     host.host_dev = True
@@ -235,6 +279,7 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
         init.unshare_flags |= sc.CLONE_NEWCGROUP
     for i, m in enumerate(spec.mounts):
         _plan_mount(i, m, host, init)
+    _split_phases(init, linux)
 
     init.sysctl = dict(linux.sysctl)
     init.masked_paths = list(linux.masked_paths)
@@ -268,6 +313,63 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
     return host, init
 
 
+def _to_host(cid: int, maps: list[S.IDMapping], field: str) -> int:
+    for m in maps:
+        if m.container_id <= cid < m.container_id + m.size:
+            return m.host_id + cid - m.container_id
+    raise SpecError(f"{field}: container ID {cid} is not mapped",
+                    "map container root (0) to a host range")
+
+
+def _under(path: str, top: str) -> bool:
+    return top == "/" or path == top or path.startswith(top + "/")
+
+
+def _split_phases(init: InitPlan, linux: S.Linux) -> None:
+    """Host side or init side, keeping the spec's order where it matters.
+
+    An init-only filesystem (proc, sysfs, ...) and every mount at or below the
+    destination of an earlier init-side mount go to the init: a bind onto
+    /proc/meminfo must land on the container's proc, not under it. The rest
+    is mounted by stage A and ends up locked in the container.
+    """
+    ops = init.mounts
+    init.mounts = []
+    init_tops: list[str] = []
+    for op in ops:
+        dest = os.path.normpath("/" + op.dest)
+        below = any(_under(dest, top) for top in init_tops)
+        if below or (isinstance(op, FsMount) and op.fstype in INIT_ONLY_FS):
+            if not below:
+                kind = "dir" if not isinstance(op, FdMount) or op.is_dir else "file"
+                init.precreate.append((op.dest, kind))
+            init.mounts.append(op)
+            init_tops.append(dest)
+        else:
+            if isinstance(op, FsMount) and op.fstype == "tmpfs" and init.userns:
+                op.params = _host_tmpfs_params(op.params, linux, f"mount {op.dest}")
+            init.host_mounts.append(op)
+
+
+def _host_tmpfs_params(params: list[tuple[str, str | None]], linux: S.Linux,
+                       field: str) -> list[tuple[str, str | None]]:
+    """A tmpfs made in the host user namespace names its owner in host IDs."""
+    out: list[tuple[str, str | None]] = []
+    ids = {"uid": "0", "gid": "0"}
+    for k, v in params:
+        if k in ids:
+            ids[k] = v or ""
+        else:
+            out.append((k, v))
+    for key, maps, name in (("uid", linux.uid_mappings, "linux.uidMappings"),
+                            ("gid", linux.gid_mappings, "linux.gidMappings")):
+        value = ids[key]
+        if not value.isascii() or not value.isdigit():
+            raise SpecError(f"{field}.options: {key}={value} is not a number")
+        out.append((key, str(_to_host(int(value), maps, name))))
+    return out
+
+
 def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
     field = f"mounts[{i}]"
     opts = mounts.parse_options(m.options)
@@ -295,7 +397,7 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
         if idmap == "yes" and not init.userns:
             raise SpecError(f"{field}.options: idmap needs a user namespace")
         host.binds.append(HostBind(label, m.source, opts.recursive, opts.attr_set,
-                                   opts.attr_clr, idmap))
+                                   opts.attr_clr, idmap, opts.propagation))
         init.mounts.append(FdMount(m.destination, label, is_dir))
         return
     if fstype == "overlay":
@@ -309,6 +411,10 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
         fstype = "cgroup2"
     attrs = (_FS_DEFAULT_ATTRS.get(fstype, 0) | opts.attr_set) & ~opts.attr_clr
     params = [(k, v) for k, v in opts.fs_params if not k.startswith("x-")]
+    if fstype == "tmpfs" and init.userns and not opts.attr_clr & sc.MOUNT_ATTR_NODEV:
+        # Made on the host side (see _split_phases), so not SB_I_NODEV as one
+        # made inside the user namespace is: nodev unless asked for.
+        attrs |= sc.MOUNT_ATTR_NODEV
     if fstype == "devpts":
         keys = {k for k, _ in params}
         if "newinstance" not in keys:

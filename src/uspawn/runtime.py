@@ -72,13 +72,6 @@ class Options:
         self.cleanups: list[Callable[[], None]] = []
 
 
-def _first_host_id(maps: list[S.IDMapping]) -> int:
-    for m in maps:
-        if m.container_id == 0:
-            return m.host_id
-    return 0
-
-
 class Guardian:
     """Cleans up after a runtime that died without doing it (kill -9).
 
@@ -235,12 +228,12 @@ class Container:
                     for m in (linux.uid_mappings if linux else [])]
         gid_maps = [(m.container_id, m.host_id, m.size)
                     for m in (linux.gid_mappings if linux else [])]
-        root_uid = _first_host_id(linux.uid_mappings) if linux and init.userns else 0
-        root_gid = _first_host_id(linux.gid_mappings) if linux and init.userns else 0
+        root_uid, root_gid = init.root_ids
 
         # The container's processes become our children when stage A exits.
         sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
         self.guardian.spawn(opts.claim, opts.range_lease)
+        pid_a = 0
         try:
             try:
                 self.cgroup = cgroups.create(opts.name, self._v1_controllers(), opts.cgroup_rel)
@@ -259,6 +252,8 @@ class Container:
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch
             pid_a, joined = self._fork_in_cgroup()
+            # Stage A must be in every cgroup before it clones the init.
+            init.wait_cgroup = not joined or bool(self._v1_controllers())
             if pid_a:
                 devices.test_kill_point("parent-forked")
             if pid_a == 0:
@@ -280,20 +275,16 @@ class Container:
             fds: dict[str, int] = {}
             try:
                 try:
-                    self._handshake(pid_a, uid_maps, gid_maps, init.userns, joined, host,
-                                    root_uid, root_gid, fds)
+                    self._handshake(pid_a, uid_maps, gid_maps, init, joined, host, fds)
                 except BaseException:
-                    # Stage A may be waiting for MAPPED (no timeout) on a channel we
-                    # still hold open: end it, or the reap below waits forever.
+                    # Stage A may be waiting (no timeout) on a channel we still
+                    # hold open: end it, or the reap below waits forever.
                     try:
                         os.kill(pid_a, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                    raise
-                finally:
                     _reap(pid_a)
-                self.guardian.tell(f"init {self.init_pid}")
-                self._host_side_after_init(fds)
+                    raise
                 labels = list(fds)
                 state = (self.opts.state_json(self.init_pid, "created")
                          if self.opts.state_json else "")
@@ -309,15 +300,20 @@ class Container:
                 self.console_master = msg.fds[0]
             devices.test_kill_point("parent-mounts-sent")
             self.ch.wait_created()
+            # Stage A exited once it handed the mounts to the init.
+            _reap(pid_a)
             devices.test_kill_point("parent-created")
         except chan.ChildError as exc:
             self.destroy()
+            _reap(pid_a)
             raise SetupError(str(exc), _hint_errno(str(exc), exc.errno)) from None
         except chan.ProtocolError as exc:
             self.destroy()
+            _reap(pid_a)
             raise SetupError(f"container setup: {exc}") from None
         except BaseException:
             self.destroy()
+            _reap(pid_a)
             raise
 
     def _v1_controllers(self) -> tuple[str, ...]:
@@ -410,51 +406,45 @@ class Container:
             raise SetupError(f"linux.resources: cannot apply limits: {exc}") from None
 
     def _handshake(self, pid_a: int, uid_maps: list[tuple[int, int, int]],
-                   gid_maps: list[tuple[int, int, int]], use_userns: bool, joined: bool,
-                   host: planmod.HostPlan, root_uid: int, root_gid: int,
-                   fds: dict[str, int]) -> None:
+                   gid_maps: list[tuple[int, int, int]], init: planmod.InitPlan,
+                   joined: bool, host: planmod.HostPlan, fds: dict[str, int]) -> None:
+        """Sync points 1-3 with stage A (its death ends every wait at once), then
+        the host-side work on the init's namespaces; fills fds for MOUNTS."""
         assert self.ch is not None and self.cgroup is not None
         pidfd_a = sc.pidfd_open(pid_a)
         try:
-            self._handshake_a(pid_a, pidfd_a, uid_maps, gid_maps, use_userns, joined, host,
-                              root_uid, root_gid, fds)
+            if init.wait_cgroup:
+                self.ch.wait_userns_ready(pidfd_a)  # 1
+                try:
+                    self.cgroup.add(pid_a, skip_v2=joined)
+                except OSError as exc:
+                    raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: "
+                                     f"{exc.strerror}") from None
+                self.ch.mapped()  # 2
+            self.init_pid = self.ch.wait_init_pid(pidfd_a)  # 3
         finally:
             os.close(pidfd_a)
         self.pidfd = sc.pidfd_open(self.init_pid)
-
-    def _handshake_a(self, pid_a: int, pidfd_a: int, uid_maps: list[tuple[int, int, int]],
-                     gid_maps: list[tuple[int, int, int]], use_userns: bool, joined: bool,
-                     host: planmod.HostPlan, root_uid: int, root_gid: int,
-                     fds: dict[str, int]) -> None:
-        """Sync points 1-3 with stage A; its death ends every wait at once."""
-        assert self.ch is not None and self.cgroup is not None
-        self.ch.wait_userns_ready(pidfd_a)  # 1
+        self.guardian.tell(f"init {self.init_pid}")
+        devices.test_kill_point("parent-init-pid")
         userns_fd = -1
         try:
-            if use_userns:
+            if init.userns:
                 try:
-                    userns.write_id_maps(pid_a, uid_maps, gid_maps)
+                    userns.write_id_maps(self.init_pid, uid_maps, gid_maps)
                 except OSError as exc:
-                    raise SetupError(f"write uid/gid map of pid {pid_a}: {exc.strerror}",
+                    raise SetupError(f"write uid/gid map of pid {self.init_pid}: {exc.strerror}",
                                      "the range may overlap another mapping") from None
-                # Opened now, while stage A waits for MAPPED and cannot have exited.
-                userns_fd = os.open(f"/proc/{pid_a}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self.cgroup.add(pid_a, skip_v2=joined)
-            except OSError as exc:
-                raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: {exc.strerror}") from None
-            self.ch.mapped()  # 2
+                userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
             devices.test_kill_point("parent-mapped")
-            # While stage A unshares and forks: the device policy (attached to the
-            # cgroup before the init can open any node: it waits for MOUNTS) and
-            # the host-side mounts.
+            # The device policy is on the cgroup before the init can open any
+            # node: it waits for its mounts.
             self._device_policy(host)
-            self._build_mounts(host, userns_fd, root_uid, root_gid, fds)
+            self._build_mounts(host, userns_fd, *init.root_ids, fds)
         finally:
             if userns_fd >= 0:
                 os.close(userns_fd)
-        self.init_pid = self.ch.wait_init_pid(pidfd_a)  # 3
-        devices.test_kill_point("parent-init-pid")
+        self._host_side_after_init(fds)
 
     def _build_mounts(self, host: planmod.HostPlan, userns_fd: int, root_uid: int,
                       root_gid: int, fds: dict[str, int]) -> None:
@@ -489,14 +479,38 @@ class Container:
                     os.close(mnt)
                     mnt = -1
                     mode = "chown"
+            if mode == "map":
+                # An idmapped rootfs hands every inode of the clone to container root,
+                # also one hard-linked to a host file (issue 19). The clone is still
+                # detached and ours alone; scanning it (not the path) sees exactly what
+                # the container would, covered directories included. In `auto` too:
+                # a chown fallback would re-own the tree on disk behind the admin's back
+                # and leave such files unshifted (nobody inside), so the choice is theirs.
+                from .linux import hardlinks
+
+                try:
+                    found = hardlinks.scan_fd(mnt, 1)
+                except OSError as exc:
+                    raise SetupError(f"rootfs {path}: scan for hard links: {exc}") from None
+                if found.files:
+                    f, more = found.files[0], found.total - 1
+                    raise SetupError(
+                        f"rootfs {path}: {f.path} is hard-linked from outside the tree "
+                        f"({f.nlink} links, {f.inside} inside)"
+                        + (f", and {more} more such files" if more else ""),
+                        "remove the extra link, or use --private-users-ownership=chown, "
+                        "which leaves such files alone")
             if mode == "chown":
                 self._chown_rootfs(path, root_uid)
                 if mnt < 0:
                     mnt = mounts.clone_tree(path, recursive=False)
             # nodev: a device node shipped in a (hostile) tree must not open,
             # whatever its owner maps to; /dev is a separate host-made mount.
-            deferred = mounts.set_attrs_or_defer(
-                mnt, sc.MOUNT_ATTR_NODEV | (sc.MOUNT_ATTR_RDONLY if host.rootfs_readonly else 0))
+            # Private: a clone stays in its source's peer group, and a mount
+            # made on it would appear on the host (and pivot_root refuses a
+            # shared root). Read-only comes last, from stage A.
+            deferred = mounts.make_private(mnt)
+            deferred |= mounts.set_attrs_or_defer(mnt, sc.MOUNT_ATTR_NODEV)
             if deferred:
                 self.deferred_remounts["rootfs"] = deferred
         except BaseException:
@@ -519,6 +533,11 @@ class Container:
             res = idshift.shift_tree(path, base, progress=progress)
         except idshift.ShiftError as exc:
             raise SetupError(str(exc)) from None
+        if linked := res.outside_links:
+            shown = ", ".join(linked[:3]) + (f" and {len(linked) - 3} more" if len(linked) > 3
+                                             else "")
+            self.opts.log(f"warning: rootfs {path}: left unshifted, as they are hard-linked "
+                          f"from outside the tree (nobody inside): {shown}")
         if self.opts.verbose:
             self.opts.log(f"chown: shifted {res.files_changed} inodes from base {res.from_base} "
                           f"to {res.to_base}" + (" (resumed an interrupted shift)"
@@ -530,6 +549,9 @@ class Container:
         except OSError as exc:
             raise SetupError(f"bind source {b.source}: {exc}", hint_for(exc)) from None
         try:
+            # Out of the source's peer group before anything can be mounted on
+            # it (mounts inside would appear on the host); slave only if asked.
+            private = mounts.make_private(mnt, b.propagation, b.recursive)
             if b.idmap != "no" and userns_fd >= 0:
                 try:
                     mounts.set_attrs(mnt, userns_fd=userns_fd, recursive=b.recursive)
@@ -538,7 +560,7 @@ class Container:
                         raise SetupError(f"idmap bind {b.source}: {exc}", hint_for(exc)) from None
                     self.opts.log(f"bind {b.source}: idmapped mount not possible "
                                   f"({exc.strerror}); files keep their host owners")
-            deferred = mounts.set_attrs_or_defer(mnt, b.attr_set, b.recursive)
+            deferred = private | mounts.set_attrs_or_defer(mnt, b.attr_set, b.recursive)
             if deferred:
                 self.deferred_remounts[b.label] = deferred
         except OSError as exc:

@@ -137,11 +137,44 @@ def set_attrs_or_defer(mnt_fd: int, attr_set: int, recursive: bool = False) -> i
         return attrs_to_ms(attr_set)
 
 
+_PROPAGATION_BITS = sc.MS_PRIVATE | sc.MS_SLAVE | sc.MS_SHARED | sc.MS_REC
+
+
+def make_private(mnt_fd: int, propagation: int = sc.MS_PRIVATE,
+                 recursive: bool = False) -> int:
+    """Take a detached clone out of its source's peer group (or make it a slave).
+
+    open_tree(OPEN_TREE_CLONE) of a shared mount gives a peer of it: a mount
+    made on the clone would appear in the source's namespace (the host's).
+    Returns 0, or on Linux < 5.12 (no mount_setattr) the MS_* bits that
+    remount_attached() applies right after the clone is attached, before
+    anything is mounted on it.
+    """
+    try:
+        set_attrs(mnt_fd, recursive=recursive, propagation=propagation)
+        return 0
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        return propagation | (sc.MS_REC if recursive else 0)
+
+
 def remount_attached(mnt_fd: int, ms_flags: int) -> None:
     """Classic remount of an attached mount, named by its fd (pre-5.12 fallback).
 
-    MS_REMOUNT|MS_BIND sets exactly ms_flags on this one mount."""
-    sc.mount(None, f"/proc/self/fd/{mnt_fd}", None, sc.MS_REMOUNT | sc.MS_BIND | ms_flags)
+    Propagation bits (from make_private) are applied first, on their own; then
+    MS_REMOUNT|MS_BIND sets exactly the remaining flags on this one mount."""
+    path = f"/proc/self/fd/{mnt_fd}"
+    if ms_flags & _PROPAGATION_BITS:
+        sc.mount(None, path, None, ms_flags & _PROPAGATION_BITS)
+    flags = ms_flags & ~_PROPAGATION_BITS
+    if flags:
+        sc.mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | flags)
+
+
+def remount_flags(ms_flags: int) -> int:
+    """The remount part of a deferred value (propagation bits removed)."""
+    return ms_flags & ~_PROPAGATION_BITS
 
 
 def attach(mnt_fd: int, target_fd: int) -> None:

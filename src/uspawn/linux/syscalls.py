@@ -466,25 +466,67 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     Moving a task by writing cgroup.procs waits for an RCU grace period
     (percpu_down_write of cgroup_threadgroup_rwsem): 10-15 ms measured here,
     more than half of a container start. clone3(CLONE_INTO_CGROUP) (Linux
-    5.7) places the child at fork time instead, as crun does. The CPython
-    fork hooks run as in os.fork(). Caveat: glibc's cached tid in the child's
-    thread block is not updated (no CLONE_CHILD_SETTID), so the child must
-    not use pthread_kill/raise before it forks or execs again; our stage A
-    only unshares, forks and exits. Raises SyscallError (ENOSYS, EINVAL on
-    old kernels or v1 cgroups) so callers can fall back.
+    5.7) places the child at fork time instead, as crun does. Raises
+    SyscallError (ENOSYS, EINVAL on old kernels or v1 cgroups) so callers can
+    fall back.
     """
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=SIGCHLD, cgroup=cgroup_fd)
+    return clone(CLONE_INTO_CGROUP, cgroup_fd)
+
+
+# (s390x passes the stack first: not listed, so it needs clone3.)
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120}
+
+
+def clone(flags: int, cgroup_fd: int = 0) -> int:
+    """fork() with clone flags (new namespaces at birth); 0 in the child.
+
+    The CPython fork hooks run as in os.fork(). Caveat: glibc's cached tid in
+    the child's thread block is not updated (no CLONE_CHILD_SETTID), so the
+    child must not use pthread_kill/raise before it execs; uspawn's children
+    only set up and exec. clone3 (5.3) first, else the classic clone syscall
+    (no CLONE_INTO_CGROUP there). Namespace flags at clone time matter: a
+    child born in a new user namespace while its parent stays real root in
+    the host's is what lets the parent build mounts that the child's mount
+    namespace then inherits locked.
+    """
+    args = _CloneArgs(flags=flags, exit_signal=SIGCHLD, cgroup=cgroup_fd)
     _pyapi.PyOS_BeforeFork()
     ret = _pylibc.syscall(_c_long(SYS_clone3), ctypes.byref(args),
                           ctypes.c_size_t(ctypes.sizeof(args)))
+    err = ctypes.get_errno() if ret < 0 else 0
+    if ret < 0 and err == errno.ENOSYS and not flags & CLONE_INTO_CGROUP:
+        nr = _SYS_CLONE.get(os.uname().machine)
+        if nr is not None:
+            # All pointer arguments NULL, so their per-architecture order does not matter.
+            ret = _pylibc.syscall(_c_long(nr), _c_ulong(flags | SIGCHLD), _c_ulong(0),
+                                  _c_ulong(0), _c_ulong(0), _c_ulong(0))
+            err = ctypes.get_errno() if ret < 0 else 0
     if ret == 0:
         _pyapi.PyOS_AfterFork_Child()
         return 0
-    err = ctypes.get_errno()
     _pyapi.PyOS_AfterFork_Parent()
     if ret < 0:
         raise _BY_ERRNO.get(err, SyscallError)(err, "clone3")
     return int(ret)
+
+
+_libc.setfsuid.argtypes = [_c_uint]
+_libc.setfsuid.restype = _c_int
+_libc.setfsgid.argtypes = [_c_uint]
+_libc.setfsgid.restype = _c_int
+
+
+def set_fs_ids(uid: int, gid: int) -> None:
+    """setfsgid + setfsuid: files created from now on belong to uid:gid.
+
+    The calls report no errors; the previous value read back tells. Changing
+    the fsuid from 0 clears the filesystem capabilities from the effective set
+    (CAP_DAC_OVERRIDE, CAP_CHOWN, ...); the caller raises them again if needed.
+    """
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    if _libc.setfsgid(gid) != gid or _libc.setfsuid(uid) != uid:
+        raise SyscallError(errno.EPERM, "setfsuid")
 
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
@@ -516,3 +558,19 @@ def bpf_prog_load(prog_type: int, insns: bytes, name: bytes, expected_attach_typ
 def bpf_prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
     # BPF_PROG_ATTACH: target_fd, attach_bpf_fd, attach_type, attach_flags
     _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", target_fd, prog_fd, attach_type, flags))
+
+
+_libc.fstatfs.argtypes = [_c_int, _c_void_p]
+_libc.fstatfs.restype = _c_int
+
+
+def fstatfs_type(fd: int) -> int:
+    """f_type of the filesystem holding fd (works on O_PATH fds since Linux 3.12).
+
+    os.fstatvfs has no f_type; struct statfs starts with it (a long, but an
+    unsigned int on s390x) on every Linux ABI, and 256 bytes cover the struct.
+    """
+    buf = ctypes.create_string_buffer(256)
+    _check(_libc.fstatfs(_c_int(fd), buf), "fstatfs")
+    word = ctypes.c_uint if os.uname().machine == "s390x" else ctypes.c_ulong
+    return int(word.from_buffer(buf).value)

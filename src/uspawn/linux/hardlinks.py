@@ -1,0 +1,170 @@
+"""Files of a container tree that are also linked from outside it (issue 19).
+
+A hard link is a second name for the same inode. A tree file hard-linked to a host
+file is that host file: an idmapped rootfs hands it to container root (who can then
+read, append to and chmod it), and a chown shift would re-own it. The kernel keeps
+only the total, st_nlink; so the tree is walked, its names for each multi-link inode
+are counted, and an inode with fewer names inside than st_nlink has the rest outside.
+
+The walk follows idshift's rules: symlinks never followed (directories are opened
+O_NOFOLLOW relative to their parent's fd), other filesystems (st_dev) and mount
+points not entered. Names below a mount point are not counted, so a file linked from
+there counts as linked from outside: conservative, and a non-recursive clone of the
+tree (what the container gets) does not show that mount anyway. Scanning the
+detached clone itself (scan_fd on an open_tree fd, which has no submounts) sees
+exactly what the container will see, covered directories included.
+
+Stdlib only; `uspawn run` calls it on the start path in `map` mode, so it does one
+fstatat per non-directory, one open and fstat per directory, and nothing else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# (parent st_dev, parent st_ino, name) of a mount point
+MountPoints = set[tuple[int, int, str]] | frozenset[tuple[int, int, str]]
+
+
+class Linked:
+    """One inode with names outside the tree."""
+
+    __slots__ = ("inside", "nlink", "path")
+
+    def __init__(self, path: str, nlink: int, inside: int) -> None:
+        self.path = path  # the first of its names inside the tree, "/"-rooted
+        self.nlink = nlink  # st_nlink: every name it has
+        self.inside = inside  # names the walk found inside the tree
+
+    def __repr__(self) -> str:
+        return f"Linked({self.path!r}, nlink={self.nlink}, inside={self.inside})"
+
+
+class Found:
+    """What scan() found: up to `limit` files (by path) and how many there are."""
+
+    def __init__(self, files: list[Linked], total: int, multi: int) -> None:
+        self.files = files
+        self.total = total  # inodes linked from outside
+        self.multi = multi  # inodes with st_nlink > 1 seen (all links inside or not)
+
+
+def mountpoints(root_fd: int) -> set[tuple[int, int, str]]:
+    """(parent st_dev, parent st_ino, name) of each mount point below root. st_dev alone
+    misses bind mounts from the same filesystem, which may bring in host files."""
+    import re
+
+    top = os.readlink(f"/proc/self/fd/{root_fd}").rstrip("/") + "/"
+    found = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            # proc(5): field 5 is the mount point; space, tab, \n and \ are octal escapes
+            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4])
+            parent, name = os.path.split(os.fsdecode(raw))
+            if (parent + "/").startswith(top):
+                try:
+                    pst = os.lstat(parent)
+                except OSError:
+                    continue  # overmounted or gone: the walk cannot meet it either
+                found.add((pst.st_dev, pst.st_ino, name))
+    return found
+
+
+def scan_fd(root_fd: int, limit: int, skip: MountPoints = frozenset()) -> Found:
+    """The inodes below root_fd (a directory or a detached mount) that have names
+    outside it; skip: mount points not to enter (empty for a detached mount)."""
+    dev = os.fstat(root_fd).st_dev
+    links: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [names inside, st_nlink]
+    paths: dict[tuple[int, int], str] = {}  # (dev, ino) -> its first name inside
+    # One level per open directory: fd, tree path, st_ino, subdirectories still to enter.
+    stack: list[tuple[int, str, int, Iterator[str]]] = []
+    path = ""
+    try:
+        # A readable fd of our own, also for O_PATH and open_tree fds.
+        fd = os.open(".", _O_DIR, dir_fd=root_fd)
+        ino = os.fstat(fd).st_ino
+        while True:
+            if fd >= 0:
+                stack.append((fd, path, ino, iter(_list(fd, path, dev, links, paths))))
+                fd = -1
+            dfd, dpath, dino, names = stack[-1]
+            if (name := next(names, None)) is None:
+                os.close(stack.pop()[0])
+                if not stack:
+                    break
+                continue
+            if (dev, dino, name) in skip:
+                continue
+            path = f"{dpath}/{name}"
+            try:
+                sub = os.open(name, _O_DIR, dir_fd=dfd)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue  # removed, or replaced by a file or symlink, since the listing
+                raise
+            st = os.fstat(sub)
+            if st.st_dev != dev:  # another filesystem (not seen as a mount: btrfs subvolume)
+                os.close(sub)
+                continue
+            fd, ino = sub, st.st_ino
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path or "/") from None
+    finally:
+        for dfd, _, _, _ in stack:
+            os.close(dfd)
+    out = [Linked(paths[k], n, c) for k, (c, n) in links.items() if c < n]
+    out.sort(key=lambda f: f.path)
+    return Found(out[:limit], len(out), len(links))
+
+
+def _list(dfd: int, dpath: str, dev: int, links: dict[tuple[int, int], list[int]],
+          paths: dict[tuple[int, int], str]) -> list[str]:
+    """The subdirectory names of dfd; counts the names of its multi-link non-directories."""
+    subdirs = []
+    with os.scandir(dfd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):  # d_type: no syscall
+                subdirs.append(e.name)
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)  # fstatat(dfd, name, AT_SYMLINK_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            if st.st_nlink < 2 or st.st_dev != dev:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if (rec := links.get(key)) is None:
+                links[key] = [1, st.st_nlink]
+                paths[key] = f"{dpath}/{e.name}"
+            else:
+                rec[0] += 1
+                rec[1] = max(rec[1], st.st_nlink)  # a link added during the walk counts
+    return subdirs
+
+
+def scan(root: str, limit: int) -> Found:
+    """scan_fd for a directory path: mount points below it are not entered."""
+    fd = os.open(root, _O_DIR)
+    try:
+        return scan_fd(fd, limit, mountpoints(fd))
+    finally:
+        os.close(fd)
+
+
+def outside_links(root: str, limit: int) -> list[str]:
+    """Tree paths (up to limit, sorted) of files below root also linked from outside."""
+    return [f.path for f in scan(root, limit).files]
+
+
+def describe(found: Found) -> str:
+    """'/a (2 links, 1 inside), /b (...) and N more' for warnings."""
+    shown = ", ".join(f"{f.path} ({f.nlink} links, {f.inside} inside)" for f in found.files)
+    more = found.total - len(found.files)
+    return shown + (f" and {more} more" if more > 0 else "")
