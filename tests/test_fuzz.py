@@ -251,7 +251,8 @@ def base_config(rootfs: str, rich: bool, bind_source: str) -> dict[str, Any]:
     cfg["process"]["args"] = ["true"]
     cfg["root"] = {"path": rootfs, "readonly": False}
     linux = cfg["linux"]
-    linux["namespaces"] = [*linux["namespaces"], {"type": "user"}]
+    linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] != "user"] + [
+        {"type": "user"}]  # the template has one already; the range is picked here
     m = [{"containerID": 0, "hostID": 200000, "size": 65536}]
     linux["uidMappings"] = copy.deepcopy(m)
     linux["gidMappings"] = copy.deepcopy(m)

@@ -18,6 +18,7 @@ import pytest
 
 from uspawn import oci_defaults, plan
 from uspawn import spec as S
+from uspawn.errors import SpecError
 from uspawn.linux import caps, mounts, seccomp
 from uspawn.presets import MASKED_PATHS, READONLY_PATHS
 
@@ -51,10 +52,17 @@ def test_default_config_decodes_validates_and_plans(rootless: bool, tmp_path: Pa
     assert spec == oci_defaults.default_spec(rootless)
 
     spec.root.path = str(tmp_path)
+    if rootless and os.geteuid() == 0:
+        # --rootless maps container root to the caller: host root here, refused
+        with pytest.raises(SpecError, match=r"linux\.uidMappings\[0\]\.hostID"):
+            S.validate(spec)
+        assert spec.linux is not None
+        for m in spec.linux.uid_mappings + spec.linux.gid_mappings:
+            m.host_id = 1000
     S.validate(spec)
     # and the engine accepts every field (mount types, rlimit and capability names)
     host, init = plan.build(spec)
-    assert init.userns is rootless
+    assert init.userns  # rootful too: container root is never host root
     assert [b.source for b in host.binds] == (["/sys"] if rootless else [])
 
 
@@ -88,11 +96,12 @@ def test_default_config_rootful_shape() -> None:
     config: Any = oci_defaults.default_config()
     linux = config["linux"]
     assert [n["type"] for n in linux["namespaces"]] == [
-        "pid", "network", "ipc", "uts", "mount", "cgroup"
+        "pid", "network", "ipc", "uts", "mount", "cgroup", "user"
     ]
     assert all("path" not in n for n in linux["namespaces"])
     assert linux["resources"] == {"devices": [{"allow": False, "access": "rwm"}]}
-    assert "uidMappings" not in linux and "gidMappings" not in linux
+    m = [{"containerID": 0, "hostID": 0x6FFE0000, "size": 65536}]
+    assert linux["uidMappings"] == m and linux["gidMappings"] == m
     assert linux["maskedPaths"] == MASKED_PATHS
     assert linux["readonlyPaths"] == READONLY_PATHS
     mnts = _by_dest(config)
@@ -298,11 +307,18 @@ def test_default_config_matches_runc_spec(rootless: bool, tmp_path: Path) -> Non
         "/sys/devices/virtual/powercap"  # runc >= 1.2 masks it too
     }
     assert ours["linux"]["readonlyPaths"] == runc["linux"]["readonlyPaths"]
-    # cgroup: runc adds it only on a cgroup v2 host (always since runc 1.2 there)
-    assert _namespaces(ours) - {"cgroup"} == _namespaces(runc) - {"cgroup"}
+    # cgroup: runc adds it only on a cgroup v2 host (always since runc 1.2 there);
+    # user: runc's rootful template has none (its container root is host root)
+    assert _namespaces(ours) - {"cgroup", "user"} == _namespaces(runc) - {"cgroup", "user"}
+    assert "user" in _namespaces(ours)
     assert ours["linux"].get("resources") == runc["linux"].get("resources")
-    assert ours["linux"].get("uidMappings") == runc["linux"].get("uidMappings")
-    assert ours["linux"].get("gidMappings") == runc["linux"].get("gidMappings")
+    if rootless:
+        assert ours["linux"].get("uidMappings") == runc["linux"].get("uidMappings")
+        assert ours["linux"].get("gidMappings") == runc["linux"].get("gidMappings")
+    else:
+        assert "uidMappings" not in runc["linux"]
+        assert ours["linux"]["uidMappings"][0]["hostID"] > 0
+    assert "seccomp" not in runc["linux"] and "seccomp" in ours["linux"]
     for key in ("terminal", "user", "args", "env", "cwd", "rlimits", "noNewPrivileges"):
         assert ours["process"][key] == runc["process"][key], key
     for cap_set in ("bounding", "effective", "permitted"):

@@ -21,6 +21,7 @@ import select
 import time
 
 from . import spec as S
+from . import state as statemod
 from .errors import SpecError, UspawnError
 from .linux import cgroups
 from .state import dumps, loads, proc_running, proc_starttime, write_atomic
@@ -74,6 +75,16 @@ def load_bundle(bundle: str, log: Callable[[str], None]) -> S.Spec:
     if spec.root is not None and not os.path.isdir(spec.root.path):
         raise SpecError(f"root.path: {spec.root.path} is not a directory")
     return spec
+
+
+def cgroup_path(spec: S.Spec, cid: str) -> str:
+    """linux.cgroupsPath resolved below the hierarchy roots (refused if it leaves them)."""
+    path = (spec.linux or S.Linux()).cgroups_path or ""
+    try:
+        return cgroups.oci_cgroup_path(path, cid)
+    except cgroups.CgroupPathError as exc:
+        raise SpecError(f"linux.cgroupsPath: {exc}",
+                        "use /a/b (below the cgroup root) or slice:prefix:name") from None
 
 
 def seccomp_for(spec: S.Spec) -> bytes | None:
@@ -229,6 +240,7 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
     if spec.process.terminal and not console_socket and not foreground:
         raise OciError("process.terminal is true but no --console-socket was given",
                        "pass --console-socket or set terminal to false")
+    cgroup_rel = cgroup_path(spec, cid)
     os.makedirs(root, mode=0o700, exist_ok=True)
     cdir = os.path.join(root, cid)
     try:
@@ -236,11 +248,12 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
     except FileExistsError:
         raise OciError(f"container with id {cid!r} already exists") from None
     lock = IdLock(cdir)
+    lease = None
     try:
+        lease = _lease_range(spec)
         bpf = seccomp_for(spec)
-        linux = spec.linux or S.Linux()
         opts = runtime.Options(cid, ownership="off", seccomp_bpf=bpf, log=log)
-        opts.cgroup_rel = cgroups.oci_cgroup_path(linux.cgroups_path or "", cid)
+        opts.cgroup_rel = cgroup_rel
         hooks = spec.hooks or S.Hooks()
         opts.create_hooks = _hooks(hooks.prestart + hooks.create_runtime
                                    + hooks.create_container)
@@ -272,16 +285,58 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             "poststart": [list(h) for h in _hooks(hooks.poststart)],
             "poststop": [list(h) for h in _hooks(hooks.poststop)],
         }
+        if lease is not None:
+            # Handed over to the init: held while it lives (state.owner_alive).
+            lease.record(name=cid, pid=c.init_pid, starttime=record["pid_start"])
+            record["range_lease"] = lease.path
+            lease.release(remove=False)
         write_atomic(os.path.join(cdir, "state.json"), dumps(record))
         _write_pid_file(pid_file, c.init_pid)
         if not foreground:
             c.handover()
         return c
     except BaseException:
+        if lease is not None:
+            lease.release()  # not handed over yet (a no-op after the hand-over)
         _remove_dir(cdir)
         raise
     finally:
         lock.__exit__()
+
+
+def _lease_range(spec: S.Spec) -> statemod.Lease | None:
+    """Lease the container's host-ID range in the host-wide allocator, so `uspawn run`
+    does not pick it while this container lives. Best effort: OCI configs may share
+    a range on purpose (runc allows it), so a range already leased is used as is."""
+    linux = spec.linux or S.Linux()
+    if "user" not in spec.namespace_types() or not linux.uid_mappings:
+        return None
+    base = min(m.host_id for m in linux.uid_mappings)
+    size = max(m.host_id + m.size for m in linux.uid_mappings) - base
+    try:
+        return statemod.RangeAllocator().lease(base, size)
+    except (UspawnError, OSError):
+        return None
+
+
+def _drop_range_lease(rec: Record) -> None:
+    """Remove the lease file create() handed to the (now dead) init."""
+    path = rec.data.get("range_lease")
+    if not isinstance(path, str):
+        return
+    try:
+        with open(path) as f:
+            owner = loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return
+    # Ours (not a later container's lease of the same range); the init is stopped
+    # (maybe an unreaped zombie still, which owner_alive() would count as alive).
+    if isinstance(owner, dict) and (owner.get("pid"), owner.get("starttime")) == (
+            rec.pid, rec.data.get("pid_start")):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _tune_plan(init: object, preserve_fds: int, new_keyring: bool, hooks: S.Hooks) -> None:
@@ -432,6 +487,7 @@ def _delete(root: str, cid: str, force: bool, log: Callable[[str], None]) -> Non
             cg.destroy()
         except cgroups.CgroupError as exc:
             raise OciError(str(exc)) from None
+    _drop_range_lease(rec)
     _remove_dir(rec.dir)
     _run_recorded_hooks(rec, "poststop", 0, "stopped", log)
 

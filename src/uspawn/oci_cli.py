@@ -132,6 +132,10 @@ def dispatch(cmd: str, ns: types.SimpleNamespace, log: Logger) -> int:
         path = os.path.join(ns.bundle, "config.json")
         if os.path.exists(path):
             raise oci.OciError(f"{path} already exists", "remove it first")
+        if ns.spec_rootless and os.geteuid() == 0:
+            # runc writes it too; uspawn-runc create refuses host ID 0 in a mapping.
+            log("warning: --rootless maps container root to the caller, host root here: "
+                "create will refuse it; run `spec` without --rootless as root")
         import json
 
         try:

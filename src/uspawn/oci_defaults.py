@@ -11,7 +11,18 @@ follows runc's template (libcontainer/specconv/example.go, `Example()` and
 - a cgroup namespace always (runc adds it only on a cgroup v2 host; uspawn unshares it
   after the child is born in its cgroup on every hierarchy);
 - masked and read-only paths are those of `uspawn run` (presets.py), a superset of
-  runc 1.1's lists.
+  runc 1.1's lists;
+- a user namespace (runc's rootful template has none, so its container root is host
+  root: it reaches host root's user keyring, and host sysctls once a mask is lifted).
+  Container root is host ID TEMPLATE_HOST_ID, a 65536-ID range at the top of the
+  window `uspawn run` picks from (state.PICK_FIRST..PICK_LAST), so a `uspawn run`
+  container only lands on it after ~28000 others; `create` also leases the range
+  host-wide while the container lives (oci.py), so `uspawn run` skips it then. The
+  tree's files keep their owners: chown the rootfs to the range, or edit the
+  mapping, for a container that writes to its own tree;
+- seccomp: uspawn's default policy (seccomp.default_policy with the userns mknod
+  filter) written as an OCI profile: keyctl/add_key/request_key, bpf, module
+  loading, open_by_handle_at... get EPERM, unknown syscalls ENOSYS.
 
 `features()` is the runtime-spec features document (features.md, features-linux.md).
 It lists only what the engine accepts: every seccomp action, operator, architecture and
@@ -32,6 +43,12 @@ from .presets import DEFAULT_PATH, MASKED_PATHS, READONLY_PATHS
 VERSION = "0.1.0"  # fallback when the package metadata is not installed
 
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+
+# The template's user namespace: the last 64K block `uspawn run` may pick
+# (state.PICK_LAST is exclusive), far from the first picks at 524288. Not
+# imported from state.py: the template is a documented constant.
+TEMPLATE_HOST_ID = 0x6FFE0000
+TEMPLATE_SIZE = 65536
 
 # Created (not only joined) by the engine: plan.NS_FLAGS plus the user namespace.
 # "time" is recognised by spec.validate but not created yet, so it is not listed.
@@ -99,6 +116,36 @@ def _mounts(rootless: bool) -> list[S.Mount]:
     ]  # fmt: skip
 
 
+def oci_seccomp(policy: seccomp.Policy) -> dict[str, object]:
+    """A seccomp Policy as an OCI `linux.seccomp` object; policy_from_oci() reads it
+    back to the same policy."""
+
+    def action(act: seccomp.Action) -> tuple[str, int | None]:
+        if act.kind in ("ERRNO", "TRACE"):
+            return f"SCMP_ACT_{act.kind}", act.value
+        return f"SCMP_ACT_{act.kind}", None
+
+    default, default_errno = action(policy.default_action)
+    out: dict[str, object] = {"defaultAction": default}
+    if default_errno is not None:
+        out["defaultErrnoRet"] = default_errno
+    out["architectures"] = [f"SCMP_ARCH_{a.upper()}" for a in policy.architectures]
+    if policy.flags:
+        out["flags"] = list(policy.flags)
+    rules: list[dict[str, object]] = []
+    for rule in policy.rules:
+        name, err = action(rule.action)
+        entry: dict[str, object] = {"names": list(rule.names), "action": name}
+        if err is not None:
+            entry["errnoRet"] = err
+        if rule.args:
+            entry["args"] = [{"index": a.index, "value": a.value, "valueTwo": a.value2,
+                              "op": f"SCMP_CMP_{a.op}"} for a in rule.args]
+        rules.append(entry)
+    out["syscalls"] = rules
+    return out
+
+
 def default_spec(rootless: bool = False) -> S.Spec:
     """The `spec` template as a model object (see default_config)."""
     process = S.Process(
@@ -114,15 +161,21 @@ def default_spec(rootless: bool = False) -> S.Spec:
         rlimits=[S.Rlimit(type="RLIMIT_NOFILE", hard=1024, soft=1024)],
         no_new_privileges=True,
     )
-    ns_types = ["pid", "network", "ipc", "uts", "mount", "cgroup"]
+    ns_types = ["pid", "network", "ipc", "uts", "mount", "cgroup", "user"]
     linux = S.Linux(masked_paths=list(MASKED_PATHS), readonly_paths=list(READONLY_PATHS))
+    # Both: the policy of `uspawn run` (with the mknod filter a user namespace needs).
+    linux.seccomp = oci_seccomp(seccomp.default_policy(userns=True))
     if rootless:
         # runc's ToRootless: no network namespace (nothing could configure it), a user
         # namespace mapping root to the caller, and no cgroup resources.
-        ns_types = [t for t in ns_types if t != "network"] + ["user"]
+        ns_types = [t for t in ns_types if t != "network"]
         linux.uid_mappings = [S.IDMapping(container_id=0, host_id=os.geteuid(), size=1)]
         linux.gid_mappings = [S.IDMapping(container_id=0, host_id=os.getegid(), size=1)]
     else:
+        linux.uid_mappings = [S.IDMapping(container_id=0, host_id=TEMPLATE_HOST_ID,
+                                          size=TEMPLATE_SIZE)]
+        linux.gid_mappings = [S.IDMapping(container_id=0, host_id=TEMPLATE_HOST_ID,
+                                          size=TEMPLATE_SIZE)]
         linux.resources = S.Resources(devices=[{"allow": False, "access": "rwm"}])
     linux.namespaces = [S.Namespace(type=t) for t in ns_types]
     return S.Spec(

@@ -42,6 +42,9 @@ class Model:
     """
 
     _rename: dict[str, str] = {}
+    # Inclusive (low, high) of int fields (each item of a list[int]): values a hostile
+    # config.json may carry that the kernel or Python's C conversions cannot take.
+    _bounds: dict[str, tuple[int, int]] = {}
     _fields_cache: dict[type, tuple[str, ...]] = {}
 
     def __init__(self, **kw: Any) -> None:
@@ -208,7 +211,25 @@ def decode(
             unknown.append(sub)
             continue
         kw[field] = _decode(hints[field], value, sub, unknown)
+        bound = cls._bounds.get(field)
+        if bound is not None:
+            _check_bounds(kw[field], bound, sub)
     return cls(**kw)
+
+
+def _check_bounds(value: Any, bound: tuple[int, int], path: str) -> None:
+    low, high = bound
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_bounds(item, bound, f"{path}[{i}]")
+    elif isinstance(value, int) and not low <= value <= high:
+        raise SpecError(f"{path}: {value} is out of range {low}..{high}")
+
+
+# Ranges shared by several fields.
+U32 = 2**32 - 1
+ID_RANGE = (0, U32 - 1)  # uid_t/gid_t; (uid_t)-1 means "no change" to the kernel
+I64 = (-1, 2**63 - 1)  # cgroup values; -1 = unlimited (runc)
 
 
 # --- the OCI runtime spec (the parts uspawn implements) ---------------------
@@ -216,12 +237,15 @@ def decode(
 
 class IDMapping(Model):
     _rename = {"container_id": "containerID", "host_id": "hostID"}
+    _bounds = {"container_id": ID_RANGE, "host_id": ID_RANGE, "size": (1, U32)}
     container_id: int = 0
     host_id: int = 0
     size: int = 0
 
 
 class User(Model):
+    _bounds = {"uid": ID_RANGE, "gid": ID_RANGE, "additional_gids": ID_RANGE,
+               "umask": (0, 0o777)}
     uid: int = 0
     gid: int = 0
     umask: int | None = None
@@ -238,17 +262,21 @@ class Capabilities(Model):
 
 
 class Rlimit(Model):
+    # rlim_t; 2**64-1 is RLIM_INFINITY
+    _bounds = {"hard": (0, 2**64 - 1), "soft": (0, 2**64 - 1)}
     type: str = ""
     hard: int = 0
     soft: int = 0
 
 
 class ConsoleSize(Model):
+    _bounds = {"height": (0, 0xFFFF), "width": (0, 0xFFFF)}  # struct winsize: unsigned short
     height: int = 0
     width: int = 0
 
 
 class Process(Model):
+    _bounds = {"oom_score_adj": (-1000, 1000)}  # OOM_SCORE_ADJ_MIN..MAX
     terminal: bool = False
     console_size: ConsoleSize | None = None
     user: User | None = None
@@ -283,6 +311,9 @@ class Namespace(Model):
 
 
 class Device(Model):
+    # The kernel's dev_t: 12-bit major, 20-bit minor (MINORBITS); mode bits only.
+    _bounds = {"major": (0, 2**12 - 1), "minor": (0, 2**20 - 1), "file_mode": (0, 0o7777),
+               "uid": ID_RANGE, "gid": ID_RANGE}
     type: str = ""
     path: str = ""
     major: int = 0
@@ -293,12 +324,15 @@ class Device(Model):
 
 
 class MemoryResources(Model):
+    _bounds = {"limit": I64, "reservation": I64, "swap": I64}
     limit: int | None = None
     reservation: int | None = None
     swap: int | None = None
 
 
 class CPUResources(Model):
+    # period: the kernel's 1 ms..1 s (cpu.max, cpu.cfs_period_us)
+    _bounds = {"shares": (0, 2**64 - 1), "quota": I64, "period": (1000, 1_000_000)}
     shares: int | None = None
     quota: int | None = None
     period: int | None = None
@@ -307,6 +341,7 @@ class CPUResources(Model):
 
 
 class PidsResources(Model):
+    _bounds = {"limit": I64}
     limit: int | None = None
 
 
@@ -333,6 +368,7 @@ class Linux(Model):
 
 
 class Hook(Model):
+    _bounds = {"timeout": (1, 2**31 - 1)}  # seconds; > 0 (runtime-spec)
     path: str = ""
     args: list[str] = []
     env: list[str] = []
@@ -396,12 +432,32 @@ def validate(spec: Spec) -> None:
             if not maps:
                 raise SpecError(f"linux.{name}: a user namespace needs ID mappings")
             for j, m in enumerate(maps):
-                if m.size <= 0 or m.container_id < 0 or m.host_id < 0:
-                    raise SpecError(f"linux.{name}[{j}]: size must be > 0 and IDs >= 0")
-                if m.host_id + m.size > 2**32 - 1:
-                    raise SpecError(f"linux.{name}[{j}]: range exceeds 32-bit IDs")
+                _check_mapping(m, f"linux.{name}[{j}]")
+    for i, r in enumerate(proc.rlimits):
+        if r.soft > r.hard:
+            raise SpecError(f"process.rlimits[{i}].soft: {r.soft} is above hard ({r.hard})")
     if spec.hostname and "uts" not in seen:
         raise SpecError("hostname: setting a hostname needs a uts namespace")
     for i, mnt in enumerate(spec.mounts):
         if not mnt.destination.startswith("/"):
             raise SpecError(f"mounts[{i}].destination: {mnt.destination!r} is not absolute")
+
+
+def _check_mapping(m: IDMapping, where: str) -> None:
+    """One uid/gid map line as the kernel takes it, and never host root.
+
+    Host ID 0 inside the range makes some container ID host root: the user
+    namespace would then protect nothing (after `umount /proc/sys` the host's
+    sysctls open for writing). The CLI refuses `-U 0` for the same reason.
+    """
+    if m.size <= 0 or m.container_id < 0 or m.host_id < 0:
+        raise SpecError(f"{where}: size must be > 0 and IDs >= 0")
+    # The kernel refuses ranges that wrap (map_write: first + count <= first).
+    if m.host_id + m.size > U32:
+        raise SpecError(f"{where}.size: hostID + size exceeds 32-bit IDs")
+    if m.container_id + m.size > U32:
+        raise SpecError(f"{where}.size: containerID + size exceeds 32-bit IDs")
+    if m.host_id <= 0 < m.host_id + m.size:
+        raise SpecError(f"{where}.hostID: the range maps host root (ID 0) into the container",
+                        "map to an unprivileged host range, e.g. hostID 524288 as "
+                        "`uspawn-runc spec` writes")

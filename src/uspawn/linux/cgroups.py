@@ -71,16 +71,24 @@ def _procs(path: str) -> list[int]:
         return []
 
 
+def _v2_value(value: int) -> str:
+    """OCI's -1 (unlimited, as runc takes it) is "max" in cgroup2 files (and pids.max)."""
+    return "max" if value < 0 else str(value)
+
+
 class Cgroup:
     """The cgroup directories of one container (one per hierarchy)."""
 
     def __init__(self, name: str, layout: str, unified: str | None, dirs: list[str],
-                 rel: str | None = None) -> None:
+                 rel: str | None = None, made: list[str] | None = None) -> None:
         self.name = name
         self.layout = layout
         self.unified = unified
         self.dirs = dirs
         self.rel = rel or f"{PARENT}/{name}"  # path below each hierarchy's root
+        # Parents create() had to make for an OCI cgroupsPath (deepest last): removed
+        # again by destroy() when empty, so a config's path leaves nothing behind.
+        self.made = made if made is not None else []
 
     @property
     def v2_dir(self) -> str | None:
@@ -90,17 +98,19 @@ class Cgroup:
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "layout": self.layout, "unified": self.unified,
-                "dirs": self.dirs, "rel": self.rel}
+                "dirs": self.dirs, "rel": self.rel, "made": self.made}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Cgroup:
         dirs = data.get("dirs")
         unified = data.get("unified")
         rel = data.get("rel")
+        made = data.get("made")
         return cls(str(data.get("name")), str(data.get("layout")),
                    unified if isinstance(unified, str) else None,
                    [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [],
-                   rel if isinstance(rel, str) else None)
+                   rel if isinstance(rel, str) else None,
+                   [d for d in made if isinstance(d, str)] if isinstance(made, list) else [])
 
     def add(self, pid: int, skip_v2: bool = False) -> None:
         v2 = self.v2_dir
@@ -116,18 +126,18 @@ class Cgroup:
             ctrl = os.path.basename(os.path.dirname(os.path.dirname(d)))
             if memory is not None:
                 if is_v2 and os.path.exists(os.path.join(d, "memory.max")):
-                    _write(os.path.join(d, "memory.max"), str(memory))
+                    _write(os.path.join(d, "memory.max"), _v2_value(memory))
                 elif ctrl == "memory":
                     _write(os.path.join(d, "memory.limit_in_bytes"), str(memory))
             if pids is not None:
                 if is_v2 and os.path.exists(os.path.join(d, "pids.max")):
-                    _write(os.path.join(d, "pids.max"), str(pids))
+                    _write(os.path.join(d, "pids.max"), _v2_value(pids))
                 elif ctrl == "pids":
-                    _write(os.path.join(d, "pids.max"), str(pids))
+                    _write(os.path.join(d, "pids.max"), _v2_value(pids))
             if cpu_quota is not None:
                 period = cpu_period or 100000
                 if is_v2 and os.path.exists(os.path.join(d, "cpu.max")):
-                    _write(os.path.join(d, "cpu.max"), f"{cpu_quota} {period}")
+                    _write(os.path.join(d, "cpu.max"), f"{_v2_value(cpu_quota)} {period}")
                 elif ctrl == "cpu":
                     _write(os.path.join(d, "cpu.cfs_period_us"), str(period))
                     _write(os.path.join(d, "cpu.cfs_quota_us"), str(cpu_quota))
@@ -182,6 +192,11 @@ class Cgroup:
                     if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                         raise CgroupError(f"cannot remove cgroup {d}: {exc.strerror}") from None
                     time.sleep(0.01)
+        for parent in reversed(self.made):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass  # another container's cgroup lives there now, or it is gone
 
 
 def name_busy(name: str, rel: str | None = None) -> bool:
@@ -190,7 +205,7 @@ def name_busy(name: str, rel: str | None = None) -> bool:
     roots = [unified] if unified else [os.path.join(CGROUP_ROOT, "pids")]
     path = rel or f"{PARENT}/{name}"
     for hier in roots:
-        d = os.path.join(hier, path)
+        d = under(hier, path)
         if not os.path.isdir(d):
             continue
         try:
@@ -213,18 +228,47 @@ def _remove_children(d: str) -> None:
                 pass
 
 
+class CgroupPathError(CgroupError):
+    """An OCI cgroupsPath that would leave the hierarchy (the caller names the field)."""
+
+
 def oci_cgroup_path(cgroups_path: str, container_id: str) -> str:
     """OCI linux.cgroupsPath -> a path below the hierarchy roots.
 
     cgroupfs style "/a/b" is taken as is (relative to the root); systemd style
     "slice:prefix:name" (`--systemd-cgroup`, no systemd to ask here) becomes
     "<slice>/<prefix>-<name>.scope", the path systemd itself would use.
+    Host root mkdirs and writes limits there, so nothing may lead out of the
+    hierarchy: slice-form parts hold no "/", and no component is "." or "..";
+    refused, not normalised, so the container gets the cgroup the config names.
     """
     if ":" in cgroups_path and not cgroups_path.startswith("/"):
-        slice_, prefix, name = [*cgroups_path.split(":"), "", ""][:3]
-        return f"{slice_ or 'system.slice'}/{prefix}-{name or container_id}.scope"
-    rel = os.path.normpath("/" + cgroups_path).lstrip("/")
-    return rel or f"{PARENT}/{container_id}"
+        parts = cgroups_path.split(":")
+        if len(parts) > 3:
+            raise CgroupPathError(f"{cgroups_path!r} is not slice:prefix:name")
+        slice_, prefix, name = [*parts, "", ""][:3]
+        for part in (slice_, prefix, name):
+            if "/" in part or part in (".", ".."):
+                raise CgroupPathError(f"{cgroups_path!r}: part {part!r} is not a plain name")
+        rel = f"{slice_ or 'system.slice'}/{prefix}-{name or container_id}.scope"
+    else:
+        components = [c for c in cgroups_path.split("/") if c]
+        if any(c in (".", "..") for c in components):
+            raise CgroupPathError(f"{cgroups_path!r}: \".\" and \"..\" are not allowed")
+        rel = "/".join(components) or f"{PARENT}/{container_id}"
+    under("/", rel)  # the rule create() enforces, checked before anything exists
+    return rel
+
+
+def under(hier: str, rel: str) -> str:
+    """hier/rel, refused unless it is strictly below hier (no "..", no absolute rel)."""
+    d = os.path.normpath(os.path.join(hier, rel))
+    root = os.path.normpath(hier)
+    if os.path.isabs(rel) or d == root or not d.startswith(root.rstrip("/") + "/"):
+        raise CgroupPathError(f"{rel!r} is not below {hier}")
+    if d != os.path.join(hier, rel).rstrip("/"):
+        raise CgroupPathError(f"{rel!r} is not a plain path below {hier}")
+    return d
 
 
 def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = None) -> Cgroup:
@@ -251,12 +295,12 @@ def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = No
     cg = Cgroup(name, layout, unified, dirs, rel)
     try:
         for hier in targets:
-            d = os.path.join(hier, cg.rel)
+            d = under(hier, cg.rel)  # never outside the hierarchy, whatever rel says
             parent = os.path.dirname(d)
             if not os.path.isdir(parent):
-                os.makedirs(parent, exist_ok=True)
-                if hier == unified:
-                    _enable_controllers(hier, parent)
+                for new in _makedirs(hier, parent, cg.made):
+                    if hier == unified:  # top-down: each level delegates to the next
+                        _enable_controllers(hier, new)
             try:
                 os.mkdir(d)
             except FileExistsError:
@@ -271,6 +315,26 @@ def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = No
         cg.destroy()
         raise
     return cg
+
+
+def _makedirs(hier: str, parent: str, made: list[str]) -> list[str]:
+    """mkdir -p parent below hier; returns the directories it made, top first,
+    and records those to remove again in `made`."""
+    missing: list[str] = []
+    d = parent
+    while d != hier and not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    new: list[str] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue
+        new.append(d)
+        if d != os.path.join(hier, PARENT):  # shared by every `uspawn run`: kept
+            made.append(d)
+    return new
 
 
 def _controllers(hier: str) -> set[str]:
