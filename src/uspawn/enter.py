@@ -18,7 +18,7 @@ import os
 from . import channel as chan
 from .errors import ExecError, SetupError
 from .init import InitError, find_executable
-from .linux import caps, sig
+from .linux import caps, sig, workdir
 from .linux import syscalls as sc
 from .linux.cgroups import detect_layout
 
@@ -231,10 +231,13 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
         os.close(slave)
         ch.send(chan.CONSOLE, fds=[master])
         os.close(master)
+    # The same cwd-then-lookup order as the init's exec_payload: cwd resolved
+    # inside the root (inherited fds make /proc/self/fd/N lead out of it),
+    # then a relative "./x" looked up in it.
     try:
-        os.chdir(cwd)
-    except OSError as exc:
-        raise SetupError(f"exec: chdir {cwd}: {exc.strerror}") from None
+        workdir.enter_workdir(cwd)
+    except workdir.WorkdirError as exc:
+        raise InitError(exc.with_hint(), exc.errno, exit_code=126) from None
     exe = find_executable(argv[0], env.get("PATH", DEFAULT_PATH))
     caps.drop_bounding(bounding)
     if seccomp_bpf:
@@ -254,7 +257,9 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
     if xo.no_new_privs:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
     sc.close_range(3, 0xFFFFFFFF, sc.CLOSE_RANGE_CLOEXEC)
+    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve.
     sig.set_handler(sig.SIGPIPE, sig.SIG_DFL)
+    sig.set_handler(sig.SIGXFSZ, sig.SIG_DFL)
     try:
         os.execve(exe, argv, env)
     except OSError as exc:

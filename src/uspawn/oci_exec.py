@@ -59,6 +59,11 @@ def exec_command(root: str, ns: types.SimpleNamespace, log: Callable[[str], None
     proc = _process(ns)
     if ns.cwd:
         proc.cwd = ns.cwd
+    if not proc.cwd.startswith("/"):
+        # runc refuses it too; the joiner resolves the cwd inside the root
+        # (linux/workdir.py), so this is only the early, clearer refusal.
+        raise SpecError(f"process.cwd {proc.cwd!r}: not an absolute path",
+                        "give an absolute path inside the container, e.g. /app")
     for e in ns.env:
         key = e.split("=", 1)[0]
         proc.env = [x for x in proc.env if not x.startswith(key + "=")] + [e]
