@@ -25,6 +25,12 @@
  *                                       tree's own binaries), then "seen N denied M" at the end
  *   attackprobe mknod PATH c|b MAJ MIN
  *   attackprobe kill0 PID               kill(PID, 0): does the pid exist for us?
+ *   attackprobe remount-rw PATH         mount(NULL, PATH, NULL, MS_REMOUNT|MS_BIND, NULL)
+ *   attackprobe setattr-rw PATH         mount_setattr(PATH, AT_RECURSIVE, clear MOUNT_ATTR_RDONLY
+ *                                       and NOSUID/NODEV/NOEXEC)
+ *   attackprobe umount PATH             umount2(PATH, MNT_DETACH)
+ *   attackprobe clone-rw PATH DEST      open_tree(PATH, OPEN_TREE_CLONE), clear RDONLY on the clone,
+ *                                       move_mount it onto DEST (a writable copy of a read-only mount?)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -235,6 +241,26 @@ int main(int argc, char **argv) {
         mode_t type = argv[3][0] == 'b' ? S_IFBLK : S_IFCHR;
         return mknod(argv[2], type | 0666, makedev(atoi(argv[4]), atoi(argv[5]))) < 0 ? fail()
                                                                                         : ok();
+    }
+    if (!strcmp(cmd, "remount-rw") && argc >= 3)
+        return mount(NULL, argv[2], NULL, MS_REMOUNT | MS_BIND, NULL) < 0 ? fail() : ok();
+    if (!strcmp(cmd, "setattr-rw") && argc >= 3) {
+        struct { unsigned long long set, clr, prop, userns; } attr = {0, 0x1 | 0x2 | 0x4 | 0x8, 0, 0};
+        return syscall(442 /* mount_setattr */, AT_FDCWD, argv[2], 0x8000 /* AT_RECURSIVE */,
+                       &attr, sizeof(attr)) < 0 ? fail() : ok();
+    }
+    if (!strcmp(cmd, "umount") && argc >= 3)
+        return umount2(argv[2], MNT_DETACH) < 0 ? fail() : ok();
+    if (!strcmp(cmd, "clone-rw") && argc >= 4) {
+        int mfd = syscall(428 /* open_tree */, AT_FDCWD, argv[2], 1 /* OPEN_TREE_CLONE */);
+        if (mfd < 0)
+            return fail();
+        struct { unsigned long long set, clr, prop, userns; } attr = {0, 0x1, 0, 0};
+        if (syscall(442, mfd, "", 0x1000 /* AT_EMPTY_PATH */, &attr, sizeof(attr)) < 0)
+            return fail();
+        if (syscall(429 /* move_mount */, mfd, "", AT_FDCWD, argv[3], 0x4 /* F_EMPTY_PATH */) < 0)
+            return fail();
+        return ok();
     }
 usage:
     fprintf(stderr, "attackprobe: bad usage (see the comment at the top of attackprobe.c)\n");
