@@ -175,3 +175,61 @@ def test_unit_file_verifies() -> None:
     # RequiresMountsFor= on a missing path is only informational.
     errors = [ln for ln in r.stderr.splitlines() if "var/lib/machines" not in ln and ln.strip()]
     assert r.returncode == 0 and errors == [], r.stderr
+
+
+# --- the console log of a detached machine (boot.ConsoleLog) -----------------------
+
+
+def test_console_log_rotates_at_the_cap(tmp_path: Path) -> None:
+    from uspawn.boot import ConsoleLog
+
+    path = tmp_path / "m.console.log"
+    log = ConsoleLog(str(path), 10_000)
+    for i in range(100):
+        log.write(bytes([97 + i % 26]) * 999)
+    log.close()
+    rotated = Path(f"{path}.1")
+    assert path.stat().st_size <= 10_000 and rotated.stat().st_size == 10_000
+    assert path.read_bytes() and path.read_bytes()[-1:] == bytes([97 + 99 % 26])
+    assert log.rotations == 9 and log.dropped == 0
+    # Reopened (a new boot of the same machine): the existing size counts.
+    log = ConsoleLog(str(path), 10_000)
+    log.write(b"x" * 10_000)
+    log.close()
+    assert path.stat().st_size <= 10_000 and rotated.stat().st_size == 10_000
+
+
+def test_console_log_drops_and_counts_when_writes_fail(tmp_path: Path) -> None:
+    """A full disk (here RLIMIT_FSIZE: EFBIG, the same path as ENOSPC/EDQUOT) must
+    never raise into the console pump or block it: the bytes are dropped, counted,
+    and the count is noted once writing works again."""
+    import resource
+
+    path = tmp_path / "m.console.log"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from uspawn.boot import ConsoleLog
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+            log = ConsoleLog(str(path), 1 << 20)
+            t0 = time.monotonic()
+            for _ in range(100):
+                log.write(b"y" * 1000)
+            ok = log.dropped == 100 * 1000 - 4096 and time.monotonic() - t0 < 5
+            # Space again (the log rotated away by hand): the drop is reported.
+            os.rename(path, f"{path}.old")
+            log.close()
+            log = ConsoleLog(str(path), 1 << 20)
+            log.dropped = 1234
+            log.write(b"after\n")
+            code = 0 if ok and log.dropped == 0 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert Path(f"{path}.old").stat().st_size == 4096
+    text = path.read_text()
+    assert "1234 bytes of console output dropped" in text and text.endswith("after\n")

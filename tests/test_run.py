@@ -163,7 +163,7 @@ def test_bind_mount_is_idmapped(uspawn: Runner, rootfs: Path, tmp_path: Path) ->
     out = run_ok(uspawn, rootfs, "sh", "-c",
                  "stat -c %u /mnt/shared/hostfile; cat /mnt/shared/hostfile; echo; "
                  "touch /mnt/shared/fromcontainer",
-                 extra=("--bind", f"{shared}:/mnt/shared"))
+                 extra=("--bind", f"{shared}:/mnt/shared:idmap"))  # only on request
     assert out.split() == ["0", "hi"]
     assert (shared / "fromcontainer").stat().st_uid == 0
     ro = run_ok(uspawn, rootfs, "sh", "-c", "touch /mnt/ro/x 2>/dev/null; echo rc=$?",

@@ -20,8 +20,9 @@ import time
 
 from . import runtime
 from .console import ConsoleIO
-from .errors import UspawnError
+from .errors import UsageError, UspawnError
 from .linux import sig
+from .textsafe import STATUS_LIMIT, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,6 +34,100 @@ if TYPE_CHECKING:
 
 LOG_DIR = "/var/log/uspawn"
 SIGRTMIN_3 = sig.SIGRTMIN + 3  # systemd: clean poweroff
+# A detached machine's console log: at most this many bytes in NAME.console.log,
+# plus the previous NAME.console.log.1 (--console-log-size).
+DEFAULT_CONSOLE_LOG_SIZE = 8 << 20
+MIN_CONSOLE_LOG_SIZE = 4096
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def console_log_path(name: str) -> str:
+    return os.path.join(LOG_DIR, f"{name}.console.log")
+
+
+def parse_size(value: str, field: str) -> int:
+    """BYTES or N[K|M|G][iB] (powers of 1024), as for --console-log-size."""
+    v = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = v[-1:] if v[-1:] in ("K", "M", "G") else ""
+    digits = v[: len(v) - len(unit)]
+    if not (digits.isascii() and digits.isdigit()):
+        raise UsageError(f"{field}: {value!r} is not a size", "use BYTES or N with K, M or G")
+    n = int(digits) * _SIZE_UNITS[unit]
+    if not MIN_CONSOLE_LOG_SIZE <= n <= 1 << 40:
+        raise UsageError(f"{field}: {value!r} out of range",
+                         f"between {MIN_CONSOLE_LOG_SIZE} bytes and 1T")
+    return n
+
+
+class ConsoleLog:
+    """NAME.console.log capped at `cap` bytes, with one rotated file (.1).
+
+    The console of a detached machine is payload output: without a cap a
+    chatty or hostile machine fills /var/log. When the next chunk would pass
+    the cap the file becomes NAME.console.log.1 (replacing the older one) and a
+    new file starts. A failed write (disk full, quota, I/O error) drops the
+    chunk and counts it: the machine's console is never held up by the log;
+    the count is noted in the log once writing works again.
+    """
+
+    def __init__(self, path: str, cap: int, stdio: bool = False) -> None:
+        self.path = path
+        self.cap = cap
+        self.stdio = stdio  # keep fds 1 and 2 on the current file (uspawn's own lines)
+        self.dropped = 0
+        self.rotations = 0
+        self.fd = self._open()
+        self.size = os.fstat(self.fd).st_size
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o640)
+        if self.stdio:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        return fd
+
+    def _rotate(self) -> None:
+        try:
+            os.rename(self.path, self.path + ".1")
+            new = self._open()
+        except OSError:
+            # Cannot rotate: start the file over rather than pass the cap.
+            os.ftruncate(self.fd, 0)
+            self.size = 0
+            return
+        os.close(self.fd)
+        self.fd, self.size = new, 0
+        self.rotations += 1
+
+    def write(self, data: bytes) -> None:
+        if self.dropped:
+            note = f"\n-- uspawn: {self.dropped} bytes of console output dropped\n".encode()
+            if self._write(note):
+                self.dropped += len(data)
+                return
+            self.dropped = 0
+        self.dropped += self._write(data)
+
+    def _write(self, data: bytes) -> int:
+        """Write data; return how many bytes of it were dropped."""
+        try:
+            if self.size + len(data) > self.cap:
+                # uspawn's own lines reach the file through fds 1 and 2 too.
+                self.size = os.fstat(self.fd).st_size
+            while data:
+                if self.size >= self.cap:
+                    self._rotate()
+                room = self.cap - self.size
+                n = os.write(self.fd, data[:room])
+                self.size += n
+                data = data[n:]
+        except OSError:  # ENOSPC, EDQUOT, EFBIG, EIO: drop, never block the console
+            return len(data)
+        return 0
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def new_uuid() -> str:
@@ -78,13 +173,17 @@ class NotifyListener:
         except (BlockingIOError, InterruptedError):
             return []
         changed = []
-        for line in data.decode(errors="replace").splitlines():
+        # sd_notify separates assignments by "\n" only (splitlines would also
+        # split on CR, VT, FF, U+2028 ... and hide part of a hostile STATUS=).
+        for line in data.decode(errors="replace").split("\n"):
             key, _, value = line.partition("=")
             if key == "READY" and value == "1" and not self.ready:
                 self.ready = True
                 changed.append("READY")
             elif key == "STATUS":
-                self.status = value[:200]
+                # Stored escaped and capped: every reader of the state file
+                # (status, list --json) gets text that is safe to show.
+                self.status = printable(value, STATUS_LIMIT)
                 changed.append("STATUS")
             elif key == "STOPPING" and value == "1":
                 self.stopping = True
@@ -136,6 +235,7 @@ class Machine:
         self.container: runtime.Container | None = None
         self.on_ready: Callable[[], None] | None = None
         self.console_log: str | None = None
+        self.console_sink: Callable[[bytes], None] | None = None
         with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
             f.write(machine_uuid + "\n")
 
@@ -174,7 +274,8 @@ class Machine:
         # INT/TERM to uspawn mean "power the machine off cleanly", as for nspawn.
         self.opts.signal_map = {sig.SIGINT: SIGRTMIN_3, sig.SIGTERM: SIGRTMIN_3}
         io = ConsoleIO(interactive=interactive, out_fd=out_fd,
-                       extra={self.notify.fileno(): self._on_notify})
+                       extra={self.notify.fileno(): self._on_notify},
+                       sink=self.console_sink)
         try:
             code = runtime.run(self.spec, self.opts, on_start=self._started, io=io)
         finally:
@@ -192,13 +293,15 @@ class Machine:
 def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
            make_machine: Callable[[], Machine]) -> int:
     """Boot in a supervisor process; return once the machine is ready (or failed)."""
+    cap = parse_size(ns.console_log_size, "--console-log-size") if getattr(
+        ns, "console_log_size", None) else DEFAULT_CONSOLE_LOG_SIZE
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         try:
             os.close(rfd)
             os.setsid()
-            _supervise(wfd, log, make_machine)
+            _supervise(wfd, log, make_machine, cap)
         finally:
             os._exit(0)
     os.close(wfd)
@@ -222,7 +325,7 @@ def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
     line = buf.decode(errors="replace").split("\n", 1)[0]
     kind, _, rest = line.partition(" ")
     if kind == "ready":
-        print(rest)
+        print(printable(rest))
         return 0
     if kind == "error":
         code, _, msg = rest.partition(" ")
@@ -234,7 +337,7 @@ def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
 
 
 def _supervise(wfd: int, log: Callable[[str], None],
-               make_machine: Callable[[], Machine]) -> None:
+               make_machine: Callable[[], Machine], cap: int = DEFAULT_CONSOLE_LOG_SIZE) -> None:
     def tell(line: str) -> None:
         try:
             os.write(wfd, (line + "\n").encode())
@@ -247,26 +350,24 @@ def _supervise(wfd: int, log: Callable[[str], None],
         tell(f"error {exc.exit_code} {exc.one_line()}")
         return
     os.makedirs(LOG_DIR, mode=0o750, exist_ok=True)
-    machine.console_log = os.path.join(LOG_DIR, f"{machine.name}.console.log")
-    logfd = os.open(machine.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                    0o640)
+    machine.console_log = console_log_path(machine.name)
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
-    os.dup2(logfd, 1)
-    os.dup2(logfd, 2)
     os.close(null)
-    os.write(logfd, f"-- uspawn: booting {machine.name} ({machine.uuid})\n".encode())
+    clog = ConsoleLog(machine.console_log, cap, stdio=True)
+    machine.console_sink = clog.write
+    clog.write(f"-- uspawn: booting {machine.name} ({machine.uuid})\n".encode())
 
     def ready() -> None:
         tell(f"ready {machine.name}")
 
     machine.on_ready = ready
     try:
-        code = machine.run_foreground(out_fd=logfd, interactive=False)
+        code = machine.run_foreground(out_fd=clog.fd, interactive=False)
     except UspawnError as exc:
         tell(f"error {exc.exit_code} {exc.one_line()}")
-        os.write(logfd, f"-- uspawn: {exc.one_line()}\n".encode())
+        clog.write(f"-- uspawn: {exc.one_line()}\n".encode())
         return
-    os.write(logfd, f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
+    clog.write(f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
     tell(f"error {code or 125} machine {machine.name} stopped before it was ready")
 

@@ -43,12 +43,15 @@ RUN_OPTS = [
     Opt("--capability", kind="append", metavar="CAP[,CAP...]", help="add capabilities"),
     Opt("--drop-capability", kind="append", metavar="CAP[,CAP...]", help="drop capabilities"),
     Opt("--no-new-privileges", kind="flag", help="set no_new_privs"),
-    Opt("--bind", kind="append", metavar="SRC[:DST[:OPTS]]", help="bind mount (idmapped)"),
+    Opt("--bind", kind="append", metavar="SRC[:DST[:OPTS]]",
+        help="bind mount (OPTS: ro, norbind, idmap)"),
     Opt("--bind-ro", kind="append", metavar="SRC[:DST[:OPTS]]", help="read-only bind mount"),
     Opt("--network", default="private", metavar="private|host|veth|bridge:BR|netns:PATH",
         help="network: own namespace (lo only), the host's, a veth to the host, a bridge"),
     Opt("-p", "--port", kind="append", metavar="[tcp|udp:]HOST:CONT",
         help="publish a port (with veth or bridge)"),
+    Opt("--tmpfs", kind="append", metavar="PATH[:OPTS]",
+        help="a tmpfs at PATH (replaces the default /tmp or /run)"),
     Opt("--read-only", kind="flag", help="mount the rootfs read-only"),
     Opt("-t", "--tty", kind="flag", help="allocate a pseudo-terminal"),
     Opt("-v", "--verbose", kind="flag", help="say what uspawn decided"),
@@ -56,10 +59,13 @@ RUN_OPTS = [
 ]
 
 _BOOT_ONLY = {"--hostname", "-D", "-M", "-U", "--private-users-ownership", "--capability",
-              "--drop-capability", "--bind", "--bind-ro", "--network", "-p", "-v", "--debug"}
+              "--drop-capability", "--bind", "--bind-ro", "--tmpfs", "--network", "-p", "-v",
+              "--debug"}
 BOOT_OPTS = [o for o in RUN_OPTS if o.names[0] in _BOOT_ONLY] + [
     Opt("-d", "--detach", kind="flag", help="return once the machine is ready"),
     Opt("--ready-timeout", default="90", metavar="SECONDS", help="with --detach (default 90)"),
+    Opt("--console-log-size", metavar="SIZE",
+        help="with --detach: cap of the console log, one rotated file kept (default 8M)"),
 ]
 
 COMMANDS = [
@@ -127,6 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not ns.directory:
                 raise UsageError("boot: -D/--directory is required", "uspawn boot -D ROOTFS")
             _number(ns.ready_timeout, "--ready-timeout")
+            if ns.console_log_size is not None:
+                if not ns.detach:
+                    raise UsageError("boot: --console-log-size needs --detach",
+                                     "without --detach the console is not logged")
+                from .boot import parse_size
+
+                parse_size(ns.console_log_size, "--console-log-size")
             from .launch import boot_command
 
             return boot_command(ns, _log)

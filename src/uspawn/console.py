@@ -65,14 +65,23 @@ class ConsoleIO:
     passive (a booted machine without a terminal, or detached): output only.
     out_fd receives the console output (stdout, or a log file when detached).
     extra maps further fds to callbacks run when they are readable (the
-    notify socket of a booted machine).
+    notify socket of a booted machine). sink, if given, takes the console
+    output instead of out_fd (boot's size-capped, rotating console log).
     """
 
     def __init__(self, interactive: bool = True, out_fd: int = 1,
-                 extra: dict[int, Callable[[], None]] | None = None) -> None:
+                 extra: dict[int, Callable[[], None]] | None = None,
+                 sink: Callable[[bytes], None] | None = None) -> None:
         self.interactive = interactive
         self.out_fd = out_fd
         self.extra = extra or {}
+        self.sink = sink
+
+    def write(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink(data)
+        else:
+            _write_all(self.out_fd, data)
 
 
 def forward_and_wait(c: Container, io: ConsoleIO | None = None) -> int:
@@ -103,7 +112,7 @@ def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int]) -> int
                 ready = select.select(inputs, [], [])[0]
             except InterruptedError:
                 continue
-            if master in ready and not _copy(master, io.out_fd):
+            if master in ready and not _copy(master, io):
                 inputs.remove(master)
             if 0 in ready:
                 data = _read(0)
@@ -119,7 +128,7 @@ def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int]) -> int
             if pidfd in ready:
                 break
         # Drain what the payload wrote before it exited.
-        while master >= 0 and _copy(master, io.out_fd):
+        while master >= 0 and _copy(master, io):
             if not select.select([master], [], [], 0.05)[0]:
                 break
         return wait()
@@ -145,11 +154,11 @@ def _read(fd: int) -> bytes:
         raise
 
 
-def _copy(src: int, dst: int) -> bool:
+def _copy(src: int, io: ConsoleIO) -> bool:
     data = _read(src)
     if not data:
         return False
-    _write_all(dst, data)
+    io.write(data)
     return True
 
 

@@ -57,10 +57,11 @@ class UspawnError(Exception):
 def printable(text: str) -> str:
     """text as one printable line: names, keys and paths from hostile input must
     neither break the line nor reach a terminal or log as control characters (or
-    as lone surrogates, which cannot be encoded)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    as lone surrogates, which cannot be encoded). The one sanitiser is
+    textsafe.printable; error lines get a longer cap than single values."""
+    from .textsafe import printable as _printable
+
+    return _printable(text, 3 * 4096)
 
 
 class UsageError(UspawnError):

@@ -232,9 +232,10 @@ class NetworkChoice:
         opts.network_setup = setup
 
 
-def _binds(ns: types.SimpleNamespace) -> list[tuple[str, str, list[str]]]:
-    binds = [presets.parse_bind(b, False, "--bind") for b in ns.bind]
-    return binds + [presets.parse_bind(b, True, "--bind-ro") for b in ns.bind_ro]
+def _binds(ns: types.SimpleNamespace, log: Callable[[str], None] | None = None,
+           ) -> list[tuple[str, str, list[str]]]:
+    binds = [presets.parse_bind(b, False, "--bind", log) for b in ns.bind]
+    return binds + [presets.parse_bind(b, True, "--bind-ro", log) for b in ns.bind_ro]
 
 
 def _console_size() -> tuple[int, int] | None:
@@ -246,7 +247,7 @@ def _console_size() -> tuple[int, int] | None:
 
 
 def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
-    binds = _binds(ns)
+    binds = _binds(ns, log)
     net = NetworkChoice(ns.network, ns.port)
     la = prepare(ns, log=log)
     try:
@@ -257,6 +258,7 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
             drop_caps=_split_caps(ns.drop_capability),
             no_new_privileges=ns.no_new_privileges, tty=ns.tty, binds=binds,
             console_size=_console_size() if ns.tty else None, read_only=ns.read_only,
+            tmpfs=ns.tmpfs,
         )
         opts = _options(ns, la, log)
         net.wire(la.claim.name, opts)
@@ -270,7 +272,7 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
 def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     from . import boot
 
-    binds = _binds(ns)
+    binds = _binds(ns, log)
     NetworkChoice(ns.network, ns.port)  # bad --network/--port: fail before forking
     if ns.detach:
         return boot.detach(ns, log, lambda: _boot_machine(ns, log, binds))
@@ -294,7 +296,7 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
             size=la.size, userns=la.userns, network_host=net.host, netns_path=net.netns_path,
             add_caps=_split_caps(ns.capability), drop_caps=_split_caps(ns.drop_capability),
             binds=binds, boot=True, host_dir=host_dir, machine_uuid=machine_uuid,
-            console_size=_console_size(),
+            console_size=_console_size(), tmpfs=ns.tmpfs,
         )
         spec.process.terminal = True  # type: ignore[union-attr]  # the console is a pty
         opts = _options(ns, la, log, delegate_cgroup=True)

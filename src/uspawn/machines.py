@@ -15,10 +15,12 @@ from .errors import StateError, UsageError
 from .linux import sig
 from .linux.pidwait import wait_gone
 from .state import proc_starttime, read_states
+from .textsafe import STATUS_LIMIT, clip, field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import TextIO
+    from collections.abc import Callable
+    from typing import BinaryIO, TextIO
 
 
 def find(root: str, name: str) -> dict[str, object]:
@@ -63,19 +65,31 @@ def _addresses() -> dict[str, list[str]]:
     return netpool.addresses()
 
 
+def _capped(value: object, limit: int = 4096) -> object:
+    """A state value for JSON: JSON escapes control characters itself; only the
+    length is capped, with the same limits as the text output."""
+    return clip(value, limit) if isinstance(value, str) else value
+
+
+def _json_row(s: dict[str, object], addrs: dict[str, list[str]]) -> dict[str, object]:
+    started = s.get("started")
+    return {"name": _capped(s.get("name")), "pid": s.get("pid"), "state": _state_word(s),
+            "uid_base": s.get("uid_base"), "uid_size": s.get("uid_size"),
+            "uptime_seconds": int(time.time() - float(started))
+            if isinstance(started, int | float) else None,
+            "rootfs": _capped(s.get("rootfs")), "ownership": _capped(s.get("ownership")),
+            "machine": bool(s.get("machine")), "uuid": _capped(s.get("uuid")),
+            "addresses": [clip(a, 64) for a in addrs.get(str(s.get("name")), [])],
+            "status_text": _capped(s.get("status_text"), STATUS_LIMIT)}
+
+
 def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     states = read_states(root)
     addrs = _addresses()
     if as_json:
         import json
 
-        rows = [{"name": s.get("name"), "pid": s.get("pid"), "state": _state_word(s),
-                 "uid_base": s.get("uid_base"), "uid_size": s.get("uid_size"),
-                 "uptime_seconds": int(time.time() - float(s["started"]))  # type: ignore[arg-type]
-                 if isinstance(s.get("started"), int | float) else None,
-                 "rootfs": s.get("rootfs"), "ownership": s.get("ownership"),
-                 "machine": bool(s.get("machine")), "uuid": s.get("uuid"),
-                 "addresses": addrs.get(str(s.get("name")), [])} for s in states]
+        rows = [_json_row(s, addrs) for s in states]
         out.write(json.dumps(rows, indent=2) + "\n")
         return 0
     header = ("NAME", "PID", "STATE", "UID RANGE", "ADDRESSES", "UPTIME", "ROOTFS")
@@ -83,9 +97,10 @@ def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     for s in states:
         base, size = s.get("uid_base"), s.get("uid_size")
         rng = f"{base}:{size}" if isinstance(base, int) else "host"
-        rows2.append((str(s.get("name")), str(s.get("pid")), _state_word(s), rng,
-                      ",".join(addrs.get(str(s.get("name")), [])) or "-",
-                      _uptime(s), str(s.get("rootfs"))))
+        # Every value from the state directory is shown through the one sanitiser.
+        rows2.append((field(s.get("name")), field(s.get("pid")), _state_word(s), field(rng),
+                      field(",".join(addrs.get(str(s.get("name")), []))),
+                      _uptime(s), field(s.get("rootfs"))))
     widths = [max(len(r[i]) for r in rows2) for i in range(len(header))]
     for r in rows2:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
@@ -94,12 +109,16 @@ def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
 
 def status_command(root: str, name: str, out: TextIO = sys.stdout) -> int:
     st = find(root, name)
+    # STATUS= comes straight from the machine's pid 1 (sd_notify): a terminal
+    # escape there must reach the admin as text, never as a control sequence.
     lines = [
-        ("Name", st.get("name")), ("State", _state_word(st)), ("Init PID", st.get("pid")),
-        ("UUID", st.get("uuid")), ("Root", st.get("rootfs")),
-        ("UID range", f"{st.get('uid_base')}:{st.get('uid_size')}"),
-        ("Ownership", st.get("ownership")), ("Uptime", _uptime(st)),
-        ("Status", st.get("status_text") or "-"), ("Console log", st.get("console_log") or "-"),
+        ("Name", field(st.get("name"))), ("State", _state_word(st)),
+        ("Init PID", field(st.get("pid"))), ("UUID", field(st.get("uuid"))),
+        ("Root", field(st.get("rootfs"))),
+        ("UID range", field(f"{st.get('uid_base')}:{st.get('uid_size')}")),
+        ("Ownership", field(st.get("ownership"))), ("Uptime", _uptime(st)),
+        ("Status", field(st.get("status_text"), STATUS_LIMIT)),
+        ("Console log", field(st.get("console_log"))),
     ]
     for key, value in lines:
         out.write(f"{key + ':':<13}{value}\n")
@@ -151,27 +170,89 @@ def stop_command(root: str, name: str, timeout: float, log: object = None) -> in
 
 
 def logs_command(name: str, follow: bool, out: TextIO = sys.stdout) -> int:
-    from .boot import LOG_DIR
+    """The rotated log (NAME.console.log.1) first, then the current one.
 
-    path = os.path.join(LOG_DIR, f"{name}.console.log")
+    On a terminal the bytes are filtered (textsafe.terminal_text: colours stay,
+    other control sequences from the payload are shown escaped); into a pipe or
+    file they are copied as recorded.
+    """
+    from .boot import console_log_path
+
+    path = console_log_path(name)
     try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise StateError(f"no console log for {name!r} ({path})",
-                         "logs exist for machines started with `uspawn boot --detach`") from None
-    except OSError as exc:  # a name of 300 characters, "x/" ...
+        # .1 before the current file: a rotation in between repeats lines, never loses them.
+        old: BinaryIO | None = open(path + ".1", "rb")
+    except OSError:
+        old = None  # never rotated (or removed meanwhile)
+    try:
+        f: BinaryIO = open(path, "rb")
+    except OSError as exc:
+        if old is not None:
+            old.close()
+        if isinstance(exc, FileNotFoundError):
+            raise StateError(f"no console log for {name!r} ({path})", "logs exist for "
+                             "machines started with `uspawn boot --detach`") from None
+        # a name of 300 characters, "x/" ...
         raise StateError(f"console log {path}: {exc.strerror}") from None
-    with f:
+    emit = _log_writer(out)
+    try:
+        if old is not None:
+            with old:
+                _copy_all(old, emit)
         while True:
-            chunk = f.read(65536)
-            if chunk:
-                out.buffer.write(chunk) if hasattr(out, "buffer") else out.write(
-                    chunk.decode(errors="replace"))
-                out.flush()
+            if _copy_all(f, emit):
                 continue
             if not follow:
                 return 0
+            f = _reopen_if_rotated(f, path, emit)
             time.sleep(0.2)
+    finally:
+        f.close()
+
+
+def _copy_all(f: BinaryIO, emit: Callable[[bytes], None]) -> bool:
+    """Copy what f has now; True if anything was read."""
+    any_read = False
+    while chunk := f.read(65536):
+        emit(chunk)
+        any_read = True
+    return any_read
+
+
+def _reopen_if_rotated(f: BinaryIO, path: str, emit: Callable[[bytes], None]) -> BinaryIO:
+    """`logs -f` across a rotation: finish the old file (now .1), go on with the new."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f
+    if st.st_ino == os.fstat(f.fileno()).st_ino:
+        return f
+    try:
+        new = open(path, "rb")
+    except OSError:
+        return f
+    _copy_all(f, emit)
+    f.close()
+    return new
+
+
+def _log_writer(out: TextIO) -> Callable[[bytes], None]:
+    buf = getattr(out, "buffer", None)
+    if buf is not None and not out.isatty():
+        def raw(chunk: bytes) -> None:
+            buf.write(chunk)
+            buf.flush()
+        return raw
+    import codecs
+
+    from .textsafe import terminal_text
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def text(chunk: bytes) -> None:
+        out.write(terminal_text(decoder.decode(chunk)))
+        out.flush()
+    return text
 
 
 def exec_command(root_override: str | None, name: str, cmd: list[str] | None, tty: bool,

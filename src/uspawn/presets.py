@@ -14,6 +14,10 @@ from .errors import SpecError, UsageError
 from .linux import caps
 from .state import RANGE_SIZE
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # runc's defaults (libcontainer/specconv/example.go), plus /proc/sysrq-trigger
@@ -76,7 +80,18 @@ def parse_private_users(value: str) -> tuple[str, int, int]:
     return ("fixed", base, size)
 
 
-def parse_bind(value: str, readonly: bool, field: str) -> tuple[str, str, list[str]]:
+BIND_OPTIONS = ("ro", "rw", "rbind", "norbind", "idmap", "noidmap")
+
+
+def parse_bind(value: str, readonly: bool, field: str,
+               warn: Callable[[str], None] | None = None) -> tuple[str, str, list[str]]:
+    """--bind/--bind-ro SRC[:DST[:OPTIONS]] -> (source, destination, mount options).
+
+    Binds are not idmapped unless OPTIONS has `idmap` (as systemd-nspawn): a
+    plain bind shows host-owned files as their host owners (outside the
+    container's range: nobody, no access beyond "other"), so container root is
+    not host root there. `idmap` makes it so, hence the checks in _check_idmap.
+    """
     parts = value.split(":")
     if len(parts) > 3 or not parts[0]:
         raise UsageError(f"{field}: {value!r} is not SRC[:DST[:OPTIONS]]")
@@ -84,20 +99,109 @@ def parse_bind(value: str, readonly: bool, field: str) -> tuple[str, str, list[s
     dst = parts[1] if len(parts) > 1 and parts[1] else src
     opts = parts[2].split(",") if len(parts) > 2 and parts[2] else []
     for o in opts:
-        if o not in ("ro", "rw", "rbind", "norbind", "idmap", "noidmap"):
+        if o in ("rootidmap", "owneridmap"):
+            raise UsageError(f"{field}: {o} is not supported",
+                             "use idmap (container root = host root on the source) or no "
+                             "option (host owners kept)")
+        if o not in BIND_OPTIONS:
             raise UsageError(f"{field}: unknown option {o!r}", "use ro, rw, rbind, norbind, idmap")
     if not os.path.isabs(src) or not os.path.isabs(dst):
         raise UsageError(f"{field}: {value!r}: paths must be absolute")
     if not os.path.exists(src):
         raise SpecError(f"{field}: source {src} does not exist")
+    real = os.path.realpath(src)
+    # nosuid: a setuid file in the source (the host's, or one a process in the
+    # container made) never raises privileges inside the container.
     mopts = ["rbind" if "norbind" not in opts else "bind", "nosuid", "nodev"]
     if readonly or "ro" in opts:
         mopts.append("ro")
-    if "idmap" in opts:
+    if "idmap" in opts and "noidmap" not in opts:
+        _check_idmap(real, field, warn)
         mopts.append("idmap")
-    elif "noidmap" not in opts:
-        mopts.append("x-uspawn-idmap-auto")
-    return os.path.realpath(src), dst, mopts
+    return real, dst, mopts
+
+
+def _check_idmap(src: str, field: str, warn: Callable[[str], None] | None) -> None:
+    """With idmap, what container root creates in src is host-root-owned on disk:
+    refuse a world-writable source, warn when other host users can reach it."""
+    import stat
+
+    st = os.stat(src)
+    if st.st_mode & stat.S_IWOTH:
+        raise SpecError(f"{field}: {src} is world-writable; refusing to idmap it (container "
+                        "root would plant host-root-owned files any host user can reach)",
+                        "bind a directory only root can write, or drop the idmap option")
+    if warn is not None and closed_ancestor(src) is None:
+        warn(f"warning: {field} {src} (idmap): unprivileged host users can reach it; files "
+             "container root creates there are owned by host root (a setuid binary would "
+             "run as root for them). Keep the source under a 0700 root-owned directory")
+
+
+def closed_ancestor(path: str) -> str | None:
+    """The first directory from path up to / (path included) that only root can
+    traverse (root-owned, no group/other search bit); None when there is none."""
+    import stat
+
+    p = path
+    while True:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return p  # cannot even stat: not "reachable" in a way we can tell
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o011:
+            return p
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+
+
+# Default tmpfs mounts and their limits (systemd's NESTED_TMPFS_LIMITS for /tmp
+# and TMPFS_LIMITS_RUN for /run, as systemd-nspawn mounts them): a container
+# writing to /tmp or /run must not be able to take the host's memory. Percentages
+# are of the host's RAM; nr_inodes bounds small-file floods as well.
+TMPFS_DEFAULTS: dict[str, list[str]] = {
+    "/tmp": ["nosuid", "nodev", "mode=1777", "size=10%", "nr_inodes=400k"],
+    "/run": ["nosuid", "nodev", "mode=755", "size=20%", "nr_inodes=800k"],
+}
+TMPFS_LIMITS = ["size=10%", "nr_inodes=400k"]
+TMPFS_ATTRS = ("ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
+               "strictatime", "relatime", "noatime", "nostrictatime")
+TMPFS_PARAMS = ("size", "nr_inodes", "nr_blocks", "mode", "uid", "gid", "huge", "mpol")
+TMPFS_FLAGS = ("noswap", "inode32", "inode64")
+# API filesystems and host-made mounts: a --tmpfs there would hide what the
+# container needs (/dev's verified nodes) or what it is told (/run/host).
+TMPFS_REFUSED = ("/", "/dev", "/dev/pts", "/proc", "/sys", "/run/host")
+
+
+def parse_tmpfs(value: str) -> tuple[str, list[str]]:
+    """--tmpfs PATH[:OPTIONS] (systemd-nspawn's syntax) -> (path, mount options).
+
+    nosuid,nodev first; mode=0755 when no mode is given (nspawn's default);
+    size and nr_inodes bounded unless given (size=0/nr_inodes=0: unlimited).
+    """
+    path, _, optstr = value.partition(":")
+    if not path.startswith("/"):
+        raise UsageError(f"--tmpfs: {value!r}: PATH must be absolute", "--tmpfs /var/tmp:size=1G")
+    path = os.path.normpath(path)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    if path in TMPFS_REFUSED or path.startswith(("/proc/", "/sys/")):
+        raise UsageError(f"--tmpfs: {path}: refusing to cover an API filesystem")
+    opts = [o for o in optstr.split(",") if o] if optstr else []
+    for o in opts:
+        key, eq, val = o.partition("=")
+        if o not in TMPFS_ATTRS + TMPFS_FLAGS and not (key in TMPFS_PARAMS and eq and val):
+            raise UsageError(f"--tmpfs: unknown option {o!r}",
+                             "use size=, nr_inodes=, mode=, uid=, gid=, ro, noexec ...")
+    keys = {o.partition("=")[0] for o in opts}
+    out = ["nosuid", "nodev"]
+    if "mode" not in keys:
+        out.append("mode=1777" if path in ("/tmp", "/dev/shm") else "mode=755")
+    defaults = TMPFS_DEFAULTS.get(path, TMPFS_LIMITS)
+    out += [d for d in defaults if d.partition("=")[0] in ("size", "nr_inodes")
+            and d.partition("=")[0] not in keys]
+    return path, out + opts
 
 
 def _read_in_root(root: str, path: str) -> str:
@@ -172,7 +276,7 @@ def run_spec(
     binds: list[tuple[str, str, list[str]]] | None = None,
     console_size: tuple[int, int] | None = None, read_only: bool = False,
     boot: bool = False, host_dir: str | None = None, machine_uuid: str | None = None,
-    netns_path: str | None = None,
+    netns_path: str | None = None, tmpfs: list[str] | None = None,
 ) -> S.Spec:
     """The Spec for `uspawn run` (rootfs must be check_rootfs()'d already).
 
@@ -199,13 +303,14 @@ def run_spec(
         linux.uid_mappings = [S.IDMapping(container_id=0, host_id=base, size=size)]
         linux.gid_mappings = [S.IDMapping(container_id=0, host_id=base, size=size)]
 
+    user_tmpfs = dict(parse_tmpfs(t) for t in tmpfs or [])  # the last one per path wins
     mounts = [
         _mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
         _mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
         _mount("/dev/pts", "devpts", "devpts",
                ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]),
-        _mount("/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777",
-                                            "size=65536k"]),
+        _mount("/dev/shm", "tmpfs", "shm", user_tmpfs.pop("/dev/shm", [
+            "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"])),
         _mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
     ]
     if network_host and userns:
@@ -217,13 +322,19 @@ def run_spec(
         mounts.append(_mount("/sys", "sysfs", "sysfs", ["ro", "nosuid", "noexec", "nodev"]))
         mounts.append(_mount("/sys/fs/cgroup", "cgroup", "cgroup",
                              ["rw" if boot else "ro", "nosuid", "noexec", "nodev"]))
-    mounts.append(_mount("/run", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=755"]))
-    mounts.append(_mount("/tmp", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=1777"]))
+    # /run and /tmp: bounded by default; an explicit --tmpfs for the path replaces them.
+    for dest, opts in TMPFS_DEFAULTS.items():
+        mounts.append(_mount(dest, "tmpfs", "tmpfs", user_tmpfs.pop(dest, opts)))
     if host_dir:
         mounts.append(_mount("/run/host", "bind", host_dir, ["bind", "ro", "nosuid", "nodev",
                                                             "noexec"]))
-    for src, dst, opts in binds or []:
-        mounts.append(S.Mount(destination=dst, type="bind", source=src, options=opts))
+    extra = [_mount(dst, "tmpfs", "tmpfs", opts) for dst, opts in user_tmpfs.items()]
+    extra += [S.Mount(destination=dst, type="bind", source=src, options=opts)
+              for src, dst, opts in binds or []]
+    # Parents before children (--tmpfs /srv with --bind X:/srv/x, or the reverse);
+    # the sort is stable, so equal depths keep the command line's order.
+    extra.sort(key=lambda m: len([p for p in m.destination.split("/") if p]))
+    mounts += extra
 
     env = [f"PATH={DEFAULT_PATH}", "container=uspawn", "HOME=/root"]
     if boot:

@@ -8,6 +8,8 @@ the rootfs, or uspawn must refuse with one clear line; the host never changes.
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,3 +157,90 @@ def test_bind_destination_very_deep(attack: Attacker, host: HostGuard, tree: Pat
     finally:
         remove_deep(tree / "a")
         remove_deep(tree / "b")
+
+
+# --- binds are not idmapped unless asked ------------------------------------------
+
+
+@pytest.fixture
+def host_dir(tmp_path: Path) -> Path:
+    """A host directory as an admin has it: root-owned 0755, a 0600 secret, and a
+    world-writable drop box (so container root can create files at all)."""
+    d = tmp_path / "hostdata"
+    d.mkdir()
+    d.chmod(0o755)
+    secret = d / "secret"
+    secret.write_text("host-root-only\n")
+    secret.chmod(0o600)
+    drop = d / "drop"
+    drop.mkdir()
+    drop.chmod(0o1777)
+    return d
+
+
+def test_bind_without_idmap_keeps_host_owners(attack: Attacker, host: HostGuard,
+                                              host_dir: Path) -> None:
+    """--bind SRC:DST (no idmap): container root is *not* host root there. It cannot
+    read a 0600 root file or write into a root-owned 0755 directory, and a setuid
+    file it plants is owned by its own unprivileged host UID, never by host root."""
+    out = attack.sh(
+        "cat /data/secret >/dev/null 2>&1; echo read=$?; "
+        "touch /data/new 2>/dev/null; echo create=$?; "
+        "chmod 0777 /data/secret 2>/dev/null; echo chmod=$?; "
+        "cp /bin/busybox /data/drop/suid && chown 0:0 /data/drop/suid && "
+        "chmod 4755 /data/drop/suid; echo plant=$?; "
+        "stat -c 'owner=%u' /data/secret",
+        extra=("--bind", f"{host_dir}:/data"))
+    lines = out.split()
+    assert "read=1" in lines and "create=1" in lines and "chmod=1" in lines, out
+    assert "owner=65534" in lines  # host root shows as the overflow ID: unmapped
+    planted = host_dir / "drop" / "suid"
+    assert not (host_dir / "new").exists()
+    assert stat.S_IMODE((host_dir / "secret").stat().st_mode) == 0o600
+    # The drop box is world-writable, so the plant works, but as the container's
+    # range: a setuid binary of an unprivileged host UID, not of host root.
+    assert "plant=0" in lines, out
+    st = planted.stat()
+    assert st.st_mode & stat.S_ISUID
+    assert st.st_uid != 0 and st.st_gid != 0 and st.st_uid >= 0x80000, (st.st_uid, st.st_gid)
+    planted.unlink()
+    host.assert_untouched()
+
+
+def test_bind_idmap_on_request(attack: Attacker, host: HostGuard, host_dir: Path) -> None:
+    """`idmap` asks for container root = host root on the source (nspawn's option);
+    a source under a 0700 root directory (pytest's) warns about nothing."""
+    drop = host_dir / "drop"
+    drop.chmod(0o755)
+    r = attack.run("sh", "-c", "cat /data/secret; touch /data/made",
+                   extra=("--bind", f"{host_dir}:/data:idmap"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "host-root-only\n" and r.stderr == ""
+    assert (host_dir / "made").stat().st_uid == 0
+    (host_dir / "made").unlink()
+    host.assert_untouched()
+
+
+def test_bind_idmap_of_a_reachable_or_world_writable_source(attack: Attacker,
+                                                            host: HostGuard) -> None:
+    """idmap on a source other host users can reach: one warning line naming it;
+    on a world-writable source: refused before anything is created."""
+    base = Path("/var/tmp") / f"uspawn-attack-{uuid.uuid4().hex[:8]}"
+    base.mkdir()
+    try:
+        base.chmod(0o755)
+        r = attack.run("true", extra=("--bind", f"{base}:/data:idmap"))
+        assert r.returncode == 0, r.stderr
+        warn = r.stderr.strip().splitlines()
+        assert len(warn) == 1 and warn[0].startswith("uspawn: warning:") and str(base) in warn[0]
+        r = attack.run("true", extra=("--bind", f"{base}:/data"))
+        assert r.returncode == 0 and r.stderr == ""  # plain bind: nothing to warn about
+        base.chmod(0o777)
+        r = attack.run("true", extra=("--bind", f"{base}:/data:idmap"))
+        assert_clean_error(r, str(base), "world-writable")
+        r = attack.run("true", extra=("--bind", f"{base}:/data:rootidmap"))
+        assert_clean_error(r, "rootidmap is not supported")
+        assert list(base.iterdir()) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    host.assert_untouched()
