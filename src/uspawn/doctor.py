@@ -770,17 +770,21 @@ def report(rows: list[Row], as_json: bool, out: TextIO, head: dict[str, str]) ->
         return code
     import textwrap
 
+    from .textsafe import printable
+
+    # `check` rows quote the tree (file names, os-release PRETTY_NAME): escaped
+    # through the one sanitiser before they reach a terminal.
     for key, value in head.items():
-        out.write(f"{key}: {value}\n")
+        out.write(f"{key}: {printable(str(value))}\n")
     w_name = max([5] + [len(r["name"]) for r in rows])
     indent = w_name + 12
     text_w = max(40, 110 - indent)
     out.write(f"{'CHECK':<{w_name}}  VERDICT   WHAT IT MEANS FOR CONTAINERS\n")
     for r in rows:
-        lines = textwrap.wrap(r["meaning"], text_w, break_on_hyphens=False) or [""]
+        lines = textwrap.wrap(printable(r["meaning"]), text_w, break_on_hyphens=False) or [""]
         if r["fix"] and r["verdict"] != OK:
-            lines += textwrap.wrap("fix: " + r["fix"], text_w, subsequent_indent="     ",
-                                   break_on_hyphens=False)
+            lines += textwrap.wrap("fix: " + printable(r["fix"]), text_w,
+                                   subsequent_indent="     ", break_on_hyphens=False)
         out.write(f"{r['name']:<{w_name}}  {r['verdict']:<8}  {lines[0]}\n")
         out.writelines(" " * indent + line + "\n" for line in lines[1:])
     out.write(f"\n{counts[OK]} ok, {counts[DEGRADED]} degraded, {counts[BROKEN]} broken"

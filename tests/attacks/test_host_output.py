@@ -293,3 +293,17 @@ def test_tmpfs_option_refuses_api_paths_and_bind(attack: Attacker, host: HostGua
     r = attack.run("true", extra=("--tmpfs", value))
     assert_clean_error(r, "--tmpfs", needle)
     host.assert_untouched()
+
+
+def test_check_shows_tree_text_escaped(uspawn: Runner, tree: Path) -> None:
+    """`uspawn check` quotes the tree (os-release PRETTY_NAME): escaped on output."""
+    release = tree / "etc" / "os-release"
+    if release.is_symlink():
+        release.unlink()
+    release.write_text('NAME=x\nPRETTY_NAME="Evil \x1b]0;pwned\x07\x1b[2J\u202eOS"\n')
+    r = uspawn.run("check", str(tree))
+    assert "Traceback" not in r.stderr, r.stderr
+    _assert_no_raw_controls(r.stdout)
+    assert "Evil \\x1b]0;pwned\\x07\\x1b[2J\\u{202e}OS" in r.stdout
+    doc = json.loads(uspawn.run("check", "--json", str(tree)).stdout)
+    assert any("pwned" in row["meaning"] for row in doc["checks"])  # JSON escapes itself
