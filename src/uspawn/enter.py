@@ -231,9 +231,11 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
         os.close(slave)
         ch.send(chan.CONSOLE, fds=[master])
         os.close(master)
-    # The same cwd-then-lookup order as the init's exec_payload: cwd resolved
-    # inside the root (inherited fds make /proc/self/fd/N lead out of it),
-    # then a relative "./x" looked up in it.
+    # As in the init's exec_payload: only stdio and the channel stay open (the
+    # executable's path walk must not reach a fd our caller left us), then the
+    # cwd resolved inside the root (/proc/self/fd/N would lead out of it), then
+    # a relative "./x" looked up in it.
+    workdir.close_fds_from(3, ch.fileno())
     try:
         workdir.enter_workdir(cwd)
     except workdir.WorkdirError as exc:

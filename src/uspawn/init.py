@@ -441,6 +441,10 @@ def find_executable(name: str, path_env: str) -> str:
 
 def exec_payload(plan: InitPlan, ch: chan.Channel) -> None:
     env = dict(e.split("=", 1) for e in plan.env)
+    # From here only stdio, the passed fds and the channel are open: the
+    # executable's path walk must not reach any other fd (workdir.close_fds_from).
+    workdir.close_fds_from(3 + plan.preserve_fds,
+                           ch.fd if isinstance(ch, _FifoReporter) else ch.fileno())
     # The cwd first: resolved inside the root (a /proc/self/fd/N magic link
     # would lead out of it), and a relative "./x" is then looked up in it, as
     # runc does (finalizeNamespace's chdir, then LookPath).

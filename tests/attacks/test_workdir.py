@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -377,4 +378,41 @@ def test_runc_preserved_fd_as_process_cwd_refused(runc: Runc, tree: Path, tmp_pa
     r = runc("start", "p2")
     assert_runc_refused(r, f"process.cwd {cwd}: ", ELOOP_MSG)
     runc("delete", "--force", "p2")
+    host.assert_untouched()
+
+
+# --- the executable through a passed fd (the other half of CVE-2024-21626) ---------------
+
+
+def _host_binary(tmp_path: Path, tree: Path) -> Path:
+    """A host directory holding a static binary (a copy of the tree's probe), and a
+    hostile tree whose /bin/pwn is a symlink to it through /proc/self/fd/3."""
+    d = tmp_path / "host-bin"
+    d.mkdir()
+    shutil.copy2(tree / "bin" / "probe", d / "hostprobe")
+    (tree / "bin" / "pwn").symlink_to("/proc/self/fd/3/hostprobe")
+    return d
+
+
+def test_run_executable_through_a_passed_fd_not_run(uspawn: Runner, tree: Path,
+                                                    tmp_path: Path, host: HostGuard) -> None:
+    """Close-on-exec is not enough: the fd is still open while execve walks the
+    path. Every fd the container is not given is closed before the lookup."""
+    hostdir = _host_binary(tmp_path, tree)
+    for cmd in ("pwn", "/proc/self/fd/3/hostprobe"):
+        r = run_with_fd(uspawn.argv("run", "-D", str(tree), "-M", host.machine(), "--",
+                                    cmd, "syscall", "39"), hostdir)
+        assert_clean_error(r, cmd)
+        assert r.returncode == 127 and "ok" not in r.stdout
+    host.assert_untouched()
+
+
+def test_exec_executable_through_a_passed_fd_not_run(uspawn: Runner, tree: Path,
+                                                     tmp_path: Path, host: HostGuard) -> None:
+    hostdir = _host_binary(tmp_path, tree)
+    with running(uspawn, tree, host) as name:
+        for cmd in ("pwn", "/proc/self/fd/3/hostprobe"):
+            r = run_with_fd(uspawn.argv("exec", name, "--", cmd, "syscall", "39"), hostdir)
+            assert_clean_error(r, cmd)
+            assert r.returncode == 127 and "ok" not in r.stdout
     host.assert_untouched()

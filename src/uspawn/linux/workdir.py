@@ -121,3 +121,18 @@ def _verify_inside(path: str) -> None:
     if not cwd.startswith("/"):
         raise WorkdirError(f"{FIELD} {path}: resolves outside the container "
                            f"(getcwd: {cwd})", errno.EXDEV)
+
+
+def close_fds_from(first: int, keep: int = -1) -> None:
+    """Close every fd >= first except keep (the channel that reports a failed exec).
+
+    Close-on-exec is not enough for fds the payload is not given (whatever the
+    caller of uspawn left open): they stay open until execve has resolved the
+    executable, so /proc/self/fd/N in argv or in a hostile tree's symlink would
+    run a host binary through them. Called before the cwd and the lookup."""
+    if keep >= first:
+        if keep > first:
+            sc.close_range(first, keep - 1)
+        sc.close_range(keep + 1)
+    else:
+        sc.close_range(first)
