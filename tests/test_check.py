@@ -10,13 +10,15 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from uspawn.check import run_check
 from uspawn.errors import UsageError
+from uspawn.linux import hardlinks, mounts, syscalls
 from uspawn.linux.idshift import JOURNAL_XATTR
 
 Rows = dict[str, dict[str, str]]
@@ -188,6 +190,102 @@ def test_setuid_exposure(open_dir: Path) -> None:
     code, rows = check(tree)
     assert rows["setuid-exposure"]["verdict"] == "ok"
     assert f"{open_dir} mode 0700" in rows["setuid-exposure"]["meaning"]
+
+
+# --- hard links from outside the tree (issue 19) ------------------------------------
+
+
+def test_hard_links_from_outside(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    os.link(tree / "var/lib/data", tree / "etc/data2")  # two names, both inside: fine
+    code, rows = check(tree)
+    assert (code, rows["hard-links"]["verdict"]) == (0, "ok")
+    assert "1 files with several names" in rows["hard-links"]["meaning"]
+
+    host = tmp_path / "host-shadow"
+    host.write_text("secret")
+    os.chown(host, 1000000, 1000000)  # a host owner: not a stray owner of the tree
+    os.link(host, tree / "etc/shadow")
+    code, rows = check(tree)
+    r = rows["hard-links"]
+    assert (code, r["verdict"], r["detail"]) == (1, "broken", "outside=1")
+    assert "/etc/shadow (2 links, 1 inside)" in r["meaning"]
+    assert "--private-users-ownership=chown" in r["fix"]
+    # Its owner is the host's, not the tree's: no "chown it into the range" advice.
+    assert rows["ownership"]["verdict"] == "ok" and rows["half-shift"]["verdict"] == "ok"
+
+    out = io.StringIO()
+    assert run_check(str(tree), False, out) == 1
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("hard-links"))
+    assert line.split()[1] == "broken"
+
+
+def _in_child(fn: Callable[[], None]) -> None:
+    """fn in a forked child with a private mount namespace (mounts never reach pytest)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_hardlinks_scan_counts_names_inside(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    (root / "a/b").mkdir(parents=True)
+    host = tmp_path / "host"
+    host.write_text("h")
+    for name in ("z", "a/x", "a/b/y"):
+        os.link(host, root / name)  # three host-file links, sorted by tree path below
+    (root / "in").write_text("i")
+    os.link(root / "in", root / "a/b/in2")  # both names inside
+    (root / "sym").symlink_to(host)  # a symlink is not a second name
+    os.mkfifo(tmp_path / "fifo")
+    os.link(tmp_path / "fifo", root / "a/fifo")
+    (root / "lnk").symlink_to("/etc/passwd")
+    os.link(root / "lnk", tmp_path / "lnk2", follow_symlinks=False)  # the symlink itself
+
+    # Each inode is named by the first name the walk meets (a directory's files come
+    # before its subdirectories): the host file is /z.
+    assert hardlinks.outside_links(str(root), 10) == ["/a/fifo", "/lnk", "/z"]
+    found = hardlinks.scan(str(root), 2)
+    assert [f.path for f in found.files] == ["/a/fifo", "/lnk"]
+    assert (found.total, found.multi) == (3, 4)
+    z = hardlinks.scan(str(root), 3).files[2]
+    assert (z.path, z.nlink, z.inside) == ("/z", 4, 3)
+
+
+def test_hardlinks_scan_of_a_path_skips_mounts_a_clone_sees_under_them(tmp_path: Path) -> None:
+    """scan(path) does not enter mount points, so a name behind one counts as outside
+    (conservative); scan_fd of a detached non-recursive clone (what `run` idmaps) has no
+    submounts and sees the covered directory, so nothing is hidden from it."""
+    root, other = tmp_path / "t", tmp_path / "other"
+    (root / "covered").mkdir(parents=True)
+    (root / "bind").mkdir()
+    other.mkdir()
+    (root / "f").write_text("f")
+    os.link(root / "f", root / "covered/f2")
+    (other / "g").write_text("g")
+    os.link(other / "g", tmp_path / "g-host")  # linked outside, but not in the tree
+
+    def scenario() -> None:
+        syscalls.mount("tmpfs", str(root / "covered"), "tmpfs", 0)
+        syscalls.mount(str(other), str(root / "bind"), None, syscalls.MS_BIND)
+        assert hardlinks.outside_links(str(root), 5) == ["/f"]  # /covered/f2 not seen
+        mnt = mounts.clone_tree(str(root), recursive=False)
+        try:
+            found = hardlinks.scan_fd(mnt, 5)
+        finally:
+            os.close(mnt)
+        assert (found.total, found.multi) == (0, 1)  # f and covered/f2; bind/ is empty
+
+    _in_child(scenario)
 
 
 def test_usage_errors(tmp_path: Path) -> None:

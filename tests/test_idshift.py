@@ -428,3 +428,139 @@ def test_progress_reports_to_the_total_and_draws_only_on_a_tty(tmp_path: Path) -
     os.close(master)
     # Two draws (2/4 fell within the interval), then the newline (the tty adds a \r).
     assert out.count("/4") == 2 and "1/4" in out and out.endswith("4/4\r\n")
+
+
+# --- hard links (issue 19): a tree file may be a host file under a second name ---
+
+
+@pytest.fixture
+def linked_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A rootfs with a file hard-linked to a host file next to it (same filesystem), a
+    setuid file with two names inside the tree, and a FIFO linked from outside."""
+    root, host = tmp_path / "rootfs", tmp_path / "host-file"
+    host.write_text("host secret\n")
+    os.chown(host, 0, 0)
+    os.chmod(host, 0o600)
+    os.utime(host, ns=(10**18, 10**18))
+    (root / "etc").mkdir(parents=True)
+    (root / "bin").mkdir()
+    os.link(host, root / "etc/shadow")
+    (root / "bin/su").write_text("setuid")
+    os.chmod(root / "bin/su", 0o4755)
+    os.link(root / "bin/su", root / "bin/su2")
+    os.link(root / "bin/su", root / "su3")  # three names, all inside
+    os.mkfifo(root / "fifo")
+    os.link(root / "fifo", tmp_path / "host-fifo")
+    return root, host
+
+
+def _host_state(p: Path) -> tuple[int, int, int, int, bytes]:
+    st = os.lstat(p)
+    return st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns, p.read_bytes()
+
+
+def test_files_linked_from_outside_are_left_alone(linked_tree: tuple[Path, Path]) -> None:
+    root, host = linked_tree
+    before = _host_state(host)
+    fifo_owner = _owner(root / "fifo")
+
+    res = shift_tree(str(root), T)
+
+    assert _host_state(host) == before  # owner, mode, mtime, content
+    assert _owner(root / "fifo") == fifo_owner
+    assert res.outside_links == ["/etc/shadow", "/fifo"]
+    assert res.unmapped == 2  # both stay in 0..65535: nobody inside
+    # Hard links with every name inside the tree are shifted, once, setuid kept.
+    assert _owner(root / "bin/su") == (T, T) and os.stat(root / "su3").st_nlink == 3
+    assert os.stat(root / "bin/su").st_mode & 0o7777 == 0o4755
+    # root, etc, bin, su (three names): the two linked from outside are not counted
+    assert res.files_changed == 4
+    assert current_base(str(root)) == T and not _has_journal(root)
+    assert "outside_links=['/etc/shadow', '/fifo']" in repr(res)
+
+    # Back to 0: the host file is in neither range now and is still left alone.
+    res = shift_tree(str(root), 0)
+    assert _host_state(host) == before and res.outside_links == ["/etc/shadow", "/fifo"]
+    assert _owner(root / "bin/su") == (0, 0)
+
+
+def test_a_link_made_during_the_walk_is_seen_before_the_chown(
+        linked_tree: tuple[Path, Path], tmp_path: Path) -> None:
+    """The walk counts three names of /bin/su; a fourth made outside the tree after the
+    walk met them (here from the progress callback) must stop the chown."""
+    root, _ = linked_tree
+    late = tmp_path / "late-link"
+
+    def progress(done: int, total: int) -> None:
+        if done == total - 1 and not late.exists():  # every entry walked, root still to do
+            os.link(root / "bin/su", late)
+
+    res = shift_tree(str(root), T, progress=progress)
+
+    assert late.exists()
+    # Named by whichever of its three names the walk met first.
+    assert len({"/bin/su", "/bin/su2", "/su3"} & set(res.outside_links)) == 1
+    assert _owner(late) == (0, 0)
+    assert os.stat(late).st_mode & 0o7777 == 0o4755
+    assert current_base(str(root)) == T
+
+
+def test_resume_shifts_deferred_links_and_restores_their_setuid(
+        linked_tree: tuple[Path, Path]) -> None:
+    """A kill between the chown of a linked setuid file and its restore: the resumed
+    shift (which defers it to after the walk) still puts setuid back."""
+    root, host = linked_tree
+    before = _host_state(host)
+    su = root / "bin/su"
+    journal = {"from": 0, "to": T, "size": SIZE,
+               "pending": [{"ino": os.stat(su).st_ino, "mode": 0o4755, "cap": None}]}
+    os.setxattr(root, JOURNAL_XATTR, json.dumps(journal).encode())
+    os.chown(su, T, T)
+    assert os.stat(su).st_mode & 0o7777 == 0o755
+
+    res = shift_tree(str(root), T)
+
+    assert res.resumed and res.outside_links == ["/etc/shadow", "/fifo"]
+    assert os.stat(su).st_mode & 0o7777 == 0o4755 and _owner(su) == (T, T)
+    assert _host_state(host) == before and not _has_journal(root)
+
+
+def test_linked_files_deeper_than_path_max_are_shifted(tmp_path: Path) -> None:
+    """A deferred file is reached again by name one directory at a time, so a path
+    longer than PATH_MAX still works."""
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(400):  # 400 * 16 bytes > PATH_MAX (4096)
+            os.mkdir("d" * 15, dir_fd=fd)
+            sub = os.open("d" * 15, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        os.close(os.open("a", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        os.link("a", "b", src_dir_fd=fd, dst_dir_fd=fd)
+        res = shift_tree(str(root), T)
+        assert res.outside_links == []
+        assert os.stat("a", dir_fd=fd, follow_symlinks=False).st_uid == T
+    finally:
+        os.close(fd)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def test_a_name_under_a_mount_point_counts_as_outside(tmp_path: Path) -> None:
+    """The walk does not enter mount points, so a second name behind one is not seen:
+    the file is left alone, never shifted through the mount."""
+    root, other = tmp_path / "rootfs", tmp_path / "host-dir"
+    (root / "mnt").mkdir(parents=True)
+    other.mkdir()
+    (root / "f").write_text("x")
+    os.link(root / "f", other / "g")
+
+    def scenario() -> None:
+        syscalls.mount(str(other), str(root / "mnt"), None, syscalls.MS_BIND)
+        res = shift_tree(str(root), T)
+        assert res.outside_links == ["/f"]
+        assert _owner(root / "f") == (0, 0)
+
+    _in_child(scenario)
+    assert _owner(other / "g") == (0, 0)

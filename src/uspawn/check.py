@@ -1,11 +1,13 @@
 """`uspawn check ROOTFS`: audit a tree before it is booted in a user namespace.
 
 One walk over the tree (lstat only, symlinks never followed, other
-filesystems not entered) collects owners, device nodes and
-setuid files. Paths the tree names (/sbin/init, os-release, unit directories, unit
-files) are resolved inside it with openat2(RESOLVE_IN_ROOT) and read only when they
-are regular files, so a symlink or a FIFO in a hostile tree never makes check read
-the host's files or block.
+filesystems not entered) collects owners, device nodes and setuid files;
+linux/hardlinks.py walks it once more for files hard-linked from outside it
+(the very scan `uspawn run` refuses an idmapped tree on). Paths the tree names
+(/sbin/init, os-release, unit directories, unit files) are resolved inside it
+with openat2(RESOLVE_IN_ROOT) and read only when they are regular files, so a
+symlink or a FIFO in a hostile tree never makes check read the host's files or
+block.
 
 Rows as in doctor: ok / degraded / broken. run_check() returns 0 when nothing is
 broken, 1 when something breaks containers (or their isolation); a ROOTFS that is
@@ -23,7 +25,10 @@ from .errors import UsageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from collections.abc import Set as AbstractSet
     from typing import TextIO
+
+    from .linux.hardlinks import Found
 
 RANGE = 65536
 EXAMPLES = 3
@@ -137,8 +142,9 @@ def _short(path: str, limit: int = 80) -> str:
     return path if len(path) <= limit else f"{path[:limit // 2 - 2]}...{path[2 - limit // 2:]}"
 
 
-def scan_tree(root: str) -> Scan:
-    """One walk: owners, device nodes, setuid files, unreadable entries."""
+def scan_tree(root: str, not_ours: AbstractSet[tuple[int, int]] = frozenset()) -> Scan:
+    """One walk: owners, device nodes, setuid files, unreadable entries. The owners of
+    not_ours (st_dev, st_ino: files hard-linked from outside) are not tallied."""
     scan = Scan()
 
     def onerror(rel: str, exc: OSError) -> None:
@@ -149,7 +155,8 @@ def scan_tree(root: str) -> Scan:
         scan.files += 1
         if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
             closed.add(rel)
-        scan.note_ids(rel, st)
+        if (st.st_dev, st.st_ino) not in not_ours:
+            scan.note_ids(rel, st)
         mode = st.st_mode
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             kind = "c" if stat.S_ISCHR(mode) else "b"
@@ -367,10 +374,47 @@ def _ownership_rows(root: str, scan: Scan) -> list[Row]:
     return rows
 
 
+def _outside_links(root: str) -> tuple[Found | None, str]:
+    """The hard-link scan of `uspawn run` (linux/hardlinks.py), or None and why not."""
+    from .linux import hardlinks
+
+    try:
+        return hardlinks.scan(root, EXAMPLES), ""
+    except OSError as exc:
+        return None, f"hard links: {_short(exc.filename or '/')}: {exc.strerror}"
+
+
+def _hardlink_row(found: Found | None) -> Row:
+    if found is None:
+        return row("hard-links", DEGRADED, "the walk for hard links stopped early (see "
+                   "the unreadable row): files linked from outside the tree may be missed",
+                   "run check as root", "outside=?")
+    if not found.total:
+        return row("hard-links", OK, f"no file is hard-linked from outside the tree "
+                   f"({found.multi} files with several names, all of them inside)",
+                   detail="outside=0")
+    shown = ", ".join(f"{_short(f.path)} ({f.nlink} links, {f.inside} inside)"
+                      for f in found.files)
+    more = f" and {found.total - len(found.files)} more" if found.total > len(found.files) else ""
+    return row("hard-links", BROKEN, f"{found.total} files are hard-linked from outside the "
+               f"tree ({shown}{more}): each is also a file elsewhere on the host, which an "
+               "idmapped rootfs would hand to container root to read, write and chmod. "
+               "`uspawn run` refuses the tree in map and auto mode; the chown shift leaves "
+               "them unshifted (nobody inside). Their owners are left out of the ownership "
+               "rows: they are not the tree's to change",
+               "remove the extra names (copy the file instead of linking it; `find ROOTFS "
+               "-xdev ! -type d -links +1` lists candidates), or use "
+               "--private-users-ownership=chown", f"outside={found.total}")
+
+
 def audit(root: str) -> list[Row]:
     """Every row for the tree at root (a directory)."""
-    scan = scan_tree(root)
+    linked, why = _outside_links(root)
+    scan = scan_tree(root, linked.inodes if linked else frozenset())
+    if why:
+        scan.errors.append(why)
     rows = _ownership_rows(root, scan)
+    rows.append(_hardlink_row(linked))
     in_dev = [n for n in scan.nodes if n.startswith("/dev/")]
     outside = [n for n in scan.nodes if not n.startswith("/dev/")]
     if outside:

@@ -8,6 +8,7 @@ directory are all resolved inside the tree, and the host never changes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -311,4 +312,81 @@ def test_device_node_shipped_in_tree_after_remount_dev(attack: Attacker, host: H
                     f"head -c 16 /{where}/disk 2>/dev/null; echo")
     assert "HOST-DISK-MARKER" not in out
     assert img.read_bytes() == before
+    host.assert_untouched()
+
+
+# --- hard links to host files (issue 19) --------------------------------------------
+
+
+def _host_file(tmp_path: Path) -> Path:
+    """A root-only host file next to the tree (same filesystem: hard links need one)."""
+    f = tmp_path / "host-shadow"
+    f.write_text(SECRET)
+    os.chown(f, 0, 0)
+    f.chmod(0o600)
+    os.utime(f, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    return f
+
+
+def _state(p: Path) -> tuple[int, int, int, int, str]:
+    st = p.stat()
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.read_text()
+
+
+_LINK_PAYLOAD = ("cat /etc/shadow-link; echo appended >> /etc/shadow-link; "
+                 "chmod 0666 /etc/shadow-link; chown 0:0 /etc/shadow-link; "
+                 "echo owners: $(stat -c %u /etc/shadow-link /bin/pair1 /bin/pair2)")
+
+
+@pytest.mark.parametrize("mode", ["map", "auto"])
+def test_hard_link_to_host_file_refused_with_idmapped_rootfs(
+        attack: Attacker, host: HostGuard, tree: Path, tmp_path: Path, mode: str) -> None:
+    """An idmapped rootfs would hand the host file behind a hard link to container
+    root (read, append, chmod as host root): the start is refused, with one line."""
+    victim = _host_file(tmp_path)
+    os.link(victim, tree / "etc" / "shadow-link")
+    os.link(host.secret, tree / "secret-link")  # the guard's marker file too
+    before = _state(victim)
+    r = attack.run("sh", "-c", _LINK_PAYLOAD, extra=("--private-users-ownership", mode))
+    line = assert_clean_error(r, str(tree), "/etc/shadow-link is hard-linked from outside the "
+                              "tree (2 links, 1 inside), and 1 more", "ownership=chown")
+    assert r.returncode == 125 and SECRET.strip() not in r.stdout + line
+    assert _state(victim) == before
+    host.assert_untouched()
+
+
+def test_hard_link_to_host_file_left_alone_by_the_chown_shift(
+        attack: Attacker, host: HostGuard, tree: Path, tmp_path: Path) -> None:
+    """The shift re-owns only inodes whose names are all inside the tree: the host
+    file keeps its owner (nobody inside, so container root cannot read, append or
+    chmod it), while a pair of hard links within the tree is shifted as usual."""
+    victim = _host_file(tmp_path)
+    os.link(victim, tree / "etc" / "shadow-link")
+    (tree / "bin" / "pair1").write_text("pair\n")
+    os.link(tree / "bin" / "pair1", tree / "bin" / "pair2")
+    before = _state(victim)
+    r = attack.run("sh", "-c", _LINK_PAYLOAD + "; true",
+                   extra=("--private-users-ownership", "chown"))
+    assert r.returncode == 0, r.stderr
+    assert SECRET.strip() not in r.stdout
+    assert results(r.stdout)["owners"] == "65534 0 0"  # host file: nobody; the pair: root
+    warning = [ln for ln in r.stderr.splitlines() if "hard-linked" in ln]
+    assert len(warning) == 1 and "/etc/shadow-link" in warning[0], r.stderr
+    assert _state(victim) == before
+    base = tree.stat().st_uid
+    assert base != 0 and (tree / "bin" / "pair2").stat().st_uid == base
+    host.assert_untouched()
+
+
+def test_check_reports_hard_links_from_outside(attack: Attacker, host: HostGuard, tree: Path,
+                                               tmp_path: Path) -> None:
+    victim = _host_file(tmp_path)
+    os.link(victim, tree / "etc" / "shadow-link")
+    before = _state(victim)
+    r = attack.runner.run("check", "--json", str(tree))
+    assert r.returncode == 1, r.stderr
+    rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert rows["hard-links"]["verdict"] == "broken"
+    assert "/etc/shadow-link (2 links, 1 inside)" in rows["hard-links"]["meaning"]
+    assert _state(victim) == before
     host.assert_untouched()

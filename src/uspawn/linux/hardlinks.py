@@ -50,9 +50,10 @@ class Linked:
 class Found:
     """What scan() found: up to `limit` files (by path) and how many there are."""
 
-    def __init__(self, files: list[Linked], total: int, multi: int) -> None:
+    def __init__(self, files: list[Linked], inodes: set[tuple[int, int]], multi: int) -> None:
         self.files = files
-        self.total = total  # inodes linked from outside
+        self.inodes = inodes  # (st_dev, st_ino) of every inode linked from outside
+        self.total = len(inodes)
         self.multi = multi  # inodes with st_nlink > 1 seen (all links inside or not)
 
 
@@ -89,10 +90,15 @@ def scan_fd(root_fd: int, limit: int, skip: MountPoints = frozenset()) -> Found:
     try:
         # A readable fd of our own, also for O_PATH and open_tree fds.
         fd = os.open(".", _O_DIR, dir_fd=root_fd)
-        ino = os.fstat(fd).st_ino
+        try:
+            ino = os.fstat(fd).st_ino
+        except OSError:
+            os.close(fd)
+            raise
         while True:
             if fd >= 0:
-                stack.append((fd, path, ino, iter(_list(fd, path, dev, links, paths))))
+                stack.append((fd, path, ino, iter(())))  # closed by finally from here on
+                stack[-1] = (fd, path, ino, iter(_list(fd, path, dev, links, paths)))
                 fd = -1
             dfd, dpath, dino, names = stack[-1]
             if (name := next(names, None)) is None:
@@ -109,19 +115,26 @@ def scan_fd(root_fd: int, limit: int, skip: MountPoints = frozenset()) -> Found:
                 if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     continue  # removed, or replaced by a file or symlink, since the listing
                 raise
-            st = os.fstat(sub)
+            try:
+                st = os.fstat(sub)
+            except OSError:
+                os.close(sub)
+                raise
             if st.st_dev != dev:  # another filesystem (not seen as a mount: btrfs subvolume)
                 os.close(sub)
                 continue
             fd, ino = sub, st.st_ino
     except OSError as e:
-        raise OSError(e.errno, e.strerror, path or "/") from None
+        # The tree path, kept readable: a hostile tree nests thousands of levels deep.
+        where = path if len(path) <= 160 else f"{path[:78]}...{path[-78:]}"
+        raise OSError(e.errno, e.strerror, where or "/") from None
     finally:
         for dfd, _, _, _ in stack:
             os.close(dfd)
-    out = [Linked(paths[k], n, c) for k, (c, n) in links.items() if c < n]
-    out.sort(key=lambda f: f.path)
-    return Found(out[:limit], len(out), len(links))
+    outside = {k for k, (c, n) in links.items() if c < n}
+    out = sorted((Linked(paths[k], links[k][1], links[k][0]) for k in outside),
+                 key=lambda f: f.path)
+    return Found(out[:limit], outside, len(links))
 
 
 def _list(dfd: int, dpath: str, dev: int, links: dict[tuple[int, int], list[int]],
@@ -150,8 +163,9 @@ def _list(dfd: int, dpath: str, dev: int, links: dict[tuple[int, int], list[int]
 
 
 def scan(root: str, limit: int) -> Found:
-    """scan_fd for a directory path: mount points below it are not entered."""
-    fd = os.open(root, _O_DIR)
+    """scan_fd for a directory path: mount points below it are not entered. root
+    itself may be a symlink (the admin named it; -D resolves it the same way)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         return scan_fd(fd, limit, mountpoints(fd))
     finally:
@@ -161,10 +175,3 @@ def scan(root: str, limit: int) -> Found:
 def outside_links(root: str, limit: int) -> list[str]:
     """Tree paths (up to limit, sorted) of files below root also linked from outside."""
     return [f.path for f in scan(root, limit).files]
-
-
-def describe(found: Found) -> str:
-    """'/a (2 links, 1 inside), /b (...) and N more' for warnings."""
-    shown = ", ".join(f"{f.path} ({f.nlink} links, {f.inside} inside)" for f in found.files)
-    more = found.total - len(found.files)
-    return shown + (f" and {more} more" if more > 0 else "")

@@ -7,7 +7,12 @@ outside that range are left alone and counted as unmapped.
 
 Constraints:
 - Bases are multiples of size, so source and target ranges are disjoint and an inode's owner
-  tells whether it was shifted already: the shift is resumable and hard links are harmless.
+  tells whether it was shifted already: the shift is resumable.
+- A hard link may name a host file (a tree made with `cp -al`, a hostile tarball): re-owning
+  it would hand that host file to the container (issue 19). So a non-directory with
+  st_nlink > 1 is not shifted when the walk meets it; the walk counts its names, and at the
+  end only inodes with all their names inside the tree are shifted (st_nlink checked again
+  right before). The others are left alone and listed in ShiftResult.outside_links.
 - Before the first change the journal {"from", "to", "size"} goes into the root directory's
   trusted.uspawn.shift xattr (a file in JOURNAL_DIR where the filesystem has no trusted
   xattrs). The root is shifted last and the journal removed after it, so a tree without a
@@ -17,7 +22,9 @@ Constraints:
   journal's "pending" list keeps mode and capability until the restore is done.
 - The walk never leaves root: directory fds opened O_NOFOLLOW, other filesystems (st_dev) and
   mount points (mountinfo) skipped, symlinks never followed, so a symlink swapped in during
-  the walk cannot redirect a chown or chmod outside the tree.
+  the walk cannot redirect a chown or chmod outside the tree. Deferred hard links are
+  reached again by name from the root, one O_NOFOLLOW directory at a time, and the parent
+  must be the directory the walk saw (st_dev, st_ino).
 - Stdlib only; runs on the host while the container is stopped.
 """
 
@@ -29,6 +36,8 @@ import stat
 import struct
 import sys
 import time
+
+from .hardlinks import mountpoints
 
 # current_base() runs on every `uspawn run`: keep this module's imports to the
 # stdlib's cheapest (json, re, shutil load lazily where a shift needs them;
@@ -65,6 +74,8 @@ _HINTS = {
 }
 
 _Ref = int | tuple[int, str]  # the root's fd, or (parent dir fd, name) for everything else
+# (parent dir fd, name), lstat, path for messages, parent directory's st_ino
+_Entry = tuple[_Ref, os.stat_result, str, int]
 
 
 class ShiftError(Exception):
@@ -73,17 +84,19 @@ class ShiftError(Exception):
 
 class ShiftResult:
     def __init__(self, from_base: int, to_base: int, files_changed: int, resumed: bool,
-                 unmapped: int = 0) -> None:
+                 unmapped: int = 0, outside_links: list[str] | None = None) -> None:
         self.from_base = from_base
         self.to_base = to_base
         self.files_changed = files_changed  # inodes chowned, the root included
         self.resumed = resumed  # an unfinished shift from the journal was finished first
         self.unmapped = unmapped  # inodes with an ID outside the range after the shift
+        # Tree paths ("/etc/x", sorted) of files left alone: also hard-linked from outside.
+        self.outside_links = outside_links or []
 
     def __repr__(self) -> str:
         return (f"ShiftResult(from_base={self.from_base}, to_base={self.to_base}, "
                 f"files_changed={self.files_changed}, resumed={self.resumed}, "
-                f"unmapped={self.unmapped})")
+                f"unmapped={self.unmapped}, outside_links={self.outside_links})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ShiftResult) and repr(self) == repr(other)
@@ -170,27 +183,6 @@ class _Journal:
             raise _fail("write the shift journal of", self.root, e, data is not None) from e
 
 
-def _mountpoints(root_fd: int) -> set[tuple[int, int, str]]:
-    """(parent st_dev, parent st_ino, name) of each mount point below root. st_dev alone
-    misses bind mounts from the same filesystem, which may bring in host files."""
-    top = os.readlink(f"/proc/self/fd/{root_fd}").rstrip("/") + "/"
-    found = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            # proc(5): field 5 is the mount point; space, tab, \n and \ are octal escapes
-            import re
-
-            raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4])
-            parent, name = os.path.split(os.fsdecode(raw))
-            if (parent + "/").startswith(top):
-                try:
-                    pst = os.lstat(parent)
-                except OSError:
-                    continue  # overmounted or gone: the walk cannot meet it either
-                found.add((pst.st_dev, pst.st_ino, name))
-    return found
-
-
 def _xattr_ref(ref: _Ref) -> tuple[int | str, bool]:
     """(target, follow_symlinks) for chown and the xattr calls, which take no dir_fd."""
     if isinstance(ref, int):
@@ -221,16 +213,21 @@ class _Shifter:
         self.journal = _Journal(root_fd, root)
         self.dev = os.fstat(root_fd).st_dev
         try:
-            self.mounts = _mountpoints(root_fd)
+            self.mounts = mountpoints(root_fd)
         except OSError as e:
             raise _fail("list the mounts under", root, e) from e
         self.done = self.total = self.changed = self.unmapped = 0
         self.src = self.dst = self.size = 0
         self.journaled = self.journal.data is not None
         self.pending: dict[int, dict[str, Any]] = {}
+        # Multi-link non-directories met by the walk, by (st_dev, st_ino):
+        # [names seen, st_nlink, path for messages, parent dir st_ino, uid, gid].
+        self.linked: dict[tuple[int, int], list[Any]] = {}
+        self.outside: set[str] = set()  # tree paths left alone, over every pass
 
-    def entries(self) -> Generator[tuple[_Ref, os.stat_result, str], None, None]:
-        """Every inode below root (not root itself), depth first, one open fd per level."""
+    def entries(self) -> Generator[_Entry, None, None]:
+        """Every inode below root (not root itself), depth first, one open fd per level,
+        with its parent directory's st_ino."""
         rst, path = os.fstat(self.root_fd), self.root
         stack: list[tuple[int, Iterator[str], str, tuple[int, int]]] = []
         try:
@@ -248,7 +245,7 @@ class _Shifter:
                     continue  # removed under us: nothing left to shift
                 if st.st_dev != self.dev or (*parent, name) in self.mounts:
                     continue
-                yield (dfd, name), st, path
+                yield (dfd, name), st, path, parent[1]
                 if stat.S_ISDIR(st.st_mode):
                     sub = os.open(name, _O_DIR, dir_fd=dfd)
                     stack.append((sub, iter(os.listdir(sub)), path, (st.st_dev, st.st_ino)))
@@ -350,6 +347,55 @@ class _Shifter:
             self.restore(ref, st.st_ino, mode, cap)
         self.changed += 1
 
+    def count_link(self, st: os.stat_result, path: str, parent: int) -> None:
+        if (rec := self.linked.get((st.st_dev, st.st_ino))) is None:
+            self.linked[(st.st_dev, st.st_ino)] = [1, st.st_nlink, path, parent, st.st_uid,
+                                                   st.st_gid]
+        else:
+            rec[0] += 1
+            rec[1] = max(rec[1], st.st_nlink)
+
+    def open_dir(self, parts: list[str], ino: int) -> int:
+        """The directory root/parts..., reached one O_NOFOLLOW component at a time (also
+        deeper than PATH_MAX), which must be the one the walk saw (st_ino, our st_dev)."""
+        fd = os.dup(self.root_fd)
+        try:
+            for name in parts:
+                sub = os.open(name, _O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (self.dev, ino):
+                raise OSError(errno.ESTALE, "replaced during the shift")
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def shift_linked(self, ino: int, seen: int, nlink: int, path: str, parent: int) -> bool:
+        """Shift a multi-link inode if the walk found every one of its names. False: it
+        has a name outside the tree (then or now) and is left alone."""
+        if seen != nlink:
+            return False
+        *dirs, name = path[len(self.root):].lstrip("/").split("/")
+        try:
+            pfd = self.open_dir(dirs, parent)
+        except FileNotFoundError:
+            return True  # moved or removed since the walk: not ours to shift any more
+        try:
+            # The last look, right before the chown: a link made since the walk counts.
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if st.st_ino != ino or stat.S_ISDIR(st.st_mode):
+                return True  # replaced since the walk: the new inode was never counted
+            if st.st_nlink != seen:
+                return False
+            self.shift_inode((pfd, name), st)
+            return True
+        except FileNotFoundError:
+            return True
+        finally:
+            os.close(pfd)
+
     def tick(self) -> None:
         self.done += 1
         if self.progress is not None:
@@ -362,16 +408,28 @@ class _Shifter:
         self.pending = {int(p["ino"]): p for p in pending or []}
         if pending is None:
             self.write_journal()
+        self.linked = {}
         it = self.entries()
         try:
-            for ref, st, path in it:
-                try:
-                    self.shift_inode(ref, st)
-                except OSError as e:
-                    raise _fail("shift", path, e, True) from e
+            for ref, st, path, parent in it:
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    self.count_link(st, path, parent)  # shifted after the walk, or never
+                else:
+                    try:
+                        self.shift_inode(ref, st)
+                    except OSError as e:
+                        raise _fail("shift", path, e, True) from e
                 self.tick()
         finally:
             it.close()  # closes the walk's directory fds (contextlib costs ~2 ms to import)
+        for (_dev, ino), (seen, nlink, path, parent, uid, gid) in self.linked.items():
+            try:
+                if not self.shift_linked(ino, seen, nlink, path, parent):
+                    self.outside.add("/" + path[len(self.root):].lstrip("/"))
+                    ids = range(self.dst, self.dst + self.size)
+                    self.unmapped += uid not in ids or gid not in ids
+            except OSError as e:
+                raise _fail("shift", path, e, True) from e
         try:
             # Last: once the journal is gone, the root's owner is what says "tree at dst".
             self.shift_inode(self.root_fd, os.fstat(self.root_fd))
@@ -405,7 +463,7 @@ class _Shifter:
         if self.progress is not None and phases:
             self.progress(self.done, self.done)
         return ShiftResult(phases[0][0] if phases else cur, target, self.changed,
-                           j is not None, self.unmapped)
+                           j is not None, self.unmapped, sorted(self.outside))
 
 
 def _open_root(root: str) -> int:
