@@ -125,8 +125,6 @@ def test_notify_status_escapes_are_shown_as_text(machine: Machine, notify_bin: P
 printf '{HOSTILE}\\033[32mgreen\\033[0m\\n'
 /bin/notify "STATUS=$(printf '{HOSTILE}')"
 /bin/notify READY=1
-sleep 0.3
-/bin/notify "STATUS=$(printf '{HOSTILE}')"
 exec sleep 600
 """)
     # The tree's directory name is shown by `list` and `status` too.
