@@ -7,11 +7,17 @@ its payload: that is how a successful exec is detected without polling.
 The sequence for one container start (numbers are the sync points referenced
 in runtime.py and init.py):
 
-    1. child  -> parent  USERNS_READY     child unshared its user namespace
-    2. parent -> child   MAPPED           uid/gid maps written, cgroup joined
-    3. child  -> parent  INIT_PID         pid of the container init (pid 1 inside)
-    4. parent -> init    MOUNTS (+fds)    host-made detached mounts (rootfs, /dev, binds)
+    1. stage A -> parent  USERNS_READY    stage A is ready to be moved into its cgroups
+    2. parent -> stage A  MAPPED          cgroups joined (1-2 only when clone3 could not
+                                          place it, or v1 controllers are used)
+    3. stage A -> parent  INIT_PID        the init exists (pid 1 inside), in its new user
+                                          namespace; the parent writes its maps
+    4. parent -> stage A  MOUNTS (+fds)   host-made detached mounts (rootfs, /dev, binds);
+                                          A attaches them and forwards the rest to the init
+                                          on a socketpair of their own, then exits
     5. init   -> parent  CONSOLE (+fd)    pty master, only with a terminal
+       parent -> init    ADOPTED          stage A is reaped: the init's parent is the
+                                          runtime now, so PR_SET_PDEATHSIG is safe to set
     6. init   -> parent  CREATED          everything set up; waiting to start
     7. parent -> init    START            go: drop privileges, execve
     8. EOF                                execve succeeded (or ERROR if it failed)
@@ -36,6 +42,7 @@ MAPPED = "mapped"
 INIT_PID = "init-pid"
 MOUNTS = "mounts"
 CONSOLE = "console"
+ADOPTED = "adopted"
 CREATED = "created"
 START = "start"
 ERROR = "error"

@@ -29,7 +29,7 @@ import termios
 
 from . import channel as chan
 from .hooks import HookError, run_hook
-from .linux import caps, devices, mounts, network, workdir
+from .linux import caps, devices, mounts, network, nsfs, workdir
 from .linux import sig as signal
 from .linux import syscalls as sc
 
@@ -102,7 +102,12 @@ def stage_a(plan: InitPlan, ch: chan.Channel) -> None:
         # podman prepared) belong to the host: join them while still real root;
         # the init inherits them.
         for nstype, path in plan.join_namespaces:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # Checked again here (the path may have changed since planning):
+            # an nsfs file of that type, never a FIFO or device opened by root.
+            try:
+                fd = nsfs.open_ns(path, nstype)
+            except (nsfs.NsPathError, OSError) as exc:
+                raise InitError(f"join {nstype} namespace {path}: {exc}") from None
             try:
                 sc.setns(fd, _NS_JOIN_FLAGS[nstype])
             except OSError as exc:
@@ -220,13 +225,6 @@ def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
             raise InitError("unexpected message from the setup process")
         link.close()
         os.setsid()
-        if plan.die_with_parent:
-            # Adopted by the runtime (a subreaper): tie our life to it. Had it
-            # died before this line, its end of the channel is closed. (In a
-            # new pid namespace getppid() says 0 either way.)
-            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if ch.peer_gone():
-                os._exit(125)
         fifo = fds.pop("fifo", -1)
         state = msg.data.get("state")
         plan.state_json = state if isinstance(state, str) else ""
@@ -240,6 +238,14 @@ def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
         finish_in_root(plan, ch)
         if plan.new_keyring:
             join_session_keyring()
+        # Stage A's EOF comes before the kernel reparents us (exit_files runs
+        # before exit_notify): a PDEATHSIG set then fires at A's death. The
+        # parent says when it has reaped A; until then the guardian covers us.
+        ch.expect(chan.ADOPTED, timeout=None)
+        if plan.die_with_parent:
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if ch.peer_gone():  # the runtime died before the line above
+                os._exit(125)
         # 6. set up and waiting.
         devices.test_kill_point("init-set-up")
         ch.send(chan.CREATED)

@@ -295,7 +295,8 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
 
         if r.type not in RLIMITS:
             raise SpecError(f"process.rlimits[{i}].type: unknown rlimit {r.type!r}")
-        init.rlimits.append((r.type, r.soft, r.hard))
+        # OCI writes "unlimited" as 2**64-1; setrlimit takes RLIM_INFINITY (-1).
+        init.rlimits.append((r.type, _rlim(r.soft), _rlim(r.hard)))
     init.args = list(proc.args)
     init.env = list(proc.env)
     init.cwd = proc.cwd
@@ -311,6 +312,10 @@ def build(spec: S.Spec, ownership: str = "off") -> tuple[HostPlan, InitPlan]:
     init.caps_ambient = _caps(c.ambient, "ambient")
     init.no_new_privileges = proc.no_new_privileges
     return host, init
+
+
+def _rlim(value: int) -> int:
+    return -1 if value >= 1 << 63 else value
 
 
 def _to_host(cid: int, maps: list[S.IDMapping], field: str) -> int:

@@ -69,6 +69,9 @@ class Options:
         self.network_setup: Callable[[int], None] | None = None
         # fds of ours the container must not inherit (e.g. an OCI id lock).
         self.close_in_child: list[int] = []
+        # What the container's fds 0, 1, 2 become (console.StdioRelay pipes in place
+        # of host files); None: ours, as they are.
+        self.stdio: tuple[int, int, int] | None = None
         self.cleanups: list[Callable[[], None]] = []
 
 
@@ -263,6 +266,10 @@ class Container:
                     # and the guardian pipe (else the guardian never sees EOF).
                     parent_ch.close()
                     os.close(self.guardian.wfd)
+                    if opts.stdio is not None:
+                        for target, fd in enumerate(opts.stdio):
+                            if fd != target:
+                                os.dup2(fd, target)
                     for fd in opts.close_in_child:
                         os.close(fd)
                     stage_a(init, child_ch)
@@ -293,6 +300,9 @@ class Container:
             finally:
                 for fd in fds.values():
                     os.close(fd)
+            self._await_stage_a(pid_a)
+            pid_a = 0  # reaped
+            self.ch.send(chan.ADOPTED)
             if init.terminal:
                 msg = self.ch.expect(chan.CONSOLE)
                 if len(msg.fds) != 1:
@@ -300,8 +310,6 @@ class Container:
                 self.console_master = msg.fds[0]
             devices.test_kill_point("parent-mounts-sent")
             self.ch.wait_created()
-            # Stage A exited once it handed the mounts to the init.
-            _reap(pid_a)
             devices.test_kill_point("parent-created")
         except chan.ChildError as exc:
             self.destroy()
@@ -315,6 +323,26 @@ class Container:
             self.destroy()
             _reap(pid_a)
             raise
+
+    def _await_stage_a(self, pid_a: int) -> None:
+        """Stage A exits once it handed the mounts to the init; reap it (bounded).
+
+        A non-zero exit means it failed and said why on the channel (or was killed)."""
+        import select
+
+        assert self.ch is not None
+        pidfd = sc.pidfd_open(pid_a)
+        try:
+            if not select.select([pidfd], [], [], chan.DEFAULT_TIMEOUT)[0]:
+                raise SetupError(f"container setup: stage A did not finish within "
+                                 f"{chan.DEFAULT_TIMEOUT:.0f}s")
+        finally:
+            os.close(pidfd)
+        _pid, status = os.waitpid(pid_a, 0)
+        if status != 0:
+            self.ch.recv(timeout=1.0)  # its ERROR raises ChildError here
+            raise SetupError("container setup: the setup process died "
+                             f"({_describe_status(status)})")
 
     def _v1_controllers(self) -> tuple[str, ...]:
         """v1 hierarchies to join on hybrid/legacy hosts: only those with limits
@@ -491,7 +519,9 @@ class Container:
                 try:
                     found = hardlinks.scan_fd(mnt, 1)
                 except OSError as exc:
-                    raise SetupError(f"rootfs {path}: scan for hard links: {exc}") from None
+                    raise SetupError(f"rootfs {path}: scan for hard links: {exc}",
+                                     "the tree is deeper than the fd limit; raise ulimit -n"
+                                     if exc.errno == errno.EMFILE else None) from None
                 if found.files:
                     f, more = found.files[0], found.total - 1
                     raise SetupError(
@@ -658,10 +688,18 @@ class Container:
 
 
 def _reap(pid: int) -> None:
+    if pid <= 0:  # never waitpid(0): that reaps any child of the group
+        return
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
 def _exit_code(status: int) -> int:
