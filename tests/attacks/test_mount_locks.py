@@ -17,12 +17,15 @@ runs the whole suite that way too).
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Runner, cgroup_dirs
 
 from .conftest import REFUSED, Attacker, HostGuard, mounts_mentioning, results, snapshot_dir
+from .test_host_output import LOG_DIR, _install_init, notify_bin  # noqa: F401 (fixture)
 
 LOCK_ATTACKS = """\
 t=$1
@@ -126,3 +129,38 @@ def test_rootfs_below_a_shared_mount(attack: Attacker, host: HostGuard, tree: Pa
                     'echo "proc: $(test -e /proc/self/status && echo ok)"', tree=shared_tree)
     assert results(out) == {"mounted": "ok", "proc": "ok"}
     assert mounts_mentioning(shared_tree) == [], "container mounts left on the host"
+
+
+def test_boot_with_its_state_directory_on_a_shared_mount(
+        uspawn: Runner, tree: Path, host: HostGuard, shared_mount: Path,
+        notify_bin: Path) -> None:  # noqa: F811 (the imported fixture)
+    """/run/host is a bind of the machine's directory in the state directory: on a
+    shared mount, mounts made on it (the machine's /run/host) used to land on the
+    host, and the supervisor's cleanup then failed silently, leaking the state
+    and the UID-range lease."""
+    state = shared_mount / "state"
+    state.mkdir()
+    runner = Runner(state)
+    name = host.machine()
+    _install_init(tree, notify_bin, """
+mount -o bind /etc/passwd /run/host/container-manager
+/bin/notify READY=1
+exec sleep 600
+""")
+    r = runner.run("boot", "-D", str(tree), "-M", name, "--detach", "--ready-timeout", "60",
+                   timeout=90)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert mounts_mentioning(state) == [], "a mount of the machine reached the host"
+    finally:
+        runner.run("stop", name, "--timeout", "2", timeout=60)
+        for log in LOG_DIR.glob(f"{name}.console.log*"):
+            log.unlink()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and list((state / "containers").glob("*")):
+        time.sleep(0.1)
+    assert list((state / "containers").glob("*")) == [], "state left behind"
+    ranges = state / "ranges"
+    assert not ranges.exists() or list(ranges.iterdir()) == [], "UID-range lease left behind"
+    assert cgroup_dirs(name) == []
+    assert mounts_mentioning(state) == []
