@@ -388,3 +388,106 @@ def test_warns_when_an_idmapped_tree_is_reachable_by_others(uspawn: Runner, root
         assert "reachable by unprivileged host users" in r.stderr
     finally:
         subprocess.run(["rm", "-rf", str(open_dir)], check=False)
+
+
+# --- stdio: host files reach the payload as relayed pipes (issue 19) -------------
+
+
+def _pipe_inode(link: str) -> int:
+    assert link.startswith("pipe:["), link
+    return int(link[len("pipe:["):-1])
+
+
+def test_pipes_and_dev_null_pass_through(uspawn: Runner, rootfs: Path) -> None:
+    """Nothing to relay: the payload holds our very pipe and /dev/null (no copying)."""
+    p = uspawn.popen("run", "-D", str(rootfs), "--", "sh", "-c",
+                     "readlink /proc/self/fd/0; readlink /proc/self/fd/1",
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    ours = os.fstat(p.stdout.fileno()).st_ino
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    fd0, fd1 = out.split()
+    assert fd0 == "/dev/null"
+    assert _pipe_inode(fd1) == ours
+
+
+def test_host_files_are_relayed(uspawn: Runner, rootfs: Path, tmp_path: Path) -> None:
+    """stdin, stdout and stderr regular files: the payload sees pipes, the bytes and
+    the exit code are what they would be with the files themselves."""
+    src, out, err = tmp_path / "in", tmp_path / "out", tmp_path / "err"
+    src.write_bytes(os.urandom(3 << 20))  # more than a pipe holds: no deadlock
+    with open(src, "rb") as i, open(out, "wb") as o, open(err, "wb") as e:
+        r = subprocess.run(uspawn.argv("run", "-D", str(rootfs), "--", "sh", "-c",
+                                       "for n in 0 1 2; do readlink /proc/self/fd/$n; done "
+                                       ">&2; cat; echo done >&2; exit 42"),
+                           stdin=i, stdout=o, stderr=e, timeout=60)
+    assert r.returncode == 42
+    assert out.read_bytes() == src.read_bytes()
+    lines = err.read_text().splitlines()
+    assert [_pipe_inode(x) > 0 for x in lines[:3]] == [True] * 3
+    assert lines[3] == "done"
+
+
+def test_relay_with_a_payload_that_never_reads(uspawn: Runner, rootfs: Path,
+                                               tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.write_bytes(b"x" * (1 << 20))
+    with open(src, "rb") as i:
+        r = subprocess.run(uspawn.argv("run", "-D", str(rootfs), "--", "sh", "-c",
+                                       "sleep 0.2; echo bye"),
+                           stdin=i, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "bye\n", r.stderr
+
+
+def test_one_file_for_stdout_and_stderr_keeps_the_order(uspawn: Runner, rootfs: Path,
+                                                        tmp_path: Path) -> None:
+    """`> log 2>&1`: one pipe for both, so lines stay in the order they were written."""
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        r = subprocess.run(uspawn.argv("run", "-D", str(rootfs), "--", "sh", "-c",
+                                       "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; "
+                                       "done"),
+                           stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=60)
+    assert r.returncode == 0
+    lines = [ln for ln in log.read_text().splitlines() if not ln.startswith("uspawn:")]
+    assert lines == [f"{s}{i}" for i in range(1, 6) for s in ("out", "err")]
+
+
+def test_signals_are_forwarded_with_relayed_stdio(uspawn: Runner, rootfs: Path,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with open(out, "wb") as o:
+        p = uspawn.popen("run", "-D", str(rootfs), "--machine", "sigrelay", "--", "sh", "-c",
+                         "trap 'echo got-term; exit 7' TERM; echo ready; "
+                         "while :; do sleep 0.05; done",
+                         stdin=subprocess.DEVNULL, stdout=o, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while out.read_text() != "ready\n":
+        assert time.monotonic() < deadline and p.poll() is None, out.read_text()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 7, err
+    assert out.read_text() == "ready\ngot-term\n"
+    assert_no_leftovers(uspawn, "sigrelay", rootfs)
+
+
+def test_tty_mode_never_hands_over_the_host_tty(uspawn: Runner, rootfs: Path) -> None:
+    """With -t, fds 0-2 of the payload are the container's own pty (its devpts), not
+    the terminal uspawn runs on."""
+    import pty
+
+    host_devpts = os.stat("/dev/pts/ptmx").st_dev
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.execvp(uspawn.argv()[0], uspawn.argv(
+                "run", "-D", str(rootfs), "-t", "--", "sh", "-c",
+                "stat -L -c 'dev %d' /proc/1/fd/0 /proc/1/fd/1 /proc/1/fd/2 /dev/pts/ptmx"))
+        finally:
+            os._exit(127)
+    text, code = drain_pty(master, pid)
+    assert code == 0, text
+    devs = {ln.split()[1] for ln in text.splitlines() if ln.startswith("dev ")}
+    assert len(devs) == 1 and devs != {str(host_devpts)}, text

@@ -26,6 +26,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .console import StdioRelay
+
 # nsenter's order; the user namespace first, so the others are entered with
 # the capabilities the container's root has over them.
 NS_ORDER = (("user", sc.CLONE_NEWUSER), ("cgroup", sc.CLONE_NEWCGROUP),
@@ -121,6 +123,13 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
     for kv in env_extra:
         k, _, v = kv.partition("=")
         env[k] = v
+    # Without a terminal, host files on our stdio reach the process as pipes we
+    # relay while it runs (console.StdioRelay): nothing it leaves behind keeps them.
+    relay = None
+    if not tty and not xo.detach:
+        from .console import StdioRelay
+
+        relay = StdioRelay.setup()
     parent_ch, child_ch = chan.Channel.pair()
     if not xo.detach:
         sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
@@ -128,6 +137,8 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
     if mid == 0:
         try:
             parent_ch.close()
+            if relay is not None:
+                relay.in_child()
             _child(nsfds, procs, child_ch, argv, env, cwd, uid, gid, tty, seccomp_bpf,
                    bounding, xo)
         except BaseException as exc:
@@ -139,8 +150,11 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
         finally:
             os._exit(125)
     child_ch.close()
+    if relay is not None:
+        relay.after_fork()
     for fd, _ in nsfds:
         os.close(fd)
+    started = False
     try:
         try:
             msg = parent_ch.expect(chan.INIT_PID)
@@ -156,21 +170,24 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
         end = parent_ch.recv()
         if end is not None:
             raise SetupError(f"exec: unexpected message {end.kind!r}")
+        started = True
     except chan.ChildError as exc:
         raise ExecError(str(exc), not_found=exc.exit_code == 127) from None
     except chan.ProtocolError as exc:
         raise SetupError(f"exec: {exc}") from None
     finally:
         parent_ch.close()
+        if relay is not None and not started:
+            relay.close()
     if xo.on_started is not None:
         xo.on_started(joined.pid, master)
     if xo.detach:
         os.close(joined.pidfd)
         return 0
-    return _wait(joined, master)
+    return _wait(joined, master, relay)
 
 
-def _wait(joined: Joined, master: int) -> int:
+def _wait(joined: Joined, master: int, relay: StdioRelay | None = None) -> int:
     from .console import ConsoleIO, pump
 
     def forward(signum: int, _frame: object) -> None:
@@ -183,12 +200,14 @@ def _wait(joined: Joined, master: int) -> int:
     for s in (sig.SIGINT, sig.SIGTERM, sig.SIGHUP, sig.SIGQUIT, sig.SIGUSR1, sig.SIGUSR2):
         saved[s] = sig.set_handler(s, forward)
     try:
-        if master < 0:
+        if master < 0 and relay is None:
             return joined.wait()
         try:
-            return pump(joined.pidfd, master, ConsoleIO(interactive=True), joined.wait)
+            return pump(joined.pidfd, master, ConsoleIO(interactive=True, relay=relay),
+                        joined.wait)
         finally:
-            os.close(master)
+            if master >= 0:
+                os.close(master)
     finally:
         for s, h in saved.items():
             sig.set_handler(s, h)

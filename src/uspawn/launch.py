@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .boot import Machine
+    from .console import StdioRelay
 
 
 def _split_caps(values: list[str]) -> list[str]:
@@ -262,11 +263,30 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
         )
         opts = _options(ns, la, log)
         net.wire(la.claim.name, opts)
+        relay = None if ns.tty else _stdio_relay(opts)
     except BaseException:
         la.release()
         raise
     # From here on the container owns (and releases) the claim and the lease.
-    return runtime.run(spec, opts, on_start=la.record)
+    if relay is None:
+        return runtime.run(spec, opts, on_start=la.record)
+    from .console import ConsoleIO
+
+    try:
+        return runtime.run(spec, opts, on_start=la.record, io=ConsoleIO(relay=relay))
+    finally:
+        relay.finish()  # after a failed start: what the child wrote, then close
+
+
+def _stdio_relay(opts: runtime.Options) -> StdioRelay | None:
+    """Pipes for the payload's stdio where ours are host files (console.StdioRelay)."""
+    from .console import StdioRelay
+
+    relay = StdioRelay.setup()
+    if relay is not None:
+        opts.stdio = (relay.child[0], relay.child[1], relay.child[2])
+        opts.close_in_child += relay.fds()
+    return relay
 
 
 def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:

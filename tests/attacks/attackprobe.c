@@ -31,6 +31,18 @@
  *   attackprobe umount PATH             umount2(PATH, MNT_DETACH)
  *   attackprobe clone-rw PATH DEST      open_tree(PATH, OPEN_TREE_CLONE), clear RDONLY on the clone,
  *                                       move_mount it onto DEST (a writable copy of a read-only mount?)
+ *   attackprobe tiocsti [FD]            take FD (default: the slave of a new pty from /dev/ptmx)
+ *                                       as controlling tty and push "id\n" into its input; one
+ *                                       line each: "isatty:", "setsid:", "sctty:" (TIOCSCTTY),
+ *                                       "sti:" (TIOCSTI), "sti_high:" (TIOCSTI | 1 << 32),
+ *                                       "linux:" (TIOCLINUX), "tcgets:" (TCGETS still works),
+ *                                       with FD omitted also "queued: N" (bytes now readable)
+ *   attackprobe reopen FD               what FD leads to when it is a host file; report on
+ *                                       stderr (stdout may be the file under test): "type:",
+ *                                       "read:" (reopen /proc/self/fd/FD read-only and read:
+ *                                       "ok N <first line>"), "trunc:" (reopen O_WRONLY|O_TRUNC),
+ *                                       "ftruncate:" (FD itself, to 0), "fchdir:" (then
+ *                                       "cwd: <entries of .>" on success)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -41,12 +53,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -179,6 +193,95 @@ static int watch_exe(double seconds) {
     return 0;
 }
 
+static const char *errstr(long r) {
+    const char *name = strerrorname_np(errno);
+    return r >= 0 ? "ok" : name ? name : "E?";
+}
+
+static int tiocsti(int fd) {
+    /* CVE-2017-5226 and friends: a session leader takes a tty nobody controls and
+     * pushes bytes into its input queue, to be read by whoever reads that tty. */
+    int own = fd < 0, master = -1;
+    if (own) {
+        master = open("/dev/ptmx", O_RDWR | O_NOCTTY);
+        if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0)
+            return fail();
+        fd = open(ptsname(master), O_RDWR | O_NOCTTY);
+        if (fd < 0)
+            return fail();
+    }
+    printf("isatty: %s\n", isatty(fd) ? "yes" : "no");
+    long r = setsid();
+    printf("setsid: %s\n", errstr(r));
+    r = ioctl(fd, TIOCSCTTY, 0);
+    printf("sctty: %s\n", errstr(r));
+    const char *text = "id\n";
+    long sti = 0;
+    for (const char *c = text; *c && sti >= 0; c++)
+        sti = syscall(SYS_ioctl, fd, (unsigned long)TIOCSTI, c);
+    printf("sti: %s\n", errstr(sti));
+    r = syscall(SYS_ioctl, fd, (unsigned long)TIOCSTI | 1UL << 32, text);
+    printf("sti_high: %s\n", errstr(r));
+    char sel[2] = {2, 0}; /* TIOCL_SETSEL: the first half of a paste */
+    r = syscall(SYS_ioctl, fd, (unsigned long)TIOCLINUX, sel);
+    printf("linux: %s\n", errstr(r));
+    struct termios t;
+    r = tcgetattr(fd, &t);
+    printf("tcgets: %s\n", errstr(r));
+    if (own) {
+        int n = 0;
+        r = ioctl(fd, FIONREAD, &n);
+        printf("queued: %d\n", r < 0 ? -1 : n);
+    }
+    return 0;
+}
+
+static const char *type_name(mode_t m) {
+    return S_ISREG(m) ? "reg" : S_ISDIR(m) ? "dir" : S_ISCHR(m) ? "chr" : S_ISBLK(m) ? "blk"
+         : S_ISFIFO(m) ? "fifo" : S_ISSOCK(m) ? "sock" : "other";
+}
+
+static int reopen(int fd) {
+    /* A host file on stdio is more than a stream: /proc/self/fd/N reopens the inode
+     * itself (read it from the start, truncate it), a directory is a way out (fchdir). */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return fail();
+    fprintf(stderr, "type: %s\n", type_name(st.st_mode));
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    int r = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY);
+    if (r < 0) {
+        fprintf(stderr, "read: %s\n", errstr(-1));
+    } else {
+        ssize_t n = read(r, buf, sizeof buf - 1);
+        if (n < 0) {
+            fprintf(stderr, "read: %s\n", errstr(-1));
+        } else {
+            buf[n] = 0;
+            buf[strcspn(buf, "\n")] = 0;
+            fprintf(stderr, "read: ok %zd %s\n", n, buf);
+        }
+        close(r);
+    }
+    int w = open(path, O_WRONLY | O_TRUNC | O_NONBLOCK | O_NOCTTY);
+    fprintf(stderr, "trunc: %s\n", errstr(w));
+    if (w >= 0)
+        close(w);
+    fprintf(stderr, "ftruncate: %s\n", errstr(ftruncate(fd, 0)));
+    long c = fchdir(fd);
+    fprintf(stderr, "fchdir: %s\n", errstr(c));
+    if (c == 0) {
+        DIR *d = opendir(".");
+        struct dirent *e;
+        fprintf(stderr, "cwd:");
+        while (d && (e = readdir(d)))
+            fprintf(stderr, " %s", e->d_name);
+        fprintf(stderr, "\n");
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2)
         goto usage;
@@ -262,6 +365,10 @@ int main(int argc, char **argv) {
             return fail();
         return ok();
     }
+    if (!strcmp(cmd, "tiocsti"))
+        return tiocsti(argc >= 3 ? atoi(argv[2]) : -1);
+    if (!strcmp(cmd, "reopen") && argc >= 3)
+        return reopen(atoi(argv[2]));
 usage:
     fprintf(stderr, "attackprobe: bad usage (see the comment at the top of attackprobe.c)\n");
     return 2;

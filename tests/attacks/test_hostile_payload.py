@@ -475,3 +475,238 @@ def test_exec_does_not_regain_dropped_capabilities(uspawn: Runner, tree: Path,
     assert int(joined["CapEff"], 16) & ((1 << 21) | (1 << 19)) == 0
     assert joined["NoNewPrivs"] == "1"
     host.assert_untouched()
+
+
+# --- terminals and stdio: TIOCSTI, host files behind fds 0-2 -----------------------------
+
+
+class _Running:
+    """A container running `sleep` in the background, for `uspawn exec` into it."""
+
+    def __init__(self, uspawn: Runner, tree: Path, host: HostGuard, seconds: int = 25) -> None:
+        self.uspawn = uspawn
+        self.name = host.machine()
+        self.p = uspawn.popen("run", "-D", str(tree), "--machine", self.name, "--", "sleep",
+                              str(seconds), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + TIMEOUT
+        while self.exec("true", stdin=subprocess.DEVNULL).returncode != 0:
+            assert self.p.poll() is None and time.monotonic() < deadline, "never came up"
+            time.sleep(0.1)
+
+    def exec(self, *cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        r = subprocess.run(self.uspawn.argv("exec", self.name, "--", *cmd), text=True,
+                           timeout=TIMEOUT, **kw)  # type: ignore[call-overload]
+        _no_traceback(r)
+        return r  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(15)
+        try:
+            self.p.communicate(timeout=TIMEOUT)
+        finally:
+            if self.p.poll() is None:
+                self.p.kill()
+                self.p.wait()
+
+
+def _no_traceback(r: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in (r.stdout or "") + (r.stderr or ""), r.stderr
+
+
+def _readable(fd: int) -> bytes:
+    """What a pty side has for a reader right now (raw mode: a partial line counts)."""
+    import select
+    import termios
+    import tty
+
+    tty.setraw(fd, termios.TCSANOW)
+    return os.read(fd, 4096) if select.select([fd], [], [], 0.2)[0] else b""
+
+
+def _tiocsti_report(out: str) -> dict[str, dict[str, str]]:
+    """`attackprobe tiocsti` runs prefixed "host " (our pty slave) and "own " (a pty the
+    payload made itself) -> {"host": {...}, "own": {...}}."""
+    rep: dict[str, dict[str, str]] = {"host": {}, "own": {}}
+    for line in out.splitlines():
+        which, _, rest = line.partition(" ")
+        key, sep, value = rest.partition(": ")
+        if which in rep and sep:
+            rep[which][key] = value.strip()
+    return rep
+
+
+TIOCSTI_SCRIPT = ("attackprobe tiocsti 0 | sed 's/^/host /'; "
+                  "attackprobe tiocsti | sed 's/^/own /'")
+
+
+def _assert_tiocsti_refused(rep: dict[str, dict[str, str]]) -> None:
+    # Our tty never reaches the payload: its stdin is a pipe we relay.
+    assert rep["host"]["isatty"] == "no", rep
+    assert rep["host"]["sctty"] == "ENOTTY"
+    assert rep["host"]["sti"] == rep["host"]["sti_high"] == "EPERM"
+    # A tty it does control (its own pty, taken as controlling tty) refuses
+    # injection too: seccomp, whatever the request's high bits say.
+    own = rep["own"]
+    assert own["isatty"] == "yes" and own["sctty"] == "ok", rep
+    assert own["sti"] == own["sti_high"] == own["linux"] == "EPERM", rep
+    assert own["tcgets"] == "ok" and own["queued"] == "0", rep
+
+
+def test_tiocsti_into_a_host_tty_nobody_controls(uspawn: Runner, tree: Path,
+                                                 host: HostGuard) -> None:
+    """CVE-2017-5226 shape: our stdin is a pty slave that is nobody's controlling tty
+    (legacy_tiocsti=1 on this kernel). The payload, a session leader, would take it
+    with TIOCSCTTY and push a command into the input of whoever reads that tty.
+    Nothing may arrive: not as input on the slave, not as echo on the master."""
+    master, slave = os.openpty()
+    try:
+        r = subprocess.run(uspawn.argv("run", "-D", str(tree), "-M", host.machine(), "--",
+                                       "sh", "-c", TIOCSTI_SCRIPT),
+                           stdin=slave, capture_output=True, text=True, timeout=TIMEOUT)
+        assert_no_traceback(r)
+        assert r.returncode == 0, r.stderr
+        _assert_tiocsti_refused(_tiocsti_report(r.stdout))
+        assert _readable(master) == b""  # no echo of injected input
+        assert _readable(slave) == b""  # no injected input
+    finally:
+        os.close(master)
+        os.close(slave)
+    host.assert_untouched()
+
+
+def test_tiocsti_from_exec(uspawn: Runner, tree: Path, host: HostGuard) -> None:
+    """The same through `uspawn exec` (it takes the container's seccomp policy) and
+    `uspawn exec -t` (its pty is the container's own: our tty stays out)."""
+    running = _Running(uspawn, tree, host)
+    master, slave = os.openpty()
+    try:
+        r = running.exec("sh", "-c", TIOCSTI_SCRIPT, stdin=slave)
+        assert r.returncode == 0, r.stderr
+        _assert_tiocsti_refused(_tiocsti_report(r.stdout))
+        r = subprocess.run(uspawn.argv("exec", "-t", running.name, "--", "sh", "-c",
+                                       "echo \"dev: $(stat -L -c %d /proc/self/fd/0)\"; "
+                                       "attackprobe tiocsti 0"),
+                           stdin=slave, capture_output=True, text=True, timeout=TIMEOUT)
+        assert_no_traceback(r)
+        assert r.returncode == 0, r.stderr
+        rep = results(r.stdout)
+        assert rep["isatty"] == "yes" and rep["dev"] != str(os.fstat(slave).st_dev), rep
+        assert rep["sti"] == rep["sti_high"] == rep["linux"] == "EPERM", rep
+        assert _readable(master) == b"" and _readable(slave) == b""
+    finally:
+        os.close(master)
+        os.close(slave)
+        running.stop()
+    host.assert_untouched()
+
+
+def test_exec_daemon_cannot_read_stdin_after_exec_returns(uspawn: Runner, tree: Path,
+                                                          host: HostGuard) -> None:
+    """`uspawn exec NAME -- CMD` with our tty on stdin: CMD leaves a daemon holding its
+    stdin and exits. What the admin types after exec returned must stay ours: the
+    daemon reads EOF (runc's pipes), the typed line is still there for the host."""
+    running = _Running(uspawn, tree, host)
+    master, slave = os.openpty()
+    try:
+        t0 = time.monotonic()
+        r = running.exec("sh", "-c", "exec 3<&0; cat <&3 >/tmp/stolen 2>&1 & "
+                         "sleep 0.2; echo started", stdin=slave)
+        assert r.returncode == 0 and r.stdout == "started\n", r.stderr
+        assert time.monotonic() - t0 < TIMEOUT / 2  # a daemon holding stderr: bounded
+        os.write(master, b"typed-by-the-admin\n")
+        time.sleep(0.5)
+        r = running.exec("sh", "-c", "echo \"stolen: [$(cat /tmp/stolen)]\"; "
+                         "echo \"readers: $(grep -l '(cat) [^Z]' /proc/[0-9]*/stat | wc -l)\"",
+                         stdin=subprocess.DEVNULL)
+        rep = results(r.stdout)
+        assert rep["stolen"] == "[]", rep
+        assert rep["readers"] == "0", rep  # it got EOF and ended
+        assert _readable(slave) == b"typed-by-the-admin\n"
+    finally:
+        os.close(master)
+        os.close(slave)
+        running.stop()
+    host.assert_untouched()
+
+
+SECRET_LINE = "previous log line: host secret 4f1c\n"
+
+
+@pytest.mark.parametrize("how", ["run", "exec"])
+def test_stdout_host_file_cannot_be_reopened(uspawn: Runner, tree: Path, host: HostGuard,
+                                             tmp_path: Path, how: str) -> None:
+    """`uspawn run ... >> /root/log`: /proc/self/fd/1 would reopen the host file itself,
+    to read what was there before, or to truncate it (and fd 1 to ftruncate it)."""
+    log = tmp_path / "host.log"
+    log.write_text(SECRET_LINE)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    running = _Running(uspawn, tree, host) if how == "exec" else None
+    cmd = ("sh", "-c", "attackprobe reopen 1; echo payload-output")
+    try:
+        if running is not None:
+            r = running.exec(*cmd, stdin=subprocess.DEVNULL, stdout=fd)
+        else:
+            r = subprocess.run(uspawn.argv("run", "-D", str(tree), "-M", host.machine(), "--",
+                                           *cmd), stdin=subprocess.DEVNULL, stdout=fd,
+                               stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    finally:
+        os.close(fd)
+        if running is not None:
+            running.stop()
+    _no_traceback(r)
+    assert r.returncode == 0, r.stderr
+    rep = results(r.stderr)
+    assert rep["type"] == "fifo", rep
+    assert "4f1c" not in r.stderr and rep["read"] in REFUSED, rep
+    assert rep["trunc"] in REFUSED and rep["ftruncate"] in REFUSED, rep
+    assert log.read_text() == SECRET_LINE + "payload-output\n"
+    host.assert_untouched()
+
+
+def test_stdin_host_file_is_not_handed_over(uspawn: Runner, tree: Path,
+                                            host: HostGuard) -> None:
+    """`uspawn run ... < FILE`: reopened through /proc/self/fd/0 for writing, FILE could
+    be truncated. The payload gets the bytes of FILE through a pipe instead."""
+    fd = os.open(host.secret, os.O_RDONLY)
+    try:
+        r = subprocess.run(uspawn.argv("run", "-D", str(tree), "-M", host.machine(), "--",
+                                       "sh", "-c", "attackprobe reopen 0; "
+                                       "echo \"stdin: $(wc -c)\" >&2"),
+                           stdin=fd, capture_output=True, text=True, timeout=TIMEOUT)
+    finally:
+        os.close(fd)
+    _no_traceback(r)
+    assert r.returncode == 0, r.stderr
+    rep = results(r.stderr)
+    assert rep["type"] == "fifo", rep
+    assert rep["read"] in REFUSED and rep["trunc"] in REFUSED, rep
+    assert rep["ftruncate"] in REFUSED, rep
+    assert rep["stdin"] == str(len(SECRET))  # the stream itself still arrives
+    host.assert_untouched()
+
+
+def test_device_on_stdin_is_not_handed_over(uspawn: Runner, tree: Path,
+                                            host: HostGuard) -> None:
+    """A device node on stdio (here /dev/zero) is the device itself: reopened through
+    /proc/self/fd it is opened with whatever mode the payload asks. The payload gets a
+    pipe that carries the device's bytes. (A directory on fd 0-2 never gets this far:
+    Python refuses to start with one.)"""
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        r = subprocess.run(uspawn.argv("run", "-D", str(tree), "-M", host.machine(), "--",
+                                       "sh", "-c", "attackprobe reopen 0; "
+                                       "echo \"stdin: $(head -c 100000 | wc -c)\" >&2"),
+                           stdin=fd, capture_output=True, text=True, timeout=TIMEOUT)
+    finally:
+        os.close(fd)
+    _no_traceback(r)
+    assert r.returncode == 0, r.stderr
+    rep = results(r.stderr)
+    assert rep["type"] == "fifo" and rep["fchdir"] == "ENOTDIR", rep
+    assert rep["read"] in REFUSED and rep["trunc"] in REFUSED, rep
+    assert rep["stdin"] == "100000"
+    host.assert_untouched()
