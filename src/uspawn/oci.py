@@ -88,7 +88,8 @@ def cgroup_path(spec: S.Spec, cid: str) -> str:
 
 
 def seccomp_for(spec: S.Spec) -> bytes | None:
-    """The compiled filter: the config's profile, plus the mknod device filter with a userns."""
+    """The compiled filter: the config's profile, plus the mknod device filter with a
+    userns and the TIOCSTI/TIOCLINUX refusal always."""
     from .linux import seccomp
 
     linux = spec.linux or S.Linux()
@@ -98,13 +99,13 @@ def seccomp_for(spec: S.Spec) -> bytes | None:
             policy = seccomp.policy_from_oci(linux.seccomp)
         except seccomp.SeccompPolicyError as exc:
             raise SpecError(str(exc)) from None
-    elif userns:
-        policy = seccomp.Policy(seccomp.ALLOW, [])
     else:
-        return None
+        policy = seccomp.Policy(seccomp.ALLOW, [])
     if userns:
         policy = seccomp.with_mknod_filter(policy)
-    return seccomp.policy_bpf(policy)
+    # Terminal input injection (TIOCSTI/TIOCLINUX) into a host tty handed to the
+    # payload is refused whatever the profile says, as for `uspawn run`.
+    return seccomp.policy_bpf(seccomp.with_tty_ioctl_filter(policy))
 
 
 def _hooks(hs: list[S.Hook]) -> list[tuple[str, list[str], list[str], int | None]]:

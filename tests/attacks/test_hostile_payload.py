@@ -710,3 +710,37 @@ def test_device_on_stdin_is_not_handed_over(uspawn: Runner, tree: Path,
     assert rep["read"] in REFUSED and rep["trunc"] in REFUSED, rep
     assert rep["stdin"] == "100000"
     host.assert_untouched()
+
+
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "no-userns"])
+def test_tiocsti_from_an_oci_config_without_seccomp(tmp_path: Path, tree: Path,
+                                                    userns: bool) -> None:
+    """uspawn-runc: a config.json with no seccomp section (its own choice, or a
+    privileged one without a user namespace) still gets TIOCSTI/TIOCLINUX refused:
+    the caller's tty is handed over as it is (runc `run` in the foreground)."""
+    import json
+
+    from test_oci import make_bundle, runtime_cmd
+
+    bundle = make_bundle(tmp_path, tree, ["/bin/attackprobe", "tiocsti", "0"], userns=userns)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["linux"].pop("seccomp", None)
+    if not userns:
+        cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"]
+                                      if n["type"] != "user"]
+        cfg["linux"].pop("uidMappings", None)
+        cfg["linux"].pop("gidMappings", None)
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    master, slave = os.openpty()
+    try:
+        r = subprocess.run([*runtime_cmd(), "--root", str(tmp_path / "state"), "run", "-b",
+                            str(bundle), f"tiocsti-{uuid.uuid4().hex[:8]}"],
+                           stdin=slave, capture_output=True, text=True, timeout=TIMEOUT)
+        assert_no_traceback(r)
+        assert r.returncode == 0, r.stderr
+        rep = results(r.stdout)
+        assert rep["sti"] == rep["sti_high"] == "EPERM", rep
+        assert _readable(master) == b"" and _readable(slave) == b""
+    finally:
+        os.close(master)
+        os.close(slave)
