@@ -259,7 +259,7 @@ def ensure_rootfs(rootfs: Path, rebuild: bool) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")) if p)
-    code = ("import sys; from uspawn.busybox_rootfs import build_busybox_rootfs; "
+    code = ("import sys; from uspawn.tree.busybox import build_busybox_rootfs; "
             "build_busybox_rootfs(sys.argv[1])")
     subprocess.run([sys.executable, "-c", code, str(rootfs)], check=True, env=env)
 

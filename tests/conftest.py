@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from uspawn.busybox_rootfs import build_busybox_rootfs
+from uspawn.tree.busybox import build_busybox_rootfs
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE_SRC = REPO / "tests" / "probe" / "probe.c"

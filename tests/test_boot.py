@@ -181,7 +181,7 @@ def test_unit_file_verifies() -> None:
 
 
 def test_console_log_rotates_at_the_cap(tmp_path: Path) -> None:
-    from uspawn.boot import ConsoleLog
+    from uspawn.machine.boot import ConsoleLog
 
     path = tmp_path / "m.console.log"
     log = ConsoleLog(str(path), 10_000)
@@ -210,7 +210,7 @@ def test_console_log_drops_and_counts_when_writes_fail(tmp_path: Path) -> None:
     if pid == 0:
         code = 1
         try:
-            from uspawn.boot import ConsoleLog
+            from uspawn.machine.boot import ConsoleLog
 
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

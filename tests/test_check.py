@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from uspawn.check import run_check
-from uspawn.errors import UsageError
-from uspawn.linux import hardlinks, mounts, syscalls
-from uspawn.linux.idshift import JOURNAL_XATTR
+from uspawn.base.errors import UsageError
+from uspawn.diag.check import run_check
+from uspawn.kernel import hardlinks, mounts, syscalls
+from uspawn.kernel.idshift import JOURNAL_XATTR
 
 Rows = dict[str, dict[str, str]]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from uspawn import cli
-from uspawn.cmdline import Command, HelpRequested, Opt, parse
-from uspawn.errors import UsageError
+from uspawn.base.cmdline import Command, HelpRequested, Opt, parse
+from uspawn.base.errors import UsageError
 
 OPTS = [
     Opt("-D", "--directory"),

@@ -1,4 +1,4 @@
-"""Unit tier for uspawn.console's stdio relay: which fds are relayed, and the copying.
+"""Unit tier for uspawn.engine.console's stdio relay: which fds are relayed, and the copying.
 
 No root and no container: a plain child process stands in for the payload, set up
 exactly as the runtime and `exec` do (StdioRelay.setup, in_child, after_fork, pump).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from uspawn.console import _host_file
+from uspawn.engine.console import _host_file
 
 
 def test_pipes_sockets_and_dev_null_pass_through(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_host_files_are_relayed(tmp_path: Path) -> None:
 # the relay's shape on the fd named by argv[2] and exit with the child's status.
 RUNTIME = r"""
 import os, sys
-from uspawn.console import ConsoleIO, StdioRelay, pump
+from uspawn.engine.console import ConsoleIO, StdioRelay, pump
 relay = StdioRelay.setup()
 shape = "none" if relay is None else " ".join(
     "ours" if relay.child[i] == i else "pipe" for i in range(3))

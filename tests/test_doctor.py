@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from conftest import host_mount_count, skip_or_fail
 
-from uspawn import doctor
-from uspawn.linux import mounts, seccomp, syscalls
+from uspawn.diag import doctor
+from uspawn.kernel import mounts, seccomp, syscalls
 
 Rows = dict[str, dict[str, str]]
-DOCTOR_PY = "import sys, json; from uspawn.doctor import run_doctor; " \
+DOCTOR_PY = "import sys, json; from uspawn.diag.doctor import run_doctor; " \
             "sys.exit(run_doctor(True, sys.stdout, {path!r}, {probes!r}))"
 
 

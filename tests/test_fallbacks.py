@@ -17,7 +17,7 @@ from conftest import Runner
 
 WRAPPER = r"""
 import errno, os, sys
-from uspawn.linux import seccomp, syscalls
+from uspawn.kernel import seccomp, syscalls
 names = sys.argv[1].split(",")
 policy = seccomp.Policy(seccomp.ALLOW, [seccomp.Rule(names, seccomp.ERRNO(errno.ENOSYS))])
 syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)

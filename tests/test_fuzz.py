@@ -47,12 +47,15 @@ from conftest import cgroup_dirs, mounts_under, processes_in_cgroup_named, skip_
 from hypothesis import HealthCheck, Phase, given, settings  # the `test` extra
 from hypothesis import strategies as st
 
-from uspawn import cli, oci, oci_cli
-from uspawn import plan as planmod
-from uspawn import spec as S
-from uspawn.errors import SpecError, UspawnError
-from uspawn.linux import seccomp
-from uspawn.oci_defaults import default_config
+from uspawn import cli
+from uspawn.base.errors import SpecError, UspawnError
+from uspawn.engine import plan as planmod
+from uspawn.engine import spec as S
+from uspawn.engine.request import Request
+from uspawn.kernel import seccomp
+from uspawn.oci.defaults import default_config
+from uspawn.oci.lifecycle import cli as oci_cli
+from uspawn.oci.lifecycle import lifecycle as oci
 
 ALLOWED = (UspawnError, seccomp.SeccompPolicyError)
 LONG_EXAMPLES = 10_000
@@ -363,7 +366,7 @@ def check_config(obj: object) -> str:
     try:
         spec = S.decode(S.Spec, obj, unknown=[])
         S.validate(spec)
-        planmod.build(spec, "off")
+        planmod.build(spec, Request())
         if spec.linux is not None and spec.linux.seccomp is not None:
             seccomp.policy_from_oci(spec.linux.seccomp)
     except ALLOWED as exc:
@@ -389,7 +392,7 @@ def check_bundle_text(bundle: Path, text: str | bytes) -> str:
     (bundle / "config.json").write_bytes(data)
     try:
         spec = oci.load_bundle(str(bundle), lambda msg: None)
-        planmod.build(spec, "off")
+        planmod.build(spec, Request())
         if spec.linux is not None and spec.linux.seccomp is not None:
             seccomp.policy_from_oci(spec.linux.seccomp)
     except ALLOWED as exc:
@@ -435,13 +438,13 @@ def seccomp_profiles() -> st.SearchStrategy[object]:
 
 
 def oci_defaults_actions() -> list[str]:
-    from uspawn.oci_defaults import SECCOMP_ACTIONS
+    from uspawn.oci.defaults import SECCOMP_ACTIONS
 
     return [*SECCOMP_ACTIONS, "SCMP_ACT_NOTIFY", "SCMP_ACT_NOPE", "ALLOW"]
 
 
 def oci_defaults_ops() -> list[str]:
-    from uspawn.oci_defaults import SECCOMP_OPERATORS
+    from uspawn.oci.defaults import SECCOMP_OPERATORS
 
     return [*SECCOMP_OPERATORS, "SCMP_CMP_NOPE", "EQ"]
 
@@ -572,8 +575,8 @@ def _inside(path: object, sandbox: str) -> bool:
 
 def _safe_cli(argv: list[str], sandbox: str) -> bool:
     """argv for `uspawn` that cannot start a container, walk the host or write outside sandbox."""
-    from uspawn.cmdline import HelpRequested, parse
-    from uspawn.errors import UsageError
+    from uspawn.base.cmdline import HelpRequested, parse
+    from uspawn.base.errors import UsageError
 
     try:
         cmd, ns = parse(cli.GLOBAL_OPTS, cli.COMMANDS, argv)
@@ -587,15 +590,15 @@ def _safe_cli(argv: list[str], sandbox: str) -> bool:
         return (cmd == "mkrootfs" and ns.kind != "busybox") or (
             cmd == "check" and (not _is_dir_or_file(ns.rootfs) or _inside(ns.rootfs, sandbox)))
     if cmd == "logs":
-        from uspawn.boot import LOG_DIR
+        from uspawn.machine.boot import LOG_DIR
 
         return not os.path.lexists(os.path.join(LOG_DIR, f"{ns.name}.console.log"))
     return True  # list, status, stop, kill, exec, shell: name lookups in the sandbox
 
 
 def _safe_runc(argv: list[str], sandbox: str) -> bool:
-    from uspawn.cmdline import HelpRequested, parse
-    from uspawn.errors import UsageError
+    from uspawn.base.cmdline import HelpRequested, parse
+    from uspawn.base.errors import UsageError
 
     if oci_cli._wants_version(argv):
         return True
@@ -652,7 +655,7 @@ def check_runc(argv: list[str], sandbox: str) -> int:
 def fuzz_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A real busybox rootfs (made once per module), a bind source, a bundle dir and
     a sandbox for state roots and `spec` output."""
-    from uspawn.busybox_rootfs import build_busybox_rootfs
+    from uspawn.tree.busybox import build_busybox_rootfs
 
     base = tmp_path_factory.mktemp("fuzz")
     rootfs = base / "shared" / "rootfs"
@@ -967,7 +970,7 @@ FOUND_IN_PROCESS: dict[str, Callable[[dict[str, Path]], object]] = {
     # uspawn-runc spec: FileNotFoundError.
     "spec-into-missing-dir": lambda d: check_runc(["spec", "-b", "no/such/dir"],
                                                   str(d["sandbox"])),
-    # machines.parse_signal: int("²") raises ValueError.
+    # sig.parse_signal: int("²") raises ValueError.
     "superscript-signal-runc": lambda d: check_runc(["kill", "c1", "²"], str(d["sandbox"])),
     "superscript-signal-rtmin": lambda d: check_runc(["kill", "c1", "RTMIN+²"],
                                                      str(d["sandbox"])),

@@ -1,4 +1,4 @@
-"""Kernel-tier tests of the chown ownership mode (uspawn.linux.idshift).
+"""Kernel-tier tests of the chown ownership mode (uspawn.kernel.idshift).
 
 Real trees under tmp_path (ext4 here), run as root (skips go through conftest's
 skip_or_fail). Mounts happen only in forked children with a private mount namespace, so
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import skip_or_fail
 
-from uspawn.linux import idshift, syscalls
-from uspawn.linux.idshift import (
+from uspawn.kernel import idshift, syscalls
+from uspawn.kernel.idshift import (
     JOURNAL_XATTR,
     ShiftError,
     TerminalProgress,
@@ -153,7 +153,7 @@ def _kill_mid_shift(root: Path, target: int, journal_exists: Callable[[], bool],
     the tree is left mixed. Returns the base the tree was at."""
     src = current_base(str(root))
     assert src is not None and src != target
-    code = (f"import sys, uspawn.linux.idshift as m; {setup}"
+    code = (f"import sys, uspawn.kernel.idshift as m; {setup}"
             f"m.shift_tree(sys.argv[1], {target})")
     # The walk takes entries in listdir order: the first one is shifted first.
     first = os.listdir(root)[0]

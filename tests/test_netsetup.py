@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from conftest import skip_or_fail
 
-from uspawn import netpool
-from uspawn.errors import SpecError, StateError, UsageError
-from uspawn.linux import netsetup
+from uspawn.base.errors import SpecError, StateError, UsageError
+from uspawn.net import links as netsetup
+from uspawn.net import pool as netpool
 
 BRIDGE = "usptestbr0"
 NAMES = ("usp-web", "usp-b1", "usp-b2", "usp-lone", "usp-kill", "usp-fail", "usp-x")
@@ -33,7 +33,7 @@ NAMES = ("usp-web", "usp-b1", "usp-b2", "usp-lone", "usp-kill", "usp-fail", "usp
 # A "container": a process in its own network namespace serving "hello NAME" on :80.
 SERVE = r"""
 import signal, socket, sys, time
-from uspawn.linux import syscalls
+from uspawn.kernel import syscalls
 syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
 userns = syscalls.CLONE_NEWUSER if sys.argv[2] == "userns" else 0
 syscalls.unshare(userns | syscalls.CLONE_NEWNET)  # a netns owned by the container's userns
@@ -440,8 +440,8 @@ def test_setup_failures_leave_nothing(spawn: Callable[..., Container],
 
 OWNER = r"""
 import sys, time
-from uspawn import netpool
-from uspawn.linux import netsetup
+from uspawn.net import pool as netpool
+from uspawn.net import links as netsetup
 net_dir, name, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 pool = netpool.NetPool(net_dir)
 al = pool.allocate(name)

@@ -25,7 +25,7 @@ from conftest import cgroup_dirs, mounts_under
 
 def runtime_cmd() -> list[str]:
     rt = os.environ.get("USPAWN_OCI_RUNTIME")
-    return rt.split() if rt else [sys.executable, "-c", "from uspawn.oci_cli import entry; entry()"]
+    return rt.split() if rt else [sys.executable, "-c", "from uspawn.oci.cli import entry; entry()"]
 
 
 class Oci:
@@ -64,7 +64,7 @@ def oci(tmp_path: Path, need_root: None) -> Iterator[Oci]:
 
 def make_bundle(tmp_path: Path, rootfs: Path, args: list[str], terminal: bool = False,
                 userns: bool = True, hooks: dict[str, object] | None = None) -> Path:
-    from uspawn.oci_defaults import default_config
+    from uspawn.oci.defaults import default_config
 
     b = tmp_path / "bundle"
     b.mkdir(exist_ok=True)
@@ -315,7 +315,7 @@ def test_run_foreground_exit_code(oci: Oci, rootfs: Path, tmp_path: Path) -> Non
 
 
 def test_mknod_filter_applies_to_oci_profiles(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
-    from uspawn.oci_defaults import default_config
+    from uspawn.oci.defaults import default_config
 
     b = make_bundle(tmp_path, rootfs, ["sh", "-c", "probe mknod /tmp/c c 1 3; mkfifo /tmp/f "
                                                    "&& echo fifo-ok"])
@@ -365,7 +365,7 @@ def test_concurrent_commands_on_one_id(oci: Oci, rootfs: Path, tmp_path: Path) -
 
 def test_cgroups_path_never_takes_over_a_foreign_cgroup(oci: Oci, rootfs: Path,
                                                         tmp_path: Path) -> None:
-    from uspawn.linux.cgroups import detect_layout
+    from uspawn.kernel.cgroups import detect_layout
 
     _layout, unified = detect_layout()
     assert unified is not None

@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from uspawn import oci_defaults, plan
-from uspawn import spec as S
-from uspawn.errors import SpecError
-from uspawn.linux import caps, mounts, seccomp
-from uspawn.presets import MASKED_PATHS, READONLY_PATHS
+from uspawn.base.errors import SpecError
+from uspawn.engine import plan
+from uspawn.engine import spec as S
+from uspawn.kernel import caps, mounts, seccomp
+from uspawn.machine.presets import MASKED_PATHS, READONLY_PATHS
+from uspawn.oci.lifecycle import defaults as oci_defaults
 
 # --- default_config -------------------------------------------------------------------
 

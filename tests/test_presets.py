@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from uspawn import presets
-from uspawn.errors import SpecError, UsageError
+from uspawn.base.errors import SpecError, UsageError
+from uspawn.machine import presets
 
 
 @pytest.mark.parametrize(

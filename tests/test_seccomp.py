@@ -1,4 +1,4 @@
-"""Unit tier for uspawn.linux.seccomp: policy content, OCI conversion, cache, compiler.
+"""Unit tier for uspawn.kernel.seccomp: policy content, OCI conversion, cache, compiler.
 
 No root needed; nothing is loaded into the kernel here (see test_seccomp_kernel.py).
 """
@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from uspawn.linux import seccomp
-from uspawn.linux.seccomp import (
+from uspawn.kernel import seccomp
+from uspawn.kernel.seccomp import (
     ALLOW,
     ERRNO,
     Action,
@@ -142,9 +142,9 @@ def test_mknod_rules_cover_every_file_type() -> None:
 
 
 def test_native_and_compat_arches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("uspawn.linux.seccomp._machine", lambda: "x86_64")
+    monkeypatch.setattr("uspawn.kernel.seccomp._machine", lambda: "x86_64")
     assert default_policy(True).architectures == ("x86_64", "x86")
-    monkeypatch.setattr("uspawn.linux.seccomp._machine", lambda: "sparc64")
+    monkeypatch.setattr("uspawn.kernel.seccomp._machine", lambda: "sparc64")
     assert default_policy(True).architectures == ()
 
 
@@ -402,7 +402,7 @@ def test_cache_hit_does_not_import_pyseccomp(tmp_path: os.PathLike[str]) -> None
     seccomp.policy_bpf(default_policy(True), cache)
     code = (
         "import sys\n"
-        "from uspawn.linux import seccomp\n"
+        "from uspawn.kernel import seccomp\n"
         f"bpf = seccomp.policy_bpf(seccomp.default_policy(True), {cache!r})\n"
         "assert len(bpf) % 8 == 0 and bpf\n"
         "assert 'pyseccomp' not in sys.modules, 'cache hit imported pyseccomp'\n"
@@ -555,7 +555,7 @@ def test_compiled_ioctl_filter(compiled: bytes) -> None:
 
 
 def test_oci_profile_gets_the_tty_ioctl_filter() -> None:
-    from uspawn.linux.seccomp import with_tty_ioctl_filter
+    from uspawn.kernel.seccomp import with_tty_ioctl_filter
 
     # moby's default profile shape: ioctl on the unconditional allow list
     docker = Policy(EPERM, [Rule(("read", "ioctl", "write"), ALLOW)])

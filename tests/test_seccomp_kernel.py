@@ -1,4 +1,4 @@
-"""Kernel tier for uspawn.linux.seccomp: load the default userns policy and make syscalls.
+"""Kernel tier for uspawn.kernel.seccomp: load the default userns policy and make syscalls.
 
 Every test forks: the child sets no_new_privs, installs the filter, does its checks and
 reports a JSON dict over a pipe, then os._exit()s; it never returns into pytest. Runs as
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import pytest
 from conftest import skip_or_fail
 
-from uspawn.linux import seccomp, syscalls
+from uspawn.kernel import seccomp, syscalls
 
 # x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl); >= 424 are shared by all arches.
 NR = {

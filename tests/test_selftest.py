@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from uspawn.selftest import CANARIES, SELFTEST_ROOTFS, run_selftest
+from uspawn.diag.selftest import CANARIES, SELFTEST_ROOTFS, run_selftest
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from uspawn import spec as S
-from uspawn.errors import SpecError
+from uspawn.base.errors import SpecError
+from uspawn.engine import spec as S
 
 CONFIG = {
     "ociVersion": "1.0.2",
@@ -259,7 +259,7 @@ def test_rlimit_soft_above_hard_refused() -> None:
     "a/b:p:n", "..:p:n", ".:p:n", "a:b:c:d", "/a/../b", "../x", "/..", "/./a", "a/.",
 ])
 def test_cgroups_path_traversal_refused(path: str) -> None:
-    from uspawn.linux import cgroups
+    from uspawn.kernel import cgroups
 
     with pytest.raises(cgroups.CgroupPathError):
         cgroups.oci_cgroup_path(path, "cid")
@@ -271,14 +271,14 @@ def test_cgroups_path_traversal_refused(path: str) -> None:
     (":p:", "system.slice/p-cid.scope"), ("/x..y/.z", "x..y/.z"),
 ])
 def test_cgroups_path_forms(path: str, rel: str) -> None:
-    from uspawn.linux import cgroups
+    from uspawn.kernel import cgroups
 
     assert cgroups.oci_cgroup_path(path, "cid") == rel
 
 
 @pytest.mark.parametrize("rel", ["..", "../x", "a/../../x", "/abs", "", ".", "a/./b"])
 def test_cgroup_dir_stays_below_the_hierarchy(rel: str) -> None:
-    from uspawn.linux import cgroups
+    from uspawn.kernel import cgroups
 
     with pytest.raises(cgroups.CgroupPathError):
         cgroups.under("/sys/fs/cgroup", rel)
@@ -286,7 +286,7 @@ def test_cgroup_dir_stays_below_the_hierarchy(rel: str) -> None:
 
 
 def test_cgroups_path_error_names_the_field() -> None:
-    from uspawn import oci
+    from uspawn.oci.lifecycle import lifecycle as oci
 
     spec = _valid()
     assert spec.linux is not None
@@ -300,7 +300,7 @@ def test_cgroups_path_error_names_the_field() -> None:
 
 
 def test_ns_path_accepts_a_namespace_of_its_type() -> None:
-    from uspawn.linux import nsfs
+    from uspawn.kernel import nsfs
 
     nsfs.check_ns_path("/proc/self/ns/net", "network")
     fd = nsfs.open_ns("/proc/self/ns/uts", "uts")
@@ -311,7 +311,7 @@ def test_ns_path_accepts_a_namespace_of_its_type() -> None:
 
 
 def test_ns_path_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
-    from uspawn.linux import nsfs
+    from uspawn.kernel import nsfs
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -326,14 +326,14 @@ def test_ns_path_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
     ("/proc", "a directory"),
 ])
 def test_ns_path_refuses_other_files(path: str, kind: str) -> None:
-    from uspawn.linux import nsfs
+    from uspawn.kernel import nsfs
 
     with pytest.raises(nsfs.NsPathError, match=f"is {kind}, not a namespace file"):
         nsfs.check_ns_path(path, "network")
 
 
 def test_ns_path_refuses_a_namespace_of_another_type() -> None:
-    from uspawn.linux import nsfs
+    from uspawn.kernel import nsfs
 
     with pytest.raises(nsfs.NsPathError, match="is a uts namespace, not network"):
         nsfs.check_ns_path("/proc/self/ns/uts", "network")

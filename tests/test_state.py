@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from uspawn import state
-from uspawn.errors import StateError
+from uspawn.base.errors import StateError
+from uspawn.state import store as state
 
 
 def test_pick_skips_held_ranges(tmp_path: Path) -> None:

@@ -1,13 +1,13 @@
-"""The one sanitiser for container-supplied text (src/uspawn/textsafe.py): pure logic."""
+"""The one sanitiser for container-supplied text (src/uspawn/base/textsafe.py): pure logic."""
 
 from __future__ import annotations
 
 import pytest
 
-from uspawn import textsafe
-from uspawn.errors import UspawnError
-from uspawn.errors import printable as error_printable
-from uspawn.textsafe import clip, field, printable
+from uspawn.base import textsafe
+from uspawn.base.errors import UspawnError
+from uspawn.base.errors import printable as error_printable
+from uspawn.base.textsafe import clip, field, printable
 
 
 def test_plain_text_is_unchanged() -> None:

@@ -1,3 +1,3 @@
-from .cli import entry
+from uspawn.cli import entry
 
 entry()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .cmdline import Command, HelpRequested, Opt, parse
-from .errors import EXIT_SETUP, UsageError, UspawnError, printable
+from uspawn.base.cmdline import Command, HelpRequested, Opt, parse
+from uspawn.base.errors import EXIT_SETUP, UsageError, UspawnError, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not ns.directory:
                 raise UsageError("run: -D/--directory is required",
                                  "uspawn run -D ROOTFS -- CMD [ARGS...]")
-            from .launch import run_command
+            from uspawn.machine.launch import run_command
 
             return run_command(ns, _log)
         if command == "boot":
@@ -137,14 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not ns.detach:
                     raise UsageError("boot: --console-log-size needs --detach",
                                      "without --detach the console is not logged")
-                from .boot import parse_size
+                from uspawn.machine.boot import parse_size
 
                 parse_size(ns.console_log_size, "--console-log-size")
-            from .launch import boot_command
+            from uspawn.machine.launch import boot_command
 
             return boot_command(ns, _log)
         if command in ("exec", "shell"):
-            from .machines import exec_command
+            from uspawn.machine.control import exec_command
 
             if command == "exec" and not ns.cmd:
                 raise UsageError("exec: no command given", "uspawn exec NAME -- CMD [ARGS...]")
@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 getattr(ns, "tty", False) or command == "shell",
                                 getattr(ns, "setenv", []), getattr(ns, "chdir", "/"))
         if command in ("list", "status", "stop", "kill", "logs"):
-            from . import machines
-            from .state import state_root
+            from uspawn.machine import control as machines
+            from uspawn.state.store import state_root
 
             root = state_root(ns.root)
             if command == "list":
@@ -166,21 +166,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return machines.kill_command(root, ns.name, ns.signal or "TERM")
             return machines.logs_command(ns.name, ns.follow)
         if command == "doctor":
-            from .doctor import run_doctor
+            from uspawn.diag.doctor import run_doctor
 
             return run_doctor(ns.json, sys.stdout, ns.path or None)
         if command == "check":
-            from .check import run_check
+            from uspawn.diag.check import run_check
 
             return run_check(ns.rootfs, ns.json, sys.stdout)
         if command == "selftest":
-            from .selftest import run_selftest
+            from uspawn.diag.selftest import run_selftest
 
             return run_selftest(ns.json, sys.stdout)
         if command == "mkrootfs":
             if ns.kind != "busybox":
                 raise UsageError(f"mkrootfs: unknown kind {ns.kind!r}", "only busybox exists")
-            from .busybox_rootfs import RootfsError, build_busybox_rootfs
+            from uspawn.tree.busybox import RootfsError, build_busybox_rootfs
 
             try:
                 build_busybox_rootfs(ns.directory)

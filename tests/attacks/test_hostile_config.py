@@ -125,7 +125,7 @@ def test_host_network_is_not_the_hosts_to_change(attack: Attacker, host: HostGua
 def _runc_cmd() -> list[str]:
     rt = os.environ.get("USPAWN_OCI_RUNTIME")
     return rt.split() if rt else [sys.executable, "-c",
-                                  "from uspawn.oci_cli import entry; entry()"]
+                                  "from uspawn.oci.cli import entry; entry()"]
 
 
 class Bundle:
@@ -175,7 +175,7 @@ def bundle(tmp_path: Path, tree: Path, host: HostGuard) -> Bundle:
 
 
 def _cgroup2_root() -> str:
-    from uspawn.linux.cgroups import detect_layout
+    from uspawn.kernel.cgroups import detect_layout
 
     _layout, unified = detect_layout()
     return unified or "/sys/fs/cgroup/pids"

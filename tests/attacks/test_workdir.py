@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from conftest import Runner
 
-from uspawn.linux.workdir import WorkdirError, enter_workdir
+from uspawn.kernel.workdir import WorkdirError, enter_workdir
 
 from .conftest import SECRET, TIMEOUT, HostGuard, assert_clean_error, assert_no_traceback
 
@@ -133,7 +133,7 @@ def test_enter_workdir_follows_symlinks_inside_the_root(tmp_path: Path,
 def test_verify_catches_a_cwd_outside_the_root(tmp_path: Path, need_root: None) -> None:
     """The getcwd check after fchdir: in a child whose root is a subdirectory
     and whose cwd stays outside it (chroot does not move the cwd)."""
-    from uspawn.linux import workdir
+    from uspawn.kernel import workdir
 
     (tmp_path / "jail").mkdir()
     r, w = os.pipe()
@@ -282,7 +282,7 @@ def test_exec_relative_executable_and_signal_defaults(uspawn: Runner, tree: Path
 
 
 def runc_argv(root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-c", "from uspawn.oci_cli import entry; entry()",
+    return [sys.executable, "-c", "from uspawn.oci.cli import entry; entry()",
             "--root", str(root), *args]
 
 
@@ -314,7 +314,7 @@ def runc(tmp_path: Path, need_root: None) -> Iterator[Runc]:
 
 
 def bundle(tmp_path: Path, tree: Path, args: list[str], cwd: str = "/") -> Path:
-    from uspawn.oci_defaults import default_config
+    from uspawn.oci.defaults import default_config
 
     b = tmp_path / "bundle"
     b.mkdir()

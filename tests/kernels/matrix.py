@@ -500,7 +500,7 @@ def _cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
 
 
 def build_initramfs(k: KernelFiles) -> Path:
-    from uspawn.busybox_rootfs import find_busybox
+    from uspawn.tree.busybox import find_busybox
 
     busybox = Path(find_busybox())
     key = key_of({"kernel": k.sha256, "busybox": sha256_file(busybox), "init": INITRAMFS_INIT,
@@ -723,7 +723,7 @@ echo o > /proc/sysrq-trigger
 
 
 def _build_trees(dest: Path, big: bool) -> None:
-    from uspawn.busybox_rootfs import build_busybox_rootfs
+    from uspawn.tree.busybox import build_busybox_rootfs
 
     dest.mkdir(mode=0o700)
     build_busybox_rootfs(str(dest / "busybox"))

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import skip_or_fail
 
-from uspawn.busybox_rootfs import build_busybox_rootfs
+from uspawn.tree.busybox import build_busybox_rootfs
 
 from .podman_env import USPAWN_RUNC_PATHS, PodmanEnv, resolve_runtime
 

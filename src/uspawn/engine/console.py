@@ -1,0 +1,410 @@
+"""Foreground containers: forward signals, pump the pty, wait for the exit.
+
+Without a terminal the payload gets our pipes, sockets and /dev/null as they
+are; a stdio fd that is a host file (regular file, tty, directory, device) is
+replaced by a pipe we relay (StdioRelay), as runc does. With a terminal, the
+pty master came from the container (its own devpts instance); we put our
+terminal in raw mode so job control keys reach the container's line
+discipline, copy bytes both ways, and mirror window-size changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import stat
+import termios
+import time
+
+from uspawn.kernel import sig as signal
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from uspawn.engine import spec as S
+    from uspawn.engine.request import Request
+    from uspawn.engine.runtime import Container
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+
+
+def copy_winsize(src: int, dst: int) -> None:
+    try:
+        size = fcntl.ioctl(src, termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(dst, termios.TIOCSWINSZ, size)
+    except OSError:
+        pass
+
+
+class forward_signals:
+    """Forward FORWARDED signals to the container's init while active."""
+
+    def __init__(self, c: Container) -> None:
+        self.c = c
+        self.saved: dict[int, object] = {}
+
+    def _forward(self, sig: int, _frame: object) -> None:
+        if sig == signal.SIGWINCH and self.c.console_master >= 0:
+            # The kernel signals the pty's foreground group itself on resize.
+            copy_winsize(0, self.c.console_master)
+        else:
+            self.c.signal(self.c.req.signal_map.get(sig, sig))
+
+    def __enter__(self) -> forward_signals:
+        for sig in FORWARDED:
+            self.saved[sig] = signal.set_handler(sig, self._forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.set_handler(sig, handler)  # type: ignore[arg-type]
+
+
+class ConsoleIO:
+    """Where a foreground container's console goes.
+
+    interactive: our stdin is copied to the pty (raw mode when it is a tty);
+    passive (a booted machine without a terminal, or detached): output only.
+    out_fd receives the console output (stdout, or a log file when detached).
+    extra maps further fds to callbacks run when they are readable (the
+    notify socket of a booted machine). sink, if given, takes the console
+    output instead of out_fd (boot's size-capped, rotating console log).
+    relay: the pipes a payload without a terminal got instead of our stdio.
+    """
+
+    def __init__(self, interactive: bool = True, out_fd: int = 1,
+                 extra: dict[int, Callable[[], None]] | None = None,
+                 sink: Callable[[bytes], None] | None = None,
+                 relay: StdioRelay | None = None) -> None:
+        self.interactive = interactive
+        self.out_fd = out_fd
+        self.extra = extra or {}
+        self.sink = sink
+        self.relay = relay
+
+    def write(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink(data)
+        else:
+            _write_all(self.out_fd, data)
+
+
+def forward_and_wait(c: Container, io: ConsoleIO | None = None) -> int:
+    io = io or ConsoleIO()
+    if c.console_master < 0 and not io.extra and io.relay is None:
+        return c.wait()
+    return pump(c.pidfd, c.console_master, io, c.wait)
+
+
+def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int]) -> int:
+    """Copy console bytes (and serve io.extra) until the process behind pidfd exits."""
+    stdin_tty = io.interactive and master >= 0 and os.isatty(0)
+    saved = None
+    if stdin_tty:
+        copy_winsize(0, master)
+        saved = termios.tcgetattr(0)
+        import tty
+
+        tty.setraw(0, termios.TCSANOW)
+    inputs = [pidfd, *io.extra]
+    if master >= 0:
+        inputs.append(master)
+        if io.interactive and _readable_stdin():
+            inputs.append(0)
+    relay = io.relay
+    if relay is not None:
+        relay.after_fork()
+    try:
+        while True:
+            try:
+                extra_r, extra_w = (relay.readers(), relay.writers()) if relay else ([], [])
+                ready, writable, _ = select.select(inputs + extra_r, extra_w, [])
+            except InterruptedError:
+                continue
+            if relay is not None:
+                relay.step(ready, writable)
+            if master in ready and not _copy(master, io):
+                inputs.remove(master)
+            if master >= 0 and 0 in ready:
+                data = _read(0)
+                if data:
+                    _write_all(master, data)
+                else:
+                    inputs.remove(0)
+                    if not stdin_tty:
+                        _write_all(master, b"\x04")  # EOF for the pty's reader
+            for fd, callback in io.extra.items():
+                if fd in ready:
+                    callback()
+            if pidfd in ready:
+                break
+        # Drain what the payload wrote before it exited.
+        while master >= 0 and _copy(master, io):
+            if not select.select([master], [], [], 0.05)[0]:
+                break
+        if relay is not None:
+            relay.finish()
+        return wait()
+    finally:
+        if relay is not None:
+            relay.close()
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _readable_stdin() -> bool:
+    try:
+        os.fstat(0)
+        return True
+    except OSError:
+        return False
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError as exc:
+        if exc.errno in (errno.EIO, errno.EBADF):
+            return b""
+        raise
+
+
+def _copy(src: int, io: ConsoleIO) -> bool:
+    data = _read(src)
+    if not data:
+        return False
+    io.write(data)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            n = os.write(fd, data)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EPIPE):
+                return
+            raise
+        data = data[n:]
+
+
+# --- stdio of a payload without a terminal ------------------------------------------
+
+_DEV_NULL = os.makedev(1, 3)
+_DRAIN_QUIET = 0.05  # s: no output this long after the exit, whoever holds the pipe idles
+_DRAIN_MAX = 1.0  # s: a daemon that keeps writing does not hold us longer
+
+
+def _host_file(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a stdio fd the payload must not hold; None to pass it on.
+
+    Pipes, sockets and /dev/null have no host file behind them. Anything else does:
+    a regular file reopened through /proc/self/fd is read back or truncated, a
+    directory is a cwd outside the root (fchdir), a tty is read after we return and
+    takes TIOCSCTTY, a device is the device itself.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None  # closed
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        return None
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class StdioRelay:
+    """Pipes in place of our stdio where it is a host file, and the copying.
+
+    `child` is what the payload gets as 0, 1, 2: a pipe end, or our own fd passed
+    through. We read our stdin only while the payload runs and close its pipe when
+    it exits (or at EOF), so a daemon it left behind reads EOF, never what the admin
+    types next; output pipes are drained (bounded) and closed. runc does the same
+    for a foreground process without a terminal (utils_linux.go setupProcessPipes).
+    """
+
+    def __init__(self) -> None:
+        self.child = [0, 1, 2]
+        self.feed = -1  # our end of the stdin pipe (non-blocking)
+        self.pending = b""  # read from stdin, not yet taken by the pipe
+        self.outputs: dict[int, int] = {}  # our end of an output pipe -> fd 1 or 2
+        self.theirs: set[int] = set()  # the payload's ends, closed here once it has them
+
+    @classmethod
+    def setup(cls) -> StdioRelay | None:
+        """Pipes for the stdio fds that are host files; None when all pass through."""
+        ids = [_host_file(fd) for fd in (0, 1, 2)]
+        if not any(ids):
+            return None
+        _fill_closed_stdio()  # else a pipe could land on fd 0-2
+        r = cls()
+        try:
+            if ids[0] is not None:
+                rd, wr = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(wr, False)
+                r.child[0], r.feed = rd, wr
+                r.theirs.add(rd)
+            for fd in (1, 2):
+                if ids[fd] is None:
+                    continue
+                if fd == 2 and ids[2] == ids[1]:
+                    r.child[2] = r.child[1]  # one file: one pipe keeps the order of lines
+                    continue
+                rd, wr = os.pipe2(os.O_CLOEXEC)
+                r.child[fd] = wr
+                r.theirs.add(wr)
+                r.outputs[rd] = fd
+        except BaseException:
+            r.close()
+            raise
+        return r
+
+    def fds(self) -> list[int]:
+        """Every pipe end of the relay (for the child to close once it has dup2'd)."""
+        return [*self.theirs, *self.outputs, *([self.feed] if self.feed >= 0 else [])]
+
+    def in_child(self) -> None:
+        """In a forked child: the pipe ends become 0, 1, 2; the rest is closed."""
+        for target, fd in enumerate(self.child):
+            if fd != target:
+                os.dup2(fd, target)
+        for fd in self.fds():
+            os.close(fd)
+
+    def after_fork(self) -> None:
+        """In the parent: drop our copies of the payload's ends (else no EOF ever)."""
+        for fd in self.theirs:
+            os.close(fd)
+        self.theirs.clear()
+
+    def readers(self) -> list[int]:
+        fds = list(self.outputs)
+        if self.feed >= 0 and not self.pending:
+            fds.append(0)
+        return fds
+
+    def writers(self) -> list[int]:
+        return [self.feed] if self.pending else []
+
+    def step(self, readable: list[int], writable: list[int]) -> None:
+        for rd in [fd for fd in self.outputs if fd in readable]:
+            self._copy_out(rd)
+        if self.feed >= 0 and (0 in readable or self.feed in writable):
+            self._feed()
+
+    def _copy_out(self, rd: int) -> None:
+        try:
+            data = os.read(rd, 65536)
+        except BlockingIOError:
+            return
+        if not data or not _write_host(self.outputs[rd], data):
+            # EOF, or our side cannot take it (closed terminal, full disk): the
+            # payload's next write gets EPIPE, as it would have got an error.
+            os.close(rd)
+            del self.outputs[rd]
+
+    def _feed(self) -> None:
+        if not self.pending:
+            try:
+                self.pending = os.read(0, 65536)
+            except BlockingIOError:
+                return  # someone else on a shared, non-blocking stdin was faster
+            except OSError:
+                self.pending = b""  # EIO (hung-up tty), EISDIR (a directory): EOF
+            if not self.pending:
+                self._end_feed()
+                return
+        try:
+            n = os.write(self.feed, self.pending)
+        except BlockingIOError:
+            return  # the pipe is full: wait until the payload reads
+        except OSError:  # EPIPE: nobody reads any more; leave our stdin alone
+            self._end_feed()
+            return
+        self.pending = self.pending[n:]
+
+    def _end_feed(self) -> None:
+        if self.feed >= 0:
+            os.close(self.feed)
+            self.feed = -1
+        self.pending = b""
+
+    def finish(self) -> None:
+        """The payload exited: EOF on its stdin, copy what it wrote (bounded), close."""
+        self._end_feed()
+        self.after_fork()
+        deadline = time.monotonic() + _DRAIN_MAX
+        while self.outputs:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                ready = select.select(list(self.outputs), [], [], min(_DRAIN_QUIET, left))[0]
+            except InterruptedError:
+                continue
+            if not ready:
+                break
+            for rd in ready:
+                self._copy_out(rd)
+        self.close()
+
+    def close(self) -> None:
+        self._end_feed()
+        self.after_fork()
+        for rd in self.outputs:
+            os.close(rd)
+        self.outputs.clear()
+
+
+def _fill_closed_stdio() -> None:
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open("/dev/null", os.O_RDWR)  # the lowest free fd: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _write_host(fd: int, data: bytes) -> bool:
+    """Write all of data to our stdout/stderr; False if it cannot take it."""
+    while data:
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:  # a non-blocking terminal shared with the shell
+            select.select([], [fd], [])
+            continue
+        except OSError:
+            return False
+        data = data[n:]
+    return True
+
+
+def run(spec: S.Spec, req: Request, on_start: Callable[[Container], None] | None = None,
+        io: ConsoleIO | None = None) -> int:
+    """A foreground container: create + start + forward signals + wait (+ pump the
+    pty or the stdio relay) + destroy -> exit code."""
+    from uspawn.engine.request import START_AUTO
+    from uspawn.engine.runtime import Container, create_container
+
+    if req.start != START_AUTO:
+        raise ValueError("console.run needs a request with start=auto")
+    c = Container(spec, req)
+    try:
+        # Forward from before the init exists: until execve a signal is
+        # ignored by the kernel (a pid-namespace init only gets signals it
+        # handles), after execve the payload gets it.
+        with forward_signals(c):
+            create_container(c)
+            c.start()
+            if on_start is not None:
+                on_start(c)
+            return forward_and_wait(c, io)
+    finally:
+        c.destroy()

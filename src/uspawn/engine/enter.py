@@ -1,0 +1,262 @@
+"""`uspawn exec NAME -- CMD` and `uspawn shell NAME`: a process joining a running container.
+
+The joining process enters every namespace of the container's init, takes the
+container's root identity, its capability bounding set and seccomp policy,
+and execs. Before it calls setns it makes itself non-dumpable, so nothing in
+the container can open /proc/<pid>/exe or /proc/<pid>/mem of a process that
+still runs host code (runc CVE-2019-5736); every fd but stdio is closed at
+execve (CVE-2024-21626). It joins the init's cgroup first, so it is
+accounted and killed with the container.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from uspawn.base.errors import ExecError, SetupError
+from uspawn.engine import channel as chan
+from uspawn.engine import execseq
+from uspawn.engine.defaults import DEFAULT_PATH
+from uspawn.kernel import sig
+from uspawn.kernel import syscalls as sc
+from uspawn.kernel.cgroups import detect_layout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from uspawn.engine.console import StdioRelay
+
+# nsenter's order; the user namespace first, so the others are entered with
+# the capabilities the container's root has over them.
+NS_ORDER = (("user", sc.CLONE_NEWUSER), ("cgroup", sc.CLONE_NEWCGROUP),
+            ("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS), ("net", sc.CLONE_NEWNET),
+            ("pid", sc.CLONE_NEWPID), ("mnt", sc.CLONE_NEWNS))
+
+
+def _open_namespaces(pid: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for name, flag in NS_ORDER:
+        mine = os.stat(f"/proc/self/ns/{name}")
+        theirs = os.stat(f"/proc/{pid}/ns/{name}")
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            continue  # shared with the host (e.g. --network=host): nothing to enter
+        out.append((os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
+    return out
+
+
+def _cgroup_procs(pid: int) -> str | None:
+    """The cgroup.procs file of the init's cgroup2 directory, seen from the host."""
+    _layout, mount = detect_layout()
+    if mount is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return os.path.join(mount, line[3:].strip().lstrip("/"), "cgroup.procs")
+    except OSError:
+        return None
+    return None
+
+
+class Joined:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = sc.pidfd_open(pid)
+        self.status: int | None = None
+
+    def wait(self) -> int:
+        if self.status is None:
+            _, st = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(st)
+            self.status = 128 - code if code < 0 else code
+            os.close(self.pidfd)
+        return self.status
+
+
+def _init_limits(pid: int) -> tuple[int, bool]:
+    bounding, nnp = 0, False
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapBnd:"):
+                bounding = int(line.split()[1], 16)
+            elif line.startswith("NoNewPrivs:"):
+                nnp = line.split()[1] == "1"
+    return bounding, nnp
+
+
+class ExecOptions:
+    """What an OCI `exec --process` can ask beyond argv (defaults: uspawn exec)."""
+
+    def __init__(self) -> None:
+        self.additional_gids: list[int] = []
+        self.caps: tuple[int, int, int, int] | None = None  # eff, perm, inh, ambient
+        self.no_new_privs = False
+        self.env_replace: list[str] | None = None  # the whole environment
+        self.detach = False
+        self.on_started: Callable[[int, int], None] | None = None  # (pid, pty master)
+
+
+def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str],
+          cwd: str = "/", uid: int = 0, gid: int = 0,
+          seccomp_bpf: bytes | None = None, bounding: int | None = None,
+          xo: ExecOptions | None = None) -> int:
+    """Run argv inside the container described by the state record st; return its status."""
+    xo = xo or ExecOptions()
+    pid = st.get("pid")
+    assert isinstance(pid, int)
+    nsfds = _open_namespaces(pid)
+    procs = _cgroup_procs(pid)
+    if bounding is None:
+        # What the container was given (--drop-capability, --no-new-privileges): the
+        # init's bounding set and no_new_privs, which its payload can only have
+        # lowered since. Never the defaults: they may hold more.
+        bounding, nnp = _init_limits(pid)
+        xo.no_new_privs = xo.no_new_privs or nnp
+    env = {"PATH": DEFAULT_PATH, "container": "uspawn", "HOME": "/root" if uid == 0 else "/",
+           "TERM": os.environ.get("TERM", "xterm") if tty else "dumb"}
+    if xo.env_replace is not None:
+        env = dict(e.split("=", 1) for e in xo.env_replace if "=" in e)
+    for kv in env_extra:
+        k, _, v = kv.partition("=")
+        env[k] = v
+    # Without a terminal, host files on our stdio reach the process as pipes we
+    # relay while it runs (console.StdioRelay): nothing it leaves behind keeps them.
+    relay = None
+    if not tty and not xo.detach:
+        from uspawn.engine.console import StdioRelay
+
+        relay = StdioRelay.setup()
+    parent_ch, child_ch = chan.Channel.pair()
+    if not xo.detach:
+        sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    mid = os.fork()
+    if mid == 0:
+        try:
+            parent_ch.close()
+            if relay is not None:
+                relay.in_child()
+            _child(nsfds, procs, child_ch, argv, env, cwd, uid, gid, tty, seccomp_bpf,
+                   bounding, xo)
+        except BaseException as exc:
+            try:
+                child_ch.send_error(str(exc), getattr(exc, "errno", 0) or 0,
+                                    getattr(exc, "exit_code", 125))
+            except BaseException:
+                pass
+        finally:
+            os._exit(125)
+    child_ch.close()
+    if relay is not None:
+        relay.after_fork()
+    for fd, _ in nsfds:
+        os.close(fd)
+    started = False
+    try:
+        try:
+            msg = parent_ch.expect(chan.INIT_PID)
+            target = msg.data.get("pid")
+            assert isinstance(target, int)
+        finally:
+            os.waitpid(mid, 0)
+        joined = Joined(target)
+        master = -1
+        if tty:
+            m = parent_ch.expect(chan.CONSOLE)
+            master = m.fds[0]
+        end = parent_ch.recv()
+        if end is not None:
+            raise SetupError(f"exec: unexpected message {end.kind!r}")
+        started = True
+    except chan.ChildError as exc:
+        raise ExecError(str(exc), not_found=exc.exit_code == 127) from None
+    except chan.ProtocolError as exc:
+        raise SetupError(f"exec: {exc}") from None
+    finally:
+        parent_ch.close()
+        if relay is not None and not started:
+            relay.close()
+    if xo.on_started is not None:
+        xo.on_started(joined.pid, master)
+    if xo.detach:
+        os.close(joined.pidfd)
+        return 0
+    return _wait(joined, master, relay)
+
+
+def _wait(joined: Joined, master: int, relay: StdioRelay | None = None) -> int:
+    from uspawn.engine.console import ConsoleIO, pump
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(joined.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    saved: dict[int, Callable[[int, object], None] | int | None] = {}
+    for s in (sig.SIGINT, sig.SIGTERM, sig.SIGHUP, sig.SIGQUIT, sig.SIGUSR1, sig.SIGUSR2):
+        saved[s] = sig.set_handler(s, forward)
+    try:
+        if master < 0 and relay is None:
+            return joined.wait()
+        try:
+            return pump(joined.pidfd, master, ConsoleIO(interactive=True, relay=relay),
+                        joined.wait)
+        finally:
+            if master >= 0:
+                os.close(master)
+    finally:
+        for s, h in saved.items():
+            sig.set_handler(s, h)
+
+
+def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
+           argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int, tty: bool,
+           seccomp_bpf: bytes | None, bounding: int, xo: ExecOptions) -> None:
+    # Before anything of the container can see us (CVE-2019-5736).
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)
+    sc.prctl(sc.PR_SET_PDEATHSIG, sig.SIGKILL)
+    if procs is not None:
+        try:
+            with open(procs, "w") as f:
+                f.write("0")
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.EOPNOTSUPP):
+                raise SetupError(f"exec: join cgroup {os.path.dirname(procs)}: "
+                                 f"{exc.strerror}") from None
+    for fd, flag in nsfds:
+        try:
+            sc.setns(fd, flag)
+        except OSError as exc:
+            raise SetupError(f"exec: setns: {exc}") from None
+        os.close(fd)
+    os.chdir("/")
+    pid = os.fork()  # the pid namespace applies to children only
+    if pid:
+        ch.init_pid(pid)
+        os._exit(0)
+
+    os.setsid()
+    if tty:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
+        slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+        fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        os.close(slave)
+        ch.send(chan.CONSOLE, fds=[master])
+        os.close(master)
+    # The same sequence as the container init's payload (engine/execseq.py).
+    have = sc.capget()[1] & bounding
+    if xo.caps is not None:
+        eff, perm, inh, amb = (m & have for m in xo.caps)
+        capsets = (eff, perm, inh, amb)
+    else:  # container root gets what the init's bounding set allows, others nothing
+        capsets = (have, have, 0, 0) if uid == 0 else (0, 0, 0, 0)
+    execseq.exec_process(execseq.Process(
+        argv, [f"{k}={v}" for k, v in env.items()], cwd, uid, gid, xo.additional_gids,
+        None, bounding, capsets, xo.no_new_privs, seccomp_bpf), ch.fileno())

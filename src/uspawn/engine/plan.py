@@ -1,0 +1,446 @@
+"""Turn a validated Spec into flat, typed plans: host-side mounts and init steps.
+
+Plan first, then execute (mkosi's FSOperation list, bubblewrap's SetupOp):
+every decision is made here in the parent, before the first fork, so the
+child only executes and `--debug` can print each step's description.
+
+Two plans come out:
+  HostPlan  what the parent builds as real root on the host: the rootfs
+            mount (idmapped or plain), the /dev tmpfs with its nodes, the
+            bind-mount sources; each becomes a labelled detached-mount fd.
+  InitPlan  what the container init does inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+
+from uspawn.base.errors import SpecError
+from uspawn.engine import spec as S
+from uspawn.engine.request import START_AUTO, START_FIFO, Request
+from uspawn.kernel import caps, devices, mounts
+from uspawn.kernel import syscalls as sc
+
+NS_FLAGS = {
+    "mount": sc.CLONE_NEWNS, "uts": sc.CLONE_NEWUTS, "ipc": sc.CLONE_NEWIPC,
+    "network": sc.CLONE_NEWNET, "cgroup": sc.CLONE_NEWCGROUP, "pid": sc.CLONE_NEWPID,
+}
+_FS_DEFAULT_ATTRS = {
+    "proc": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
+    "sysfs": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
+    "mqueue": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC,
+    "devpts": sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC,
+}
+SUPPORTED_FS = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "bind",
+                "none", "overlay")
+# Filesystems that only the container's own namespaces can mount (proc of its pid
+# namespace, sysfs of its network namespace, ...): the init mounts them, in its
+# own mount namespace. Everything else is mounted on the host side (see build()).
+INIT_ONLY_FS = ("proc", "sysfs", "mqueue", "devpts", "cgroup2")
+
+
+# Kernel numbers (asm-generic/resource.h); Python's resource module lacks some names.
+RLIMITS = {
+    "RLIMIT_CPU": 0, "RLIMIT_FSIZE": 1, "RLIMIT_DATA": 2, "RLIMIT_STACK": 3,
+    "RLIMIT_CORE": 4, "RLIMIT_RSS": 5, "RLIMIT_NPROC": 6, "RLIMIT_NOFILE": 7,
+    "RLIMIT_MEMLOCK": 8, "RLIMIT_AS": 9, "RLIMIT_LOCKS": 10, "RLIMIT_SIGPENDING": 11,
+    "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13, "RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15,
+}
+
+
+class FsMount:
+    """Mount a new filesystem instance at dest (inside the userns)."""
+
+    def __init__(self, dest: str, fstype: str, params: list[tuple[str, str | None]],
+                 attrs: int, source: str | None = None) -> None:
+        self.dest = dest
+        self.fstype = fstype
+        self.params = params
+        self.attrs = attrs
+        self.source = source
+
+    def describe(self) -> str:
+        opts = ",".join(k if v is None else f"{k}={v}" for k, v in self.params)
+        return f"{self.fstype} on {self.dest}" + (f" ({opts})" if opts else "")
+
+    def execute(self, rootfd: int, fds: dict[str, int],
+                remount: dict[str, int] | None = None) -> None:
+        target = mounts.ensure_in_root(rootfd, self.dest, "dir")
+        try:
+            mnt = mounts.make_fs(self.fstype, self.params, self.attrs, self.source)
+            try:
+                mounts.attach(mnt, target)
+            finally:
+                os.close(mnt)
+        finally:
+            os.close(target)
+
+
+class FdMount:
+    """Attach a detached mount the parent made on the host (label -> fd)."""
+
+    def __init__(self, dest: str, label: str, is_dir: bool) -> None:
+        self.dest = dest
+        self.label = label
+        self.is_dir = is_dir
+
+    def describe(self) -> str:
+        return f"host-made mount [{self.label}] on {self.dest}"
+
+    def execute(self, rootfd: int, fds: dict[str, int],
+                remount: dict[str, int] | None = None) -> None:
+        target = mounts.ensure_in_root(rootfd, self.dest, "dir" if self.is_dir else "file")
+        try:
+            mounts.attach(fds[self.label], target)
+            if remount and self.label in remount:
+                mounts.remount_attached(fds[self.label], remount[self.label])
+        finally:
+            os.close(target)
+            os.close(fds.pop(self.label))
+
+
+class HostBind:
+    """A bind-mount source opened by the parent (optionally idmapped / read-only)."""
+
+    def __init__(self, label: str, source: str, recursive: bool, attr_set: int,
+                 attr_clr: int, idmap: str, propagation: int = 0) -> None:
+        self.label = label
+        # MS_PRIVATE unless the mount asks for (r)slave or (r)shared.
+        self.propagation = propagation or sc.MS_PRIVATE
+        self.source = source
+        self.recursive = recursive
+        self.attr_set = attr_set
+        self.attr_clr = attr_clr
+        self.idmap = idmap  # "no" | "yes" (required) | "auto" (when the fs allows)
+
+
+class HostPlan:
+    def __init__(self) -> None:
+        self.rootfs = ""
+        self.rootfs_readonly = False
+        self.ownership = "off"  # "map" | "chown" | "off" | "auto"
+        self.dev_nodes: list[devices.DeviceNode] = []
+        self.host_dev = False  # build /dev on the host (user-namespaced containers)
+        self.console = False
+        self.binds: list[HostBind] = []
+
+
+class InitPlan:
+    """What the two container processes do.
+
+    Stage A stays real root in the host user namespace, in a mount namespace
+    of its own (owned by the host user namespace): it attaches the rootfs and
+    `host_mounts` there, then clones the init into the new user namespace.
+    When the init unshares its mount namespace, the kernel copies A's mounts
+    into a namespace owned by the container's user namespace and locks them:
+    their read-only/nosuid/nodev/noexec flags cannot be changed and they
+    cannot be unmounted by container root (systemd-nspawn's split). `mounts`
+    are what only the init can mount (proc of its pid namespace, sysfs of its
+    network namespace, ...) and whatever lies below them.
+    """
+
+    def __init__(self) -> None:
+        self.parent_pid = 0
+        self.userns = False
+        self.mount_ns = True
+        self.unshare_flags = 0
+        self.root_path = ""
+        self.root_propagation = sc.MS_SLAVE
+        self.rootfs_readonly = False
+        self.time_ns = False  # a new time namespace (stage A unshares it for the init)
+        # Host IDs of container root: stage A creates mount targets as them.
+        self.root_ids = (0, 0)
+        self.host_mounts: list[FsMount | FdMount] = []
+        self.mounts: list[FsMount | FdMount] = []
+        # Targets of `mounts` that stage A creates before the rootfs turns read-only.
+        self.precreate: list[tuple[str, str]] = []
+        self.sysctl: dict[str, str] = {}
+        self.masked_paths: list[str] = []
+        self.readonly_paths: list[str] = []
+        self.hostname: str | None = None
+        self.domainname: str | None = None
+        self.loopback = False
+        self.verify_devices: list[devices.DeviceNode] = []
+        self.verify_ptmx = False
+        self.terminal = False
+        self.console_size: tuple[int, int] | None = None
+        self.rlimits: list[tuple[str, int, int]] = []
+        self.args: list[str] = []
+        self.env: list[str] = []
+        self.cwd = "/"
+        self.uid = 0
+        self.gid = 0
+        self.additional_gids: list[int] = []
+        self.umask: int | None = None
+        self.caps_bounding = 0
+        self.caps_effective = 0
+        self.caps_permitted = 0
+        self.caps_inheritable = 0
+        self.caps_ambient = 0
+        self.no_new_privileges = False
+        self.seccomp_bpf: bytes | None = None
+        self.preserve_fds = 0
+        self.auto_start = False
+        # Foreground containers die with their runtime (PR_SET_PDEATHSIG); an
+        # OCI `create`d one outlives the `create` process.
+        self.die_with_parent = True
+        # OCI: wait on the exec FIFO (fd label "fifo") instead of START.
+        self.start_fifo = False
+        self.join_namespaces: list[tuple[str, str]] = []
+        self.new_keyring = True
+        self.start_hooks: list[tuple[str, list[str], list[str], int | None]] = []
+
+    def describe(self) -> list[str]:
+        return ([f"{op.describe()} (host side, locked)" for op in self.host_mounts]
+                + [f"{op.describe()} (by the init)" for op in self.mounts])
+
+    def labels_for_init(self) -> list[str]:
+        """Host-made mounts stage A hands on to the init (they lie below init-only mounts)."""
+        return [op.label for op in self.mounts if isinstance(op, FdMount)]
+
+
+def _caps(names: list[str], field: str) -> int:
+    try:
+        return caps.mask(names)
+    except caps.CapabilityError as exc:
+        raise SpecError(f"process.capabilities.{field}: {exc}") from None
+
+
+def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
+    """Plan a validated spec and its engine request: the complete plans, never
+    edited afterwards (what the children learn at run time comes over the channel)."""
+    assert spec.root is not None and spec.process is not None
+    linux = spec.linux or S.Linux()
+    proc = spec.process
+    host = HostPlan()
+    init = InitPlan()
+    ns = {n.type for n in linux.namespaces if not n.path}
+    for i, n in enumerate(linux.namespaces):
+        if not n.path:
+            continue
+        if n.type in ("user", "pid", "mount"):
+            raise SpecError(f"linux.namespaces[{i}].path: joining an existing {n.type} "
+                            "namespace is not supported", "let uspawn create it")
+        # O_PATH first, nsfs checked: a FIFO or device node there is never opened.
+        from uspawn.kernel import nsfs
+
+        try:
+            nsfs.check_ns_path(n.path, n.type)
+        except nsfs.NsPathError as exc:
+            raise SpecError(f"linux.namespaces[{i}].path: {exc}") from None
+        except OSError as exc:
+            raise SpecError(f"linux.namespaces[{i}].path: {n.path}: {exc.strerror}") from None
+        # Joined by stage A while still real root (the namespace belongs to the host).
+        init.join_namespaces.append((n.type, n.path))
+    init.userns = "user" in ns
+    init.mount_ns = "mount" in ns
+    if not init.mount_ns:
+        raise SpecError("linux.namespaces: a mount namespace is required",
+                        "add {\"type\": \"mount\"}")
+    for name, flag in NS_FLAGS.items():
+        if name in ns:
+            init.unshare_flags |= flag
+    init.time_ns = "time" in ns
+    init.root_path = spec.root.path
+    host.rootfs = spec.root.path
+    host.rootfs_readonly = spec.root.readonly
+    init.rootfs_readonly = spec.root.readonly
+    if init.userns:
+        init.root_ids = (_to_host(0, linux.uid_mappings, "linux.uidMappings"),
+                         _to_host(0, linux.gid_mappings, "linux.gidMappings"))
+    host.ownership = req.ownership if init.userns else "off"
+    # Also without a user namespace: one path, and nodes are verified the same way.
+    host.host_dev = True
+    prop = linux.rootfs_propagation or "rslave"
+    init.root_propagation = {"private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE,
+                             "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE,
+                             "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED,
+                             "unbindable": sc.MS_PRIVATE}.get(prop, 0)
+    if not init.root_propagation:
+        raise SpecError(f"linux.rootfsPropagation: unknown value {prop!r}")
+
+    # Devices: the defaults plus linux.devices, all verified by open.
+    nodes = list(devices.DEFAULT_DEVICES)
+    for i, d in enumerate(linux.devices):
+        if d.type not in ("c", "b", "u"):
+            raise SpecError(f"linux.devices[{i}].type: {d.type!r} is not c, b or u")
+        if not d.path.startswith("/dev/"):
+            raise SpecError(f"linux.devices[{i}].path: {d.path!r} is not under /dev")
+        rel = os.path.normpath(d.path[5:])
+        if rel.startswith(".."):
+            raise SpecError(f"linux.devices[{i}].path: {d.path!r} escapes /dev")
+        nodes = [n for n in nodes if n.path != rel]
+        nodes.append(devices.DeviceNode(rel, d.type, d.major, d.minor,
+                                        d.file_mode if d.file_mode is not None else 0o666,
+                                        d.uid or 0, d.gid or 0))
+    host.dev_nodes = nodes
+    host.console = proc.terminal
+    init.verify_devices = nodes
+
+    if (init.userns and "cgroup" not in ns and not any(t == "cgroup" for t, _ in
+                                                     init.join_namespaces)
+            and any(m.type in ("cgroup", "cgroup2") for m in spec.mounts)):
+        # cgroupfs can only be mounted by the owner of the cgroup namespace: a
+        # user-namespaced container that mounts one gets a private cgroup
+        # namespace (podman's default on cgroup v2; runc would show the host's
+        # whole tree through a bind mount instead).
+        init.unshare_flags |= sc.CLONE_NEWCGROUP
+    for i, m in enumerate(spec.mounts):
+        _plan_mount(i, m, host, init)
+    _split_phases(init, linux)
+
+    init.sysctl = dict(linux.sysctl)
+    init.masked_paths = list(linux.masked_paths)
+    init.readonly_paths = list(linux.readonly_paths)
+    init.hostname = spec.hostname
+    init.domainname = spec.domainname
+    init.loopback = "network" in ns
+    init.terminal = proc.terminal
+    if proc.console_size:
+        init.console_size = (proc.console_size.height, proc.console_size.width)
+    for i, r in enumerate(proc.rlimits):
+        if r.type not in RLIMITS:
+            raise SpecError(f"process.rlimits[{i}].type: unknown rlimit {r.type!r}")
+        # OCI writes "unlimited" as 2**64-1; setrlimit takes RLIM_INFINITY (-1).
+        init.rlimits.append((r.type, _rlim(r.soft), _rlim(r.hard)))
+    init.args = list(proc.args)
+    init.env = list(proc.env)
+    init.cwd = proc.cwd
+    user = proc.user or S.User()
+    init.uid, init.gid = user.uid, user.gid
+    init.additional_gids = list(user.additional_gids)
+    init.umask = user.umask
+    c = proc.capabilities or S.Capabilities()
+    init.caps_bounding = _caps(c.bounding, "bounding")
+    init.caps_effective = _caps(c.effective, "effective")
+    init.caps_permitted = _caps(c.permitted, "permitted")
+    init.caps_inheritable = _caps(c.inheritable, "inheritable")
+    init.caps_ambient = _caps(c.ambient, "ambient")
+    init.no_new_privileges = proc.no_new_privileges
+    # From the request: how the container starts and what it keeps.
+    init.parent_pid = os.getpid()
+    init.seccomp_bpf = req.seccomp_bpf
+    init.auto_start = req.start == START_AUTO
+    init.start_fifo = req.start == START_FIFO and req.exec_fifo is not None
+    init.die_with_parent = not req.detached
+    init.preserve_fds = req.preserve_fds
+    init.new_keyring = req.new_keyring
+    init.start_hooks = list(req.start_hooks)
+    return host, init
+
+
+def _rlim(value: int) -> int:
+    return -1 if value >= 1 << 63 else value
+
+
+def _to_host(cid: int, maps: list[S.IDMapping], field: str) -> int:
+    for m in maps:
+        if m.container_id <= cid < m.container_id + m.size:
+            return m.host_id + cid - m.container_id
+    raise SpecError(f"{field}: container ID {cid} is not mapped",
+                    "map container root (0) to a host range")
+
+
+def _under(path: str, top: str) -> bool:
+    return top == "/" or path == top or path.startswith(top + "/")
+
+
+def _split_phases(init: InitPlan, linux: S.Linux) -> None:
+    """Host side or init side, keeping the spec's order where it matters.
+
+    An init-only filesystem (proc, sysfs, ...) and every mount at or below the
+    destination of an earlier init-side mount go to the init: a bind onto
+    /proc/meminfo must land on the container's proc, not under it. The rest
+    is mounted by stage A and ends up locked in the container.
+    """
+    ops = init.mounts
+    init.mounts = []
+    init_tops: list[str] = []
+    for op in ops:
+        dest = os.path.normpath("/" + op.dest)
+        below = any(_under(dest, top) for top in init_tops)
+        if below or (isinstance(op, FsMount) and op.fstype in INIT_ONLY_FS):
+            if not below:
+                kind = "dir" if not isinstance(op, FdMount) or op.is_dir else "file"
+                init.precreate.append((op.dest, kind))
+            init.mounts.append(op)
+            init_tops.append(dest)
+        else:
+            if isinstance(op, FsMount) and op.fstype == "tmpfs" and init.userns:
+                op.params = _host_tmpfs_params(op.params, linux, f"mount {op.dest}")
+            init.host_mounts.append(op)
+
+
+def _host_tmpfs_params(params: list[tuple[str, str | None]], linux: S.Linux,
+                       field: str) -> list[tuple[str, str | None]]:
+    """A tmpfs made in the host user namespace names its owner in host IDs."""
+    out: list[tuple[str, str | None]] = []
+    ids = {"uid": "0", "gid": "0"}
+    for k, v in params:
+        if k in ids:
+            ids[k] = v or ""
+        else:
+            out.append((k, v))
+    for key, maps, name in (("uid", linux.uid_mappings, "linux.uidMappings"),
+                            ("gid", linux.gid_mappings, "linux.gidMappings")):
+        value = ids[key]
+        if not value.isascii() or not value.isdigit():
+            raise SpecError(f"{field}.options: {key}={value} is not a number")
+        out.append((key, str(_to_host(int(value), maps, name))))
+    return out
+
+
+def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
+    field = f"mounts[{i}]"
+    opts = mounts.parse_options(m.options)
+    fstype = m.type or ("bind" if opts.bind else None)
+    if fstype is None:
+        raise SpecError(f"{field}.type: missing (and no bind option)")
+    if fstype not in SUPPORTED_FS:
+        raise SpecError(f"{field}.type: filesystem {fstype!r} is not supported",
+                        f"supported: {', '.join(SUPPORTED_FS)}")
+    if opts.bind or fstype in ("bind", "none"):
+        if not m.source:
+            raise SpecError(f"{field}.source: a bind mount needs a source")
+        if not os.path.isabs(m.source):
+            raise SpecError(f"{field}.source: {m.source!r} is not absolute")
+        try:
+            is_dir = os.path.isdir(m.source)
+            os.lstat(m.source)
+        except OSError as exc:
+            raise SpecError(f"{field}.source: {m.source}: {exc.strerror}") from None
+        except ValueError:  # NUL or an unencodable character
+            raise SpecError(f"{field}.source: {m.source!r} is not a valid path") from None
+        label = f"bind{i}"
+        idmap = "yes" if opts.idmap else ("auto" if "x-uspawn-idmap-auto" in
+                                          [k for k, _ in opts.fs_params] else "no")
+        if idmap == "yes" and not init.userns:
+            raise SpecError(f"{field}.options: idmap needs a user namespace")
+        host.binds.append(HostBind(label, m.source, opts.recursive, opts.attr_set,
+                                   opts.attr_clr, idmap, opts.propagation))
+        init.mounts.append(FdMount(m.destination, label, is_dir))
+        return
+    if fstype == "overlay":
+        raise SpecError(f"{field}.type: overlay mounts are not supported yet",
+                        "prepare the overlay outside and pass it as root.path or a bind")
+    if m.destination == "/dev" and fstype == "tmpfs" and host.host_dev:
+        # Nodes must live on a host-owned superblock: the parent makes this one.
+        init.mounts.append(FdMount("/dev", "dev", True))
+        return
+    if fstype == "cgroup":
+        fstype = "cgroup2"
+    attrs = (_FS_DEFAULT_ATTRS.get(fstype, 0) | opts.attr_set) & ~opts.attr_clr
+    params = [(k, v) for k, v in opts.fs_params if not k.startswith("x-")]
+    if fstype == "tmpfs" and init.userns and not opts.attr_clr & sc.MOUNT_ATTR_NODEV:
+        # Made on the host side (see _split_phases), so not SB_I_NODEV as one
+        # made inside the user namespace is: nodev unless asked for.
+        attrs |= sc.MOUNT_ATTR_NODEV
+    if fstype == "devpts":
+        keys = {k for k, _ in params}
+        if "newinstance" not in keys:
+            params.append(("newinstance", None))
+        if "ptmxmode" not in keys:
+            params.append(("ptmxmode", "0666"))
+        init.verify_ptmx = True
+    init.mounts.append(FsMount(m.destination, fstype, params, attrs,
+                               m.source if fstype in ("tmpfs", "mqueue") else None))

@@ -1,0 +1,376 @@
+"""cgroup layout detection and per-container cgroups on v2, hybrid and v1 hosts.
+
+Layouts:
+  unified  /sys/fs/cgroup is cgroup2 (what most hosts run now)
+  hybrid   v1 controllers under /sys/fs/cgroup/<ctrl>, cgroup2 at .../unified
+  legacy   v1 only
+
+A container gets `<hierarchy>/uspawn/<name>` in the cgroup2 hierarchy (when
+there is one) and, on hybrid/legacy hosts, in each v1 hierarchy whose
+controller it has limits for, so the limits work on either kind of host.
+A directory that already holds processes is never taken over: that cgroup
+belongs to someone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP2_SUPER_MAGIC = 0x63677270
+PARENT = "uspawn"
+V1_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+class CgroupError(Exception):
+    pass
+
+
+def _cgroup2_mounts() -> set[str]:
+    """Mount points of cgroup2 filesystems, from one read of mountinfo."""
+    found = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] == "cgroup2":
+                    found.add(fields[4])
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def detect_layout(cgroup2: set[str] | None = None) -> tuple[str, str | None]:
+    """Return (layout, cgroup2 mount point or None)."""
+    if cgroup2 is None:
+        cgroup2 = _cgroup2_mounts()
+    if CGROUP_ROOT in cgroup2:
+        return "unified", CGROUP_ROOT
+    unified = os.path.join(CGROUP_ROOT, "unified")
+    if unified in cgroup2:
+        return "hybrid", unified
+    return "legacy", None
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _procs(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _v2_value(value: int) -> str:
+    """OCI's -1 (unlimited, as runc takes it) is "max" in cgroup2 files (and pids.max)."""
+    return "max" if value < 0 else str(value)
+
+
+class Cgroup:
+    """The cgroup directories of one container (one per hierarchy)."""
+
+    def __init__(self, name: str, layout: str, unified: str | None, dirs: list[str],
+                 rel: str | None = None, made: list[str] | None = None) -> None:
+        self.name = name
+        self.layout = layout
+        self.unified = unified
+        self.dirs = dirs
+        self.rel = rel or f"{PARENT}/{name}"  # path below each hierarchy's root
+        # Parents create() had to make for an OCI cgroupsPath (deepest last): removed
+        # again by destroy() when empty, so a config's path leaves nothing behind.
+        self.made = made if made is not None else []
+
+    @property
+    def v2_dir(self) -> str | None:
+        if self.unified is None:
+            return None
+        return os.path.join(self.unified, self.rel)
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "layout": self.layout, "unified": self.unified,
+                "dirs": self.dirs, "rel": self.rel, "made": self.made}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Cgroup:
+        dirs = data.get("dirs")
+        unified = data.get("unified")
+        rel = data.get("rel")
+        made = data.get("made")
+        return cls(str(data.get("name")), str(data.get("layout")),
+                   unified if isinstance(unified, str) else None,
+                   [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [],
+                   rel if isinstance(rel, str) else None,
+                   [d for d in made if isinstance(d, str)] if isinstance(made, list) else [])
+
+    def add(self, pid: int, skip_v2: bool = False) -> None:
+        v2 = self.v2_dir
+        for d in self.dirs:
+            if not (skip_v2 and d == v2):
+                _write(os.path.join(d, "cgroup.procs"), str(pid))
+
+    def set_limits(self, memory: int | None = None, pids: int | None = None,
+                   cpu_quota: int | None = None, cpu_period: int | None = None) -> None:
+        v2 = self.v2_dir
+        for d in self.dirs:
+            is_v2 = d == v2
+            # The v1 controller is the hierarchy's name: d is <hierarchy>/<rel>,
+            # whatever depth an OCI cgroupsPath gives rel.
+            hier = d[: len(d) - len(self.rel.strip("/")) - 1] if d.endswith(
+                "/" + self.rel.strip("/")) else os.path.dirname(d)
+            ctrl = os.path.basename(hier)
+            if memory is not None:
+                if is_v2 and os.path.exists(os.path.join(d, "memory.max")):
+                    _write(os.path.join(d, "memory.max"), _v2_value(memory))
+                elif ctrl == "memory":
+                    _write(os.path.join(d, "memory.limit_in_bytes"), str(memory))
+            if pids is not None:
+                if is_v2 and os.path.exists(os.path.join(d, "pids.max")):
+                    _write(os.path.join(d, "pids.max"), _v2_value(pids))
+                elif ctrl == "pids":
+                    _write(os.path.join(d, "pids.max"), _v2_value(pids))
+            if cpu_quota is not None:
+                period = cpu_period or 100000
+                if is_v2 and os.path.exists(os.path.join(d, "cpu.max")):
+                    _write(os.path.join(d, "cpu.max"), f"{_v2_value(cpu_quota)} {period}")
+                elif ctrl == "cpu":
+                    _write(os.path.join(d, "cpu.cfs_period_us"), str(period))
+                    _write(os.path.join(d, "cpu.cfs_quota_us"), str(cpu_quota))
+
+    def delegate(self, uid: int, gid: int) -> None:
+        """Give the cgroup2 directory to the container's root (cgroup-v2.rst
+        "Delegation Containment": the directory and its procs/threads/
+        subtree_control files). Only our own, freshly made directory."""
+        d = self.v2_dir
+        if d is None:
+            return
+        os.chown(d, uid, gid)
+        for name in ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+            path = os.path.join(d, name)
+            if os.path.exists(path):
+                os.chown(path, uid, gid)
+
+    def processes(self) -> list[int]:
+        seen: list[int] = []
+        for d in self.dirs:
+            for pid in _procs(d):
+                if pid not in seen:
+                    seen.append(pid)
+        return seen
+
+    def destroy(self, timeout: float = 5.0) -> None:
+        """Kill what is left and remove the directories (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        for d in self.dirs:
+            while True:
+                kill_file = os.path.join(d, "cgroup.kill")
+                pids = _procs(d)
+                if pids:
+                    if os.path.exists(kill_file):
+                        try:
+                            _write(kill_file, "1")
+                        except OSError:
+                            pass
+                    else:
+                        for pid in pids:
+                            try:
+                                os.kill(pid, 9)
+                            except ProcessLookupError:
+                                pass
+                try:
+                    _remove_children(d)
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise CgroupError(f"cannot remove cgroup {d}: {exc.strerror}") from None
+                    time.sleep(0.01)
+        for parent in reversed(self.made):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass  # another container's cgroup lives there now, or it is gone
+
+
+def name_busy(name: str, rel: str | None = None) -> bool:
+    """Does a cgroup of this container name hold processes already?"""
+    _layout, unified = detect_layout()
+    roots = [unified] if unified else [os.path.join(CGROUP_ROOT, "pids")]
+    path = rel or f"{PARENT}/{name}"
+    for hier in roots:
+        d = under(hier, path)
+        if not os.path.isdir(d):
+            continue
+        try:
+            with open(os.path.join(d, "cgroup.events")) as f:
+                if "populated 1" in f.read():
+                    return True
+        except FileNotFoundError:
+            if _procs(d):
+                return True
+    return False
+
+
+def _remove_children(d: str) -> None:
+    """rmdir the sub-cgroups a delegated payload (systemd) made, deepest first."""
+    for top, dirs, _files in os.walk(d, topdown=False):
+        for sub in dirs:
+            try:
+                os.rmdir(os.path.join(top, sub))
+            except FileNotFoundError:
+                pass
+
+
+class CgroupPathError(CgroupError):
+    """An OCI cgroupsPath that would leave the hierarchy (the caller names the field)."""
+
+
+def oci_cgroup_path(cgroups_path: str, container_id: str) -> str:
+    """OCI linux.cgroupsPath -> a path below the hierarchy roots.
+
+    cgroupfs style "/a/b" is taken as is (relative to the root); systemd style
+    "slice:prefix:name" (`--systemd-cgroup`, no systemd to ask here) becomes
+    "<slice>/<prefix>-<name>.scope", the path systemd itself would use.
+    Host root mkdirs and writes limits there, so nothing may lead out of the
+    hierarchy: slice-form parts hold no "/", and no component is "." or "..";
+    refused, not normalised, so the container gets the cgroup the config names.
+    """
+    if ":" in cgroups_path and not cgroups_path.startswith("/"):
+        parts = cgroups_path.split(":")
+        if len(parts) > 3:
+            raise CgroupPathError(f"{cgroups_path!r} is not slice:prefix:name")
+        slice_, prefix, name = [*parts, "", ""][:3]
+        for part in (slice_, prefix, name):
+            if "/" in part or part in (".", ".."):
+                raise CgroupPathError(f"{cgroups_path!r}: part {part!r} is not a plain name")
+        rel = f"{slice_ or 'system.slice'}/{prefix}-{name or container_id}.scope"
+    else:
+        components = [c for c in cgroups_path.split("/") if c]
+        if any(c in (".", "..") for c in components):
+            raise CgroupPathError(f"{cgroups_path!r}: \".\" and \"..\" are not allowed")
+        rel = "/".join(components) or f"{PARENT}/{container_id}"
+    under("/", rel)  # the rule create() enforces, checked before anything exists
+    return rel
+
+
+def under(hier: str, rel: str) -> str:
+    """hier/rel, refused unless it is strictly below hier (no "..", no absolute rel)."""
+    d = os.path.normpath(os.path.join(hier, rel))
+    root = os.path.normpath(hier)
+    if os.path.isabs(rel) or d == root or not d.startswith(root.rstrip("/") + "/"):
+        raise CgroupPathError(f"{rel!r} is not below {hier}")
+    if d != os.path.join(hier, rel).rstrip("/"):
+        raise CgroupPathError(f"{rel!r} is not a plain path below {hier}")
+    return d
+
+
+def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = None) -> Cgroup:
+    """Create the container's cgroups. v1 hierarchies are used only on legacy
+    hosts, or on hybrid hosts for controllers cgroup2 lacks there (limits)."""
+    cgroup2 = _cgroup2_mounts()
+    layout, unified = detect_layout(cgroup2)
+    targets: list[str] = []
+    if unified is not None:
+        targets.append(unified)
+    if layout == "legacy" and not controllers_v1:
+        controllers_v1 = ("pids",)  # some hierarchy must track the processes
+    v2_has = _controllers(unified) if unified else set()
+    if layout != "unified":
+        for ctrl in controllers_v1:
+            if ctrl in v2_has:
+                continue
+            base = os.path.join(CGROUP_ROOT, ctrl)
+            if os.path.isdir(base) and base not in cgroup2:
+                targets.append(base)
+    if not targets:
+        raise CgroupError("no usable cgroup hierarchy found under /sys/fs/cgroup")
+    dirs: list[str] = []
+    cg = Cgroup(name, layout, unified, dirs, rel)
+    try:
+        for hier in targets:
+            d = under(hier, cg.rel)  # never outside the hierarchy, whatever rel says
+            parent = os.path.dirname(d)
+            if not os.path.isdir(parent):
+                for new in _makedirs(hier, parent, cg.made):
+                    if hier == unified:  # top-down: each level delegates to the next
+                        _enable_controllers(hier, new)
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                # Only an empty leaf (our own leftover) is reused: a cgroup with
+                # processes or sub-cgroups belongs to someone else (an OCI
+                # cgroupsPath of "/system.slice" must not take over the host's).
+                if _procs(d) or any(e.is_dir() for e in os.scandir(d)):
+                    raise CgroupError(f"cgroup {d} already holds processes or sub-cgroups;"
+                                      " it belongs to someone else") from None
+            dirs.append(d)
+    except BaseException:
+        cg.destroy()
+        raise
+    return cg
+
+
+def _makedirs(hier: str, parent: str, made: list[str]) -> list[str]:
+    """mkdir -p parent below hier; returns the directories it made, top first,
+    and records those to remove again in `made`."""
+    missing: list[str] = []
+    d = parent
+    while d != hier and not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    new: list[str] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue
+        new.append(d)
+        if d != os.path.join(hier, PARENT):  # shared by every `uspawn run`: kept
+            made.append(d)
+    return new
+
+
+def _controllers(hier: str) -> set[str]:
+    try:
+        with open(os.path.join(hier, "cgroup.controllers")) as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+def _enable_controllers(hier: str, parent: str) -> None:
+    """Delegate the controllers the root offers to our subtree (best effort)."""
+    try:
+        with open(os.path.join(hier, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
+    except OSError:
+        return
+    want = [c for c in ("cpu", "memory", "pids", "io") if c in enabled]
+    if want:
+        try:
+            _write(os.path.join(parent, "cgroup.subtree_control"),
+                   " ".join("+" + c for c in want))
+        except OSError:
+            pass
+
+
+def current_cgroup_v2() -> str | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return None

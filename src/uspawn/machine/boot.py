@@ -1,0 +1,372 @@
+"""`uspawn boot`: a system container whose pid 1 is the tree's init (systemd).
+
+systemd's container interface (systemd.io/CONTAINER_INTERFACE): `container=`
+and `container_uuid=` in pid 1's environment, /run/host/container-manager,
+NOTIFY_SOCKET for READY=1 / STATUS= / STOPPING=1, SIGRTMIN+3 for a clean
+poweroff. pid 1 ends a poweroff with reboot(2), which in a pid namespace makes
+the kernel kill it with SIGHUP (poweroff/halt) or SIGINT (reboot).
+
+A detached machine keeps one supervisor process (a fork of this one): it
+pumps the console pty into the log, reads the notify socket, and cleans up
+when the machine stops. A shared supervisor for all machines is future work
+(see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import time
+
+from uspawn.base.errors import UsageError, UspawnError
+from uspawn.base.textsafe import STATUS_LIMIT, printable
+from uspawn.engine import console, runtime
+from uspawn.engine.console import ConsoleIO
+from uspawn.kernel import sig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import types
+    from collections.abc import Callable
+
+    from uspawn.engine import spec as S
+    from uspawn.engine.request import Request
+    from uspawn.machine.claims import Launch
+
+LOG_DIR = "/var/log/uspawn"
+SIGRTMIN_3 = sig.SIGRTMIN + 3  # systemd: clean poweroff
+# A detached machine's console log: at most this many bytes in NAME.console.log,
+# plus the previous NAME.console.log.1 (--console-log-size).
+DEFAULT_CONSOLE_LOG_SIZE = 8 << 20
+MIN_CONSOLE_LOG_SIZE = 4096
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def console_log_path(name: str) -> str:
+    return os.path.join(LOG_DIR, f"{name}.console.log")
+
+
+def parse_size(value: str, field: str) -> int:
+    """BYTES or N[K|M|G][iB] (powers of 1024), as for --console-log-size."""
+    v = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = v[-1:] if v[-1:] in ("K", "M", "G") else ""
+    digits = v[: len(v) - len(unit)]
+    if not (digits.isascii() and digits.isdigit()):
+        raise UsageError(f"{field}: {value!r} is not a size", "use BYTES or N with K, M or G")
+    n = int(digits) * _SIZE_UNITS[unit]
+    if not MIN_CONSOLE_LOG_SIZE <= n <= 1 << 40:
+        raise UsageError(f"{field}: {value!r} out of range",
+                         f"between {MIN_CONSOLE_LOG_SIZE} bytes and 1T")
+    return n
+
+
+class ConsoleLog:
+    """NAME.console.log capped at `cap` bytes, with one rotated file (.1).
+
+    The console of a detached machine is payload output: without a cap a
+    chatty or hostile machine fills /var/log. When the next chunk would pass
+    the cap the file becomes NAME.console.log.1 (replacing the older one) and a
+    new file starts. A failed write (disk full, quota, I/O error) drops the
+    chunk and counts it: the machine's console is never held up by the log;
+    the count is noted in the log once writing works again.
+    """
+
+    def __init__(self, path: str, cap: int, stdio: bool = False) -> None:
+        self.path = path
+        self.cap = cap
+        self.stdio = stdio  # keep fds 1 and 2 on the current file (uspawn's own lines)
+        self.dropped = 0
+        self.rotations = 0
+        self.fd = self._open()
+        self.size = os.fstat(self.fd).st_size
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o640)
+        if self.stdio:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        return fd
+
+    def _rotate(self) -> None:
+        try:
+            os.rename(self.path, self.path + ".1")
+            new = self._open()
+        except OSError:
+            # Cannot rotate: start the file over rather than pass the cap.
+            os.ftruncate(self.fd, 0)
+            self.size = 0
+            return
+        os.close(self.fd)
+        self.fd, self.size = new, 0
+        self.rotations += 1
+
+    def write(self, data: bytes) -> None:
+        if self.dropped:
+            note = f"\n-- uspawn: {self.dropped} bytes of console output dropped\n".encode()
+            if self._write(note):
+                self.dropped += len(data)
+                return
+            self.dropped = 0
+        self.dropped += self._write(data)
+
+    def _write(self, data: bytes) -> int:
+        """Write data; return how many bytes of it were dropped."""
+        try:
+            if self.size + len(data) > self.cap:
+                # uspawn's own lines reach the file through fds 1 and 2 too.
+                self.size = os.fstat(self.fd).st_size
+            while data:
+                if self.size >= self.cap:
+                    self._rotate()
+                room = self.cap - self.size
+                n = os.write(self.fd, data[:room])
+                self.size += n
+                data = data[n:]
+        except OSError:  # ENOSPC, EDQUOT, EFBIG, EIO: drop, never block the console
+            return len(data)
+        return 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID without importing `uuid` (it loads ctypes helpers)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class NotifyListener:
+    """The sd_notify datagram socket the machine's systemd reports to."""
+
+    def __init__(self, state_dir: str, root_uid: int) -> None:
+        self.dir = os.path.join(state_dir, "host")
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        # Bind through the directory fd: state paths can exceed sun_path's 108 bytes.
+        dfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                os.unlink("notify", dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            self.sock.bind(f"/proc/self/fd/{dfd}/notify")
+            # connect() needs write permission on the socket inode: the container's root.
+            os.chown("notify", root_uid, root_uid, dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(dfd)
+        self.ready = False
+        self.stopping = False
+        self.status = ""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[str]:
+        """Read one datagram; return the keys it changed (READY, STATUS, STOPPING)."""
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return []
+        changed = []
+        # sd_notify separates assignments by "\n" only (splitlines would also
+        # split on CR, VT, FF, U+2028 ... and hide part of a hostile STATUS=).
+        for line in data.decode(errors="replace").split("\n"):
+            key, _, value = line.partition("=")
+            if key == "READY" and value == "1" and not self.ready:
+                self.ready = True
+                changed.append("READY")
+            elif key == "STATUS":
+                # Stored escaped and capped: every reader of the state file
+                # (status, list --json) gets text that is safe to show.
+                self.status = printable(value, STATUS_LIMIT)
+                changed.append("STATUS")
+            elif key == "STOPPING" and value == "1":
+                self.stopping = True
+                changed.append("STOPPING")
+        return changed
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def sd_notify(message: str) -> None:
+    """Tell our own service manager (uspawn@.service is Type=notify), if any."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.sendto(message.encode(), path)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+def make_host_dir(state_dir: str, root_uid: int, notify: NotifyListener) -> str:
+    """/run/host of the machine: container-manager, container-uuid (written later), notify."""
+    d = notify.dir
+    for name, text in (("container-manager", "uspawn\n"),):
+        path = os.path.join(d, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+    return d
+
+
+class Machine:
+    """A booted system container, driven in the foreground (or by a supervisor)."""
+
+    def __init__(self, spec: S.Spec, req: Request, la: Launch,
+                 notify: NotifyListener, machine_uuid: str, ns: types.SimpleNamespace) -> None:
+        self.spec = spec
+        self.req = req
+        self.la = la
+        self.notify = notify
+        self.uuid = machine_uuid
+        self.ns = ns
+        self.container: runtime.Container | None = None
+        self.on_ready: Callable[[], None] | None = None
+        self.console_log: str | None = None
+        self.console_sink: Callable[[bytes], None] | None = None
+        with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
+            f.write(machine_uuid + "\n")
+
+    @property
+    def name(self) -> str:
+        return self.req.name
+
+    def _state(self, **extra: object) -> None:
+        if self.container is not None:
+            self.la.record(self.container, machine=True, uuid=self.uuid,
+                           ready=self.notify.ready, stopping=self.notify.stopping,
+                           status_text=self.notify.status, console_log=self.console_log,
+                           **extra)
+
+    def _started(self, c: runtime.Container) -> None:
+        self.container = c
+        self._state()
+
+    def _on_notify(self) -> None:
+        changed = self.notify.receive()
+        if not changed:
+            return
+        self._state()
+        if "READY" in changed:
+            if self.req.verbose:
+                self.req.say(f"machine {self.name} is ready")
+            sd_notify(f"READY=1\nSTATUS=machine {self.name} is ready")
+            if self.on_ready is not None:
+                self.on_ready()
+        if "STOPPING" in changed:
+            sd_notify("STOPPING=1")
+
+    def run_foreground(self, out_fd: int = 1, interactive: bool | None = None) -> int:
+        if interactive is None:
+            interactive = os.isatty(0)
+        io = ConsoleIO(interactive=interactive, out_fd=out_fd,
+                       extra={self.notify.fileno(): self._on_notify},
+                       sink=self.console_sink)
+        try:
+            code = console.run(self.spec, self.req, on_start=self._started, io=io)
+        finally:
+            self.notify.close()
+        # reboot(2) in a pid namespace kills its init: SIGINT for power-off and
+        # halt, SIGHUP for restart (kernel/reboot.c reboot_pid_ns).
+        if code == 128 + sig.SIGINT:
+            return 0
+        if code == 128 + sig.SIGHUP:
+            self.req.say(f"machine {self.name} asked for a reboot; not restarting it")
+            return 0
+        return code
+
+
+def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
+           make_machine: Callable[[], Machine]) -> int:
+    """Boot in a supervisor process; return once the machine is ready (or failed)."""
+    cap = parse_size(ns.console_log_size, "--console-log-size") if getattr(
+        ns, "console_log_size", None) else DEFAULT_CONSOLE_LOG_SIZE
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.setsid()
+            _supervise(wfd, log, make_machine, cap)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    timeout = float(ns.ready_timeout)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    import select
+
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([rfd], [], [], left)[0]:
+            os.close(rfd)
+            raise UspawnError(f"boot: machine not ready within {timeout:.0f}s; it keeps "
+                              "booting in the background",
+                              "see `uspawn logs NAME` and `uspawn status NAME`")
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(rfd)
+    line = buf.decode(errors="replace").split("\n", 1)[0]
+    kind, _, rest = line.partition(" ")
+    if kind == "ready":
+        print(printable(rest))
+        return 0
+    if kind == "error":
+        code, _, msg = rest.partition(" ")
+        log(msg)
+        return int(code) if code.isdigit() else 125
+    log("boot: the machine's supervisor exited before the machine was ready "
+        "(hint: see `uspawn logs NAME`)")
+    return 125
+
+
+def _supervise(wfd: int, log: Callable[[str], None],
+               make_machine: Callable[[], Machine], cap: int = DEFAULT_CONSOLE_LOG_SIZE) -> None:
+    def tell(line: str) -> None:
+        try:
+            os.write(wfd, (line + "\n").encode())
+        except OSError:
+            pass
+
+    try:
+        machine = make_machine()
+    except UspawnError as exc:
+        tell(f"error {exc.exit_code} {exc.one_line()}")
+        return
+    os.makedirs(LOG_DIR, mode=0o750, exist_ok=True)
+    machine.console_log = console_log_path(machine.name)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.close(null)
+    clog = ConsoleLog(machine.console_log, cap, stdio=True)
+    machine.console_sink = clog.write
+    clog.write(f"-- uspawn: booting {machine.name} ({machine.uuid})\n".encode())
+
+    def ready() -> None:
+        tell(f"ready {machine.name}")
+
+    machine.on_ready = ready
+    try:
+        code = machine.run_foreground(out_fd=clog.fd, interactive=False)
+    except UspawnError as exc:
+        tell(f"error {exc.exit_code} {exc.one_line()}")
+        clog.write(f"-- uspawn: {exc.one_line()}\n".encode())
+        return
+    clog.write(f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
+    tell(f"error {code or 125} machine {machine.name} stopped before it was ready")
+

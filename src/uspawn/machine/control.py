@@ -1,0 +1,263 @@
+"""Running machines: list, status, stop, kill, logs (read from the state directory).
+
+A container's record is trusted only while its owner holds the name lock
+(state.read_states), and a pid is signalled only if its start time still
+matches the record, so a recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from uspawn.base.errors import StateError
+from uspawn.base.textsafe import STATUS_LIMIT, clip, field
+from uspawn.kernel import sig
+from uspawn.kernel.pidwait import wait_gone
+from uspawn.state.store import proc_starttime, read_states
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import BinaryIO, TextIO
+
+
+def find(root: str, name: str) -> dict[str, object]:
+    for st in read_states(root):
+        if st.get("name") == name:
+            return st
+    raise StateError(f"no running container named {name!r}", "see `uspawn list`")
+
+
+def _pid(st: dict[str, object]) -> int:
+    pid = st.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or proc_starttime(pid) != st.get("pid_start"):
+        raise StateError(f"container {st.get('name')!r} has no live init process")
+    return pid
+
+
+def _uptime(st: dict[str, object]) -> str:
+    started = st.get("started")
+    if not isinstance(started, int | float):
+        return "-"
+    secs = int(time.time() - started)
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}min"
+    return f"{secs // 3600}h"
+
+
+def _state_word(st: dict[str, object]) -> str:
+    if st.get("stopping"):
+        return "stopping"
+    if st.get("machine") and not st.get("ready"):
+        return "starting"
+    return "running"
+
+
+def _addresses() -> dict[str, list[str]]:
+    from uspawn.net import pool as netpool
+
+    if not os.path.isdir(netpool.NET_DIR):
+        return {}
+    return netpool.addresses()
+
+
+def _capped(value: object, limit: int = 4096) -> object:
+    """A state value for JSON: JSON escapes control characters itself; only the
+    length is capped, with the same limits as the text output."""
+    return clip(value, limit) if isinstance(value, str) else value
+
+
+def _json_row(s: dict[str, object], addrs: dict[str, list[str]]) -> dict[str, object]:
+    started = s.get("started")
+    return {"name": _capped(s.get("name")), "pid": s.get("pid"), "state": _state_word(s),
+            "uid_base": s.get("uid_base"), "uid_size": s.get("uid_size"),
+            "uptime_seconds": int(time.time() - float(started))
+            if isinstance(started, int | float) else None,
+            "rootfs": _capped(s.get("rootfs")), "ownership": _capped(s.get("ownership")),
+            "machine": bool(s.get("machine")), "uuid": _capped(s.get("uuid")),
+            "addresses": [clip(a, 64) for a in addrs.get(str(s.get("name")), [])],
+            "status_text": _capped(s.get("status_text"), STATUS_LIMIT)}
+
+
+def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    states = read_states(root)
+    addrs = _addresses()
+    if as_json:
+        import json
+
+        rows = [_json_row(s, addrs) for s in states]
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    header = ("NAME", "PID", "STATE", "UID RANGE", "ADDRESSES", "UPTIME", "ROOTFS")
+    rows2 = [header]
+    for s in states:
+        base, size = s.get("uid_base"), s.get("uid_size")
+        rng = f"{base}:{size}" if isinstance(base, int) else "host"
+        # Every value from the state directory is shown through the one sanitiser.
+        rows2.append((field(s.get("name")), field(s.get("pid")), _state_word(s), field(rng),
+                      field(",".join(addrs.get(str(s.get("name")), []))),
+                      _uptime(s), field(s.get("rootfs"))))
+    widths = [max(len(r[i]) for r in rows2) for i in range(len(header))]
+    for r in rows2:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+def status_command(root: str, name: str, out: TextIO = sys.stdout) -> int:
+    st = find(root, name)
+    # STATUS= comes straight from the machine's pid 1 (sd_notify): a terminal
+    # escape there must reach the admin as text, never as a control sequence.
+    lines = [
+        ("Name", field(st.get("name"))), ("State", _state_word(st)),
+        ("Init PID", field(st.get("pid"))), ("UUID", field(st.get("uuid"))),
+        ("Root", field(st.get("rootfs"))),
+        ("UID range", field(f"{st.get('uid_base')}:{st.get('uid_size')}")),
+        ("Ownership", field(st.get("ownership"))), ("Uptime", _uptime(st)),
+        ("Status", field(st.get("status_text"), STATUS_LIMIT)),
+        ("Console log", field(st.get("console_log"))),
+    ]
+    for key, value in lines:
+        out.write(f"{key + ':':<13}{value}\n")
+    return 0
+
+
+def kill_command(root: str, name: str, signal_name: str) -> int:
+    pid = _pid(find(root, name))
+    os.kill(pid, sig.parse_signal(signal_name))
+    return 0
+
+
+def stop_command(root: str, name: str, timeout: float, log: object = None) -> int:
+    """SIGRTMIN+3 (systemd's clean poweroff), SIGKILL after the timeout; wait for cleanup."""
+    st = find(root, name)
+    pid = _pid(st)
+    # A booted machine powers off on SIGRTMIN+3; a plain `run` payload gets SIGTERM.
+    os.kill(pid, sig.SIGRTMIN + 3 if st.get("machine") else sig.SIGTERM)
+    if not wait_gone(pid, timeout):
+        os.kill(pid, sig.SIGKILL)
+        wait_gone(pid, 10)
+    # The runtime that owns the container removes its state and cgroup.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if all(s.get("name") != name for s in read_states(root)):
+            return 0
+        time.sleep(0.02)
+    raise StateError(f"container {name!r} stopped but its runtime did not clean up in 10s")
+
+
+def logs_command(name: str, follow: bool, out: TextIO = sys.stdout) -> int:
+    """The rotated log (NAME.console.log.1) first, then the current one.
+
+    On a terminal the bytes are filtered (textsafe.terminal_text: colours stay,
+    other control sequences from the payload are shown escaped); into a pipe or
+    file they are copied as recorded.
+    """
+    from uspawn.machine.boot import console_log_path
+
+    path = console_log_path(name)
+    try:
+        # .1 before the current file: a rotation in between repeats lines, never loses them.
+        old: BinaryIO | None = open(path + ".1", "rb")
+    except OSError:
+        old = None  # never rotated (or removed meanwhile)
+    try:
+        f: BinaryIO = open(path, "rb")
+    except OSError as exc:
+        if old is not None:
+            old.close()
+        if isinstance(exc, FileNotFoundError):
+            raise StateError(f"no console log for {name!r} ({path})", "logs exist for "
+                             "machines started with `uspawn boot --detach`") from None
+        # a name of 300 characters, "x/" ...
+        raise StateError(f"console log {path}: {exc.strerror}") from None
+    emit = _log_writer(out)
+    try:
+        if old is not None:
+            with old:
+                _copy_all(old, emit)
+        while True:
+            if _copy_all(f, emit):
+                continue
+            if not follow:
+                return 0
+            f = _reopen_if_rotated(f, path, emit)
+            time.sleep(0.2)
+    finally:
+        f.close()
+
+
+def _copy_all(f: BinaryIO, emit: Callable[[bytes], None]) -> bool:
+    """Copy what f has now; True if anything was read."""
+    any_read = False
+    while chunk := f.read(65536):
+        emit(chunk)
+        any_read = True
+    return any_read
+
+
+def _reopen_if_rotated(f: BinaryIO, path: str, emit: Callable[[bytes], None]) -> BinaryIO:
+    """`logs -f` across a rotation: finish the old file (now .1), go on with the new."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f
+    if st.st_ino == os.fstat(f.fileno()).st_ino:
+        return f
+    try:
+        new = open(path, "rb")
+    except OSError:
+        return f
+    _copy_all(f, emit)
+    f.close()
+    return new
+
+
+def _log_writer(out: TextIO) -> Callable[[bytes], None]:
+    buf = getattr(out, "buffer", None)
+    if buf is not None and not out.isatty():
+        def raw(chunk: bytes) -> None:
+            buf.write(chunk)
+            buf.flush()
+        return raw
+    import codecs
+
+    from uspawn.base.textsafe import terminal_text
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def text(chunk: bytes) -> None:
+        out.write(terminal_text(decoder.decode(chunk)))
+        out.flush()
+    return text
+
+
+def exec_command(root_override: str | None, name: str, cmd: list[str] | None, tty: bool,
+                 setenv: list[str], cwd: str) -> int:
+    """exec (cmd given) or shell (cmd None: the root user's login shell)."""
+    from uspawn.engine.enter import enter
+    from uspawn.kernel import seccomp
+    from uspawn.state.store import state_root
+
+    st = find(state_root(root_override), name)
+    _pid(st)
+    env = list(setenv)
+    if cmd is None:
+        shell = _root_shell(str(st.get("rootfs")))
+        cmd = [shell, "-l"]
+        env = ["USER=root", "LOGNAME=root", f"SHELL={shell}", *env]
+    userns = st.get("uid_base") is not None
+    bpf = seccomp.policy_bpf(seccomp.default_policy(userns=userns))
+    return enter(st, cmd, tty, env, cwd=cwd, seccomp_bpf=bpf)
+
+
+def _root_shell(rootfs: str) -> str:
+    from uspawn.tree import etc
+
+    for ent in etc.entries(rootfs, "/etc/passwd"):
+        if len(ent) >= 7 and ent[0] == "root" and ent[6].startswith("/"):
+            return ent[6]
+    return "/bin/sh"

@@ -1,0 +1,207 @@
+"""`uspawn run` and `uspawn boot`: resolve the command line into Spec + Options, run it.
+
+Decisions made here, before anything is created:
+  - the container name (claimed in the state directory; `boot` names must be
+    free, `run` derives a free one from the directory name),
+  - the UID range (picked or checked, and leased for the container's life),
+  - the ownership mode (map / chown / off; `auto` prefers an idmapped mount
+    and keeps a tree that an earlier chown already shifted on that base),
+  - the seccomp program (compiled once, then read from the cache).
+"""
+
+from __future__ import annotations
+
+import os
+
+from uspawn.base.errors import SpecError, UsageError
+from uspawn.engine import console
+from uspawn.engine.request import START_AUTO, Request
+from uspawn.kernel import sig
+from uspawn.machine import presets
+from uspawn.machine.claims import Launch, prepare
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import types
+    from collections.abc import Callable
+
+    from uspawn.engine.console import StdioRelay
+    from uspawn.engine.request import Undo
+    from uspawn.machine.boot import Machine
+
+
+def _split_caps(values: list[str]) -> list[str]:
+    return [c for v in values for c in v.split(",") if c]
+
+
+def _request(ns: types.SimpleNamespace, la: Launch, net: NetworkChoice,
+             log: Callable[[str], None], **kw: object) -> Request:
+    """The engine request of `run` and `boot`: complete here, read-only afterwards."""
+    from uspawn.kernel import seccomp
+
+    bpf = seccomp.policy_bpf(seccomp.default_policy(userns=la.userns))
+    verbose = bool(ns.verbose or ns.debug)
+    undo, setup = net.wire(la.claim.name, verbose, log)
+    return Request(name=la.claim.name, claim=la.claim, range_lease=la.lease,
+                   ownership=la.ownership, seccomp_bpf=bpf, start=START_AUTO,
+                   verbose=verbose, debug=bool(ns.debug), log=log, undo=undo,
+                   network_setup=setup, **kw)
+
+
+class NetworkChoice:
+    """--network / --port, parsed before anything is claimed."""
+
+    def __init__(self, value: str, ports: list[str]) -> None:
+
+        self.mode, _, self.arg = value.partition(":")
+        if self.mode not in ("private", "host", "veth", "bridge", "netns"):
+            raise UsageError(f"--network: unknown mode {value!r}",
+                             "use private, host, veth, bridge:BRIDGE or netns:PATH")
+        if self.mode in ("bridge", "netns") and not self.arg:
+            raise UsageError(f"--network={self.mode}: needs a value ({self.mode}:...)")
+        if self.mode == "netns" and not os.path.exists(self.arg):
+            raise SpecError(f"--network=netns:{self.arg}: no such namespace file")
+        self.ports: list[tuple[str, int, int]] = []
+        if ports:
+            if self.mode not in ("veth", "bridge"):
+                raise UsageError("--port needs --network=veth or --network=bridge:BR")
+            from uspawn.net.pool import parse_port
+
+            self.ports = [parse_port(p) for p in ports]
+
+    @property
+    def host(self) -> bool:
+        return self.mode == "host"
+
+    @property
+    def netns_path(self) -> str | None:
+        return self.arg if self.mode == "netns" else None
+
+    def wire(self, name: str, verbose: bool, log: Callable[[str], None],
+             ) -> tuple[tuple[Undo, ...], Callable[[int, list[Undo]], None] | None]:
+        """Lease addresses/ports now (their release, to undo); the veth is set up
+        once the init exists (the returned setup)."""
+        if self.mode not in ("veth", "bridge"):
+            return (), None
+        from uspawn.net import pool as netpool
+
+        if os.path.isdir(netpool.NET_DIR):
+            netpool.cleanup_stale()  # what a container killed with -9 left behind
+        pool = netpool.NetPool()
+        lease = (pool.allocate(name, owner_pid=os.getpid()) if self.mode == "veth"
+                 else pool.allocate_on_bridge(name, self.arg, owner_pid=os.getpid()))
+        try:
+            port_leases = pool.reserve_ports(name, self.ports, owner_pid=os.getpid())
+        except BaseException:
+            lease.release()
+            raise
+        bridge = self.arg if self.mode == "bridge" else None
+        ports = self.ports
+
+        def setup(pid: int, undo: list[Undo]) -> None:
+            from uspawn.net import links as netsetup
+
+            veth = netsetup.setup_veth(pid, name, lease.host_addr, lease.cont_addr,
+                                       lease.prefixlen, bridge)
+            undo.append(veth.teardown)
+            if ports:
+                rules = netsetup.publish_ports(name, lease.cont_addr, ports, veth.host_ifname)
+                undo.append(rules.teardown)
+            if verbose:
+                log(f"network: {veth.host_ifname} <-> host0 {lease.cont_addr}/"
+                    f"{lease.prefixlen}" + "".join(f", {p}/{h}->{c}" for p, h, c in ports))
+
+        return (lease.release, *(pl.release for pl in port_leases)), setup
+
+
+def _binds(ns: types.SimpleNamespace, log: Callable[[str], None] | None = None,
+           ) -> list[tuple[str, str, list[str]]]:
+    binds = [presets.parse_bind(b, False, "--bind", log) for b in ns.bind]
+    return binds + [presets.parse_bind(b, True, "--bind-ro", log) for b in ns.bind_ro]
+
+
+def _console_size() -> tuple[int, int] | None:
+    try:
+        sz = os.get_terminal_size(0)
+    except OSError:
+        return None
+    return (sz.lines, sz.columns)
+
+
+def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
+    """`uspawn run`: the Spec and the engine request, built here, then the engine."""
+    binds = _binds(ns, log)
+    net = NetworkChoice(ns.network, ns.port)
+    la = prepare(ns, log=log)
+    relay: StdioRelay | None = None
+    try:
+        spec = presets.run_spec(
+            la.rootfs, list(ns.cmd), hostname=ns.hostname, base=la.base, size=la.size,
+            userns=la.userns, network_host=net.host, netns_path=net.netns_path, user=ns.user,
+            chdir=ns.chdir, setenv=ns.setenv, add_caps=_split_caps(ns.capability),
+            drop_caps=_split_caps(ns.drop_capability),
+            no_new_privileges=ns.no_new_privileges, tty=ns.tty, binds=binds,
+            console_size=_console_size() if ns.tty else None, read_only=ns.read_only,
+            tmpfs=ns.tmpfs,
+        )
+        if not ns.tty:
+            from uspawn.engine.console import StdioRelay
+
+            # Pipes for the payload's stdio where ours are host files.
+            relay = StdioRelay.setup()
+        stdio = {} if relay is None else {
+            "stdio": (relay.child[0], relay.child[1], relay.child[2]),
+            "close_in_child": tuple(relay.fds())}
+        req = _request(ns, la, net, log, **stdio)
+    except BaseException:
+        la.release()
+        if relay is not None:
+            relay.finish()
+        raise
+    # From here on the container owns (and releases) the claim and the lease.
+    if relay is None:
+        return console.run(spec, req, on_start=la.record)
+    from uspawn.engine.console import ConsoleIO
+
+    try:
+        return console.run(spec, req, on_start=la.record, io=ConsoleIO(relay=relay))
+    finally:
+        relay.finish()  # after a failed start: what the child wrote, then close
+
+
+def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
+    from uspawn.machine import boot
+
+    binds = _binds(ns, log)
+    NetworkChoice(ns.network, ns.port)  # bad --network/--port: fail before forking
+    if ns.detach:
+        return boot.detach(ns, log, lambda: _boot_machine(ns, log, binds))
+    machine = _boot_machine(ns, log, binds)
+    return machine.run_foreground()
+
+
+def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
+                  binds: list[tuple[str, str, list[str]]]) -> Machine:
+    from uspawn.machine import boot
+
+    net = NetworkChoice(ns.network, ns.port)
+    la = prepare(ns, exact_name=True, log=log)
+    try:
+        init = presets.find_init(la.rootfs)
+        notify = boot.NotifyListener(la.claim.dir, la.base if la.userns else 0)
+        host_dir = boot.make_host_dir(la.claim.dir, la.base if la.userns else 0, notify)
+        machine_uuid = boot.new_uuid()
+        spec = presets.run_spec(
+            la.rootfs, [init], hostname=ns.hostname or la.claim.name, base=la.base,
+            size=la.size, userns=la.userns, network_host=net.host, netns_path=net.netns_path,
+            add_caps=_split_caps(ns.capability), drop_caps=_split_caps(ns.drop_capability),
+            binds=binds, boot=True, host_dir=host_dir, machine_uuid=machine_uuid,
+            tty=True, console_size=_console_size(), tmpfs=ns.tmpfs,  # the console is a pty
+        )
+        # INT/TERM to uspawn mean "power the machine off cleanly", as for nspawn.
+        req = _request(ns, la, net, log, delegate_cgroup=True,
+                       signal_map={sig.SIGINT: boot.SIGRTMIN_3, sig.SIGTERM: boot.SIGRTMIN_3})
+    except BaseException:
+        la.release()
+        raise
+    return boot.Machine(spec, req, la, notify, machine_uuid, ns)
