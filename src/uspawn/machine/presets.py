@@ -14,7 +14,6 @@ from uspawn.engine import spec as S
 from uspawn.engine.defaults import DEFAULT_PATH, MASKED_PATHS, READONLY_PATHS
 from uspawn.kernel import caps
 from uspawn.state.store import RANGE_SIZE
-from uspawn.tree import etc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -199,6 +198,8 @@ def parse_tmpfs(value: str) -> tuple[str, list[str]]:
 def resolve_user(root: str, value: str) -> S.User:
     """NAME|UID[:GID] against the *container's* /etc/passwd and /etc/group."""
     name, _, group = value.partition(":")
+    from uspawn.tree import etc  # only with --user
+
     passwd = etc.entries(root, "/etc/passwd")
     groups = etc.entries(root, "/etc/group")
     uid = gid = None
@@ -356,6 +357,8 @@ def run_spec(
 
 
 def _home_of(root: str, uid: int) -> str:
+    from uspawn.tree import etc
+
     for ent in etc.entries(root, "/etc/passwd"):
         if len(ent) >= 6 and ent[2] == str(uid):
             return ent[5] or "/"
