@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -383,3 +384,55 @@ def test_cgroups_path_never_takes_over_a_foreign_cgroup(oci: Oci, rootfs: Path,
     finally:
         (foreign / "child").rmdir()
         foreign.rmdir()
+
+
+def _limit_files(pid: int) -> dict[str, str]:
+    """memory and pids limits of pid's cgroups, wherever the host keeps them (v1 or v2)."""
+    from uspawn.kernel.cgroups import detect_layout
+
+    _layout, unified = detect_layout()
+    found: dict[str, str] = {}
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            if ctrls == "" and unified:
+                for key, name in (("memory", "memory.max"), ("pids", "pids.max")):
+                    p = Path(unified + path) / name
+                    if p.exists():
+                        found[key] = p.read_text().strip()
+            for ctrl, name in (("memory", "memory.limit_in_bytes"), ("pids", "pids.max")):
+                if ctrl in ctrls.split(","):
+                    found[ctrl] = (Path("/sys/fs/cgroup", ctrl, path.lstrip("/")) / name
+                                   ).read_text().strip()
+    return found
+
+
+@pytest.mark.parametrize("cgroups_path", ["/uspawn-test-{id}", "/uspawn-test/deep/c-{id}",
+                                          "uspawn-test.slice:oci:c-{id}"])
+def test_limits_apply_whatever_the_cgroups_path_shape(oci: Oci, rootfs: Path, tmp_path: Path,
+                                                      cgroups_path: str) -> None:
+    """linux.resources reach the kernel for every cgroupsPath depth and form, on v1
+    hierarchies too (issue 12: they used to be skipped unless the path had two parts)."""
+    cid = f"lim-{uuid.uuid4().hex[:8]}"
+    b = make_bundle(tmp_path, rootfs, ["sleep", "60"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["cgroupsPath"] = cgroups_path.format(id=cid)
+    cfg["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "pids": {"limit": 42}}
+    (b / "config.json").write_text(json.dumps(cfg))
+    oci("create", "-b", str(b), cid)
+    try:
+        pid = int(json.loads(oci("state", cid).stdout)["pid"])
+        assert _limit_files(pid) == {"memory": str(64 << 20), "pids": "42"}
+    finally:
+        oci("delete", "--force", cid)
+
+
+def test_time_namespace_is_created(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """{"type": "time"} used to pass validation and be ignored."""
+    b = make_bundle(tmp_path, rootfs, ["readlink", "/proc/self/ns/time"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["namespaces"].append({"type": "time"})
+    (b / "config.json").write_text(json.dumps(cfg))
+    r = oci("run", "-b", str(b), f"time-{uuid.uuid4().hex[:8]}")
+    inside = r.stdout.strip()
+    assert inside.startswith("time:[") and inside != os.readlink("/proc/self/ns/time")
