@@ -53,9 +53,9 @@ from uspawn.engine import plan as planmod
 from uspawn.engine import spec as S
 from uspawn.engine.request import Request
 from uspawn.kernel import seccomp
+from uspawn.oci import cli as oci_cli
+from uspawn.oci import lifecycle as oci
 from uspawn.oci.defaults import default_config
-from uspawn.oci.lifecycle import cli as oci_cli
-from uspawn.oci.lifecycle import lifecycle as oci
 
 ALLOWED = (UspawnError, seccomp.SeccompPolicyError)
 LONG_EXAMPLES = 10_000

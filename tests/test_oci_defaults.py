@@ -21,7 +21,7 @@ from uspawn.engine import plan
 from uspawn.engine import spec as S
 from uspawn.kernel import caps, mounts, seccomp
 from uspawn.machine.presets import MASKED_PATHS, READONLY_PATHS
-from uspawn.oci.lifecycle import defaults as oci_defaults
+from uspawn.oci import defaults as oci_defaults
 
 # --- default_config -------------------------------------------------------------------
 

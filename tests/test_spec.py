@@ -286,7 +286,7 @@ def test_cgroup_dir_stays_below_the_hierarchy(rel: str) -> None:
 
 
 def test_cgroups_path_error_names_the_field() -> None:
-    from uspawn.oci.lifecycle import lifecycle as oci
+    from uspawn.oci import lifecycle as oci
 
     spec = _valid()
     assert spec.linux is not None
