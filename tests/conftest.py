@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,8 +111,8 @@ class Runner:
         return subprocess.run(self.argv(*args), capture_output=True, text=True,
                               timeout=timeout, input=input)
 
-    def popen(self, *args: str, **kw: object) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*args), text=True, **kw)  # type: ignore[call-overload]
+    def popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args), text=True, **kw)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import pytest
 from conftest import host_mount_count, skip_or_fail
 
 from uspawn.diag import doctor
+from uspawn.diag.report import Row
 from uspawn.kernel import mounts, seccomp, syscalls
 
 Rows = dict[str, dict[str, str]]
@@ -312,7 +313,7 @@ def test_the_4_18_mknod_behaviour_is_broken(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_hanging_probe_is_killed_and_reported() -> None:
-    def hang(ctx: doctor.Ctx) -> list[doctor.Row]:
+    def hang(ctx: doctor.Ctx) -> list[Row]:
         time.sleep(60)
         return []
 
@@ -323,14 +324,14 @@ def test_hanging_probe_is_killed_and_reported() -> None:
 
 
 def test_crashing_probes_are_reported() -> None:
-    def segv(ctx: doctor.Ctx) -> list[doctor.Row]:
+    def segv(ctx: doctor.Ctx) -> list[Row]:
         import faulthandler
 
         faulthandler.disable()  # pytest's handler would print a traceback for the crash
         os.kill(os.getpid(), signal.SIGSEGV)
         return []
 
-    def raises(ctx: doctor.Ctx) -> list[doctor.Row]:
+    def raises(ctx: doctor.Ctx) -> list[Row]:
         raise OSError(errno.EIO, "boom")
 
     [r] = doctor.run_probe("segv", segv, doctor.Ctx("/"))

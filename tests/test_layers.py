@@ -57,7 +57,7 @@ def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
     tree = ast.parse(path.read_text(), str(path))
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
-    out = []
+    out: list[tuple[int, str, list[str]]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.extend((node.lineno, a.name, []) for a in node.names)
@@ -195,7 +195,7 @@ def test_the_check_sees_function_level_imports(tmp_path: Path) -> None:
 def imports_of_in(path: Path, as_module: str) -> list[tuple[int, str, list[str]]]:
     """imports_of for a file outside src (the checker's own test)."""
     tree = ast.parse(path.read_text())
-    out = []
+    out: list[tuple[int, str, list[str]]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             out.append((node.lineno, node.module, [a.name for a in node.names]))

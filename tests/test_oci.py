@@ -17,8 +17,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
 import pytest
 from conftest import cgroup_dirs, mounts_under
@@ -34,7 +35,7 @@ class Oci:
         self.root = root
 
     def __call__(self, *args: str, timeout: float = 60, check: bool = True,
-                 stdout: object = None) -> subprocess.CompletedProcess[str]:
+                 stdout: int | IO[str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run the runtime. Output goes through temporary files, not pipes: a
         created container inherits the runtime's stdio and would hold a pipe
         open long after the runtime exited."""
@@ -64,7 +65,7 @@ def oci(tmp_path: Path, need_root: None) -> Iterator[Oci]:
 
 
 def make_bundle(tmp_path: Path, rootfs: Path, args: list[str], terminal: bool = False,
-                userns: bool = True, hooks: dict[str, object] | None = None) -> Path:
+                userns: bool = True, hooks: Mapping[str, object] | None = None) -> Path:
     from uspawn.oci.defaults import default_config
 
     b = tmp_path / "bundle"

@@ -19,8 +19,9 @@ import pytest
 from uspawn.base.errors import SpecError
 from uspawn.engine import plan
 from uspawn.engine import spec as S
+from uspawn.engine.defaults import MASKED_PATHS, READONLY_PATHS
+from uspawn.engine.request import Request
 from uspawn.kernel import caps, mounts, seccomp
-from uspawn.machine.presets import MASKED_PATHS, READONLY_PATHS
 from uspawn.oci import defaults as oci_defaults
 
 # --- default_config -------------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_default_config_decodes_validates_and_plans(rootless: bool, tmp_path: Pa
             m.host_id = 1000
     S.validate(spec)
     # and the engine accepts every field (mount types, rlimit and capability names)
-    host, init = plan.build(spec)
+    host, init = plan.build(spec, Request())
     assert init.userns  # rootful too: container root is never host root
     assert [b.source for b in host.binds] == (["/sys"] if rootless else [])
 

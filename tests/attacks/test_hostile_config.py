@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,14 +146,14 @@ class Bundle:
         self.config["process"]["args"] = ["true"]
 
     def run(self, *args: str, timeout: float = TIMEOUT,
-            preexec_fn: object = None) -> subprocess.CompletedProcess[str]:
+            preexec_fn: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
         """`uspawn-runc run` (create, start, wait, delete) of the current config."""
         self.config["process"]["args"] = list(args) or self.config["process"]["args"]
         (self.dir / "config.json").write_text(json.dumps(self.config))
         cid = self.host.machine()
         r = subprocess.run([*_runc_cmd(), "--root", str(self.state), "run", "--bundle",
                             str(self.dir), cid], capture_output=True, text=True, input="",
-                           timeout=timeout, preexec_fn=preexec_fn)  # type: ignore[arg-type]
+                           timeout=timeout, preexec_fn=preexec_fn)
         assert_no_traceback(r)
         assert not self.state.exists() or list(self.state.iterdir()) == [], "OCI state left"
         return r
