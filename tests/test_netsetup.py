@@ -195,7 +195,7 @@ def test_port_reservation_collisions_leave_nothing(tmp_path: Path) -> None:
 
 
 def test_lease_of_a_killed_owner_is_reclaimed(tmp_path: Path) -> None:
-    code = ("import sys, time; from uspawn import netpool;"
+    code = ("import sys, time; from uspawn.net import pool as netpool;"
             f"p = netpool.NetPool({str(tmp_path)!r});"
             "a = p.allocate('usp-dead', subnet='10.252.254.0/30');"
             "p.reserve_ports('usp-dead', [('tcp', 18089, 80)]);"

@@ -49,7 +49,7 @@ def test_explicit_range_conflicts(tmp_path: Path) -> None:
 def test_lease_dies_with_its_holder(tmp_path: Path) -> None:
     """A holder killed with SIGKILL frees its range: the flock goes with it."""
     code = (
-        "import sys, time; from uspawn import state;"
+        "import sys, time; from uspawn.state import store as state;"
         f"a = state.RangeAllocator({str(tmp_path)!r}); l = a.lease(0x60000000);"
         "print('held', flush=True); time.sleep(60)"
     )
