@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import _socket
 import marshal
+import os as _os
 import struct
 
 # _socket, not socket: `socket` imports enum (~3 ms per start). Payloads are
@@ -94,7 +95,9 @@ class Channel:
             anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
             self.sock.sendmsg([payload], anc)
         else:
-            self.sock.send(payload)
+            # write(2), not send(2): an error after a seccomp profile that
+            # refuses what it does not list still reaches the parent.
+            _os.write(self.sock.fileno(), payload)
 
     def send_error(self, message: str, err: int = 0, exit_code: int = 125) -> None:
         self.send(ERROR, message=message, errno=err, exit_code=exit_code)
