@@ -54,6 +54,10 @@ RUN_OPTS = [
         help="a tmpfs at PATH (replaces the default /tmp or /run)"),
     Opt("--read-only", kind="flag", help="mount the rootfs read-only"),
     Opt("-t", "--tty", kind="flag", help="allocate a pseudo-terminal"),
+    Opt("--stop-timeout", default="10", metavar="SECONDS",
+        help="SIGKILL this long after SIGTERM/SIGINT or `uspawn stop` (default 10)"),
+    Opt("--kill-signal", metavar="SIG",
+        help="signal sent first on SIGTERM/SIGINT or `uspawn stop` (default: the one received)"),
     Opt("-v", "--verbose", kind="flag", help="say what uspawn decided"),
     Opt("--debug", kind="flag", help="print the mount plan"),
 ]

@@ -40,21 +40,88 @@ def copy_winsize(src: int, dst: int) -> None:
         pass
 
 
+# Signals that ask a foreground container to stop: forwarded (or --kill-signal
+# instead), then SIGKILL after the grace period. SIGINT only without a terminal:
+# with one, Ctrl-C is a byte for the pty's foreground job (the line discipline).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class forward_signals:
-    """Forward FORWARDED signals to the container's init while active."""
+    """Forward FORWARDED signals to the container's init while active, and stop it.
+
+    A pid-namespace init only gets the signals it has a handler for: a payload
+    without a SIGTERM handler (busybox httpd, most single binaries) ignores the
+    forwarded signal. So with req.stop_timeout >= 0, the first stop signal arms a
+    deadline (docker stop's grace period) at which the foreground loop (pump, woken
+    through a self-pipe) SIGKILLs the init, and its pid namespace with it; a second
+    stop signal kills at once.
+    """
 
     def __init__(self, c: Container) -> None:
         self.c = c
         self.saved: dict[int, object] = {}
+        self.deadline: float | None = None  # time.monotonic() of the SIGKILL
+        self.undelivered = 0  # a stop signal that came before the init existed
+        self.killed = False
+        self.wake_r = -1  # readable once a stop signal came: the loop recomputes its timeout
+        self.wake_w = -1
 
     def _forward(self, sig: int, _frame: object) -> None:
         if sig == signal.SIGWINCH and self.c.console_master >= 0:
             # The kernel signals the pty's foreground group itself on resize.
             copy_winsize(0, self.c.console_master)
+        elif self._is_stop(sig):
+            self._stop(sig)
         else:
             self.c.signal(self.c.req.signal_map.get(sig, sig))
 
+    def _is_stop(self, sig: int) -> bool:
+        if self.c.req.stop_timeout < 0 or sig not in STOP_SIGNALS:
+            return False
+        process = self.c.spec.process
+        return sig == signal.SIGTERM or process is None or not process.terminal
+
+    def _stop(self, sig: int) -> None:
+        req = self.c.req
+        if self.killed:
+            return
+        if self.deadline is None:
+            self.deadline = time.monotonic() + req.stop_timeout
+            first = req.kill_signal or req.signal_map.get(sig, sig)
+            if self.c.pidfd >= 0:
+                self.c.signal(first)
+            else:
+                self.undelivered = first  # sent once the loop starts (tick)
+        else:
+            self.deadline = time.monotonic()  # a second stop signal: no more grace
+        if self.wake_w >= 0:
+            try:
+                os.write(self.wake_w, b"s")
+            except BlockingIOError:
+                pass  # already pending
+
+    def timeout(self) -> float | None:
+        """Seconds until the SIGKILL is due (None: not armed)."""
+        if self.deadline is None or self.killed:
+            return None
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def tick(self, ready: list[int]) -> None:
+        """After each wake-up of the loop: drain the self-pipe, SIGKILL when due."""
+        if self.wake_r in ready:
+            try:
+                os.read(self.wake_r, 64)
+            except BlockingIOError:
+                pass
+        if self.undelivered and self.c.pidfd >= 0:
+            self.c.signal(self.undelivered)
+            self.undelivered = 0
+        if not self.killed and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.killed = True  # once: the loop then waits for the pidfd, no busy timeout
+            self.c.signal(signal.SIGKILL)
+
     def __enter__(self) -> forward_signals:
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         for sig in FORWARDED:
             self.saved[sig] = signal.set_handler(sig, self._forward)
         return self
@@ -62,6 +129,9 @@ class forward_signals:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.saved.items():
             signal.set_handler(sig, handler)  # type: ignore[arg-type]
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+        self.wake_r = self.wake_w = -1
 
 
 class ConsoleIO:
@@ -93,15 +163,24 @@ class ConsoleIO:
             _write_all(self.out_fd, data)
 
 
-def forward_and_wait(c: Container, io: ConsoleIO | None = None) -> int:
+def forward_and_wait(c: Container, io: ConsoleIO | None = None,
+                     stop: forward_signals | None = None) -> int:
+    """Wait for the container (pumping its console); with `stop`, enforce its deadline."""
     io = io or ConsoleIO()
-    if c.console_master < 0 and not io.extra and io.relay is None:
+    if c.console_master < 0 and not io.extra and io.relay is None and (
+            stop is None or c.req.stop_timeout < 0):
         return c.wait()
-    return pump(c.pidfd, c.console_master, io, c.wait)
+    if stop is not None:
+        stop.tick([])  # a stop that came during create: deliver it, or kill if already due
+    return pump(c.pidfd, c.console_master, io, c.wait, stop)
 
 
-def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int]) -> int:
-    """Copy console bytes (and serve io.extra) until the process behind pidfd exits."""
+def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int],
+         stop: forward_signals | None = None) -> int:
+    """Copy console bytes (and serve io.extra) until the process behind pidfd exits.
+
+    With `stop`, also wake up on its self-pipe and at its deadline (stop.tick kills).
+    """
     stdin_tty = io.interactive and master >= 0 and os.isatty(0)
     saved = None
     if stdin_tty:
@@ -110,7 +189,7 @@ def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int]) -> int
         import tty
 
         tty.setraw(0, termios.TCSANOW)
-    inputs = [pidfd, *io.extra]
+    inputs = [pidfd, *io.extra, *([stop.wake_r] if stop is not None else [])]
     if master >= 0:
         inputs.append(master)
         if io.interactive and _readable_stdin():
@@ -122,9 +201,12 @@ def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int]) -> int
         while True:
             try:
                 extra_r, extra_w = (relay.readers(), relay.writers()) if relay else ([], [])
-                ready, writable, _ = select.select(inputs + extra_r, extra_w, [])
+                ready, writable, _ = select.select(inputs + extra_r, extra_w, [],
+                                                   stop.timeout() if stop else None)
             except InterruptedError:
                 continue
+            if stop is not None:
+                stop.tick(ready)
             if relay is not None:
                 relay.step(ready, writable)
             if master in ready and not _copy(master, io):
@@ -400,11 +482,11 @@ def run(spec: S.Spec, req: Request, on_start: Callable[[Container], None] | None
         # Forward from before the init exists: until execve a signal is
         # ignored by the kernel (a pid-namespace init only gets signals it
         # handles), after execve the payload gets it.
-        with forward_signals(c):
+        with forward_signals(c) as stop:
             create_container(c)
             c.start()
             if on_start is not None:
                 on_start(c)
-            return forward_and_wait(c, io)
+            return forward_and_wait(c, io, stop)
     finally:
         c.destroy()

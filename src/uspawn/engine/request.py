@@ -68,6 +68,11 @@ class Request(FrozenModel):
     preserve_fds: int = 0  # OCI --preserve-fds
     new_keyring: bool = True
     signal_map: dict[int, int] = {}  # signals to the runtime -> to the init
+    # A stop signal to a foreground runtime (console.STOP_SIGNALS): send kill_signal
+    # (0: the signal received, through signal_map), SIGKILL the init stop_timeout
+    # seconds later or at a second one. < 0: forward only, never kill (OCI, boot).
+    stop_timeout: float = -1.0
+    kill_signal: int = 0
     verbose: bool = False
     debug: bool = False
     log: Callable[[str], None] | None = None

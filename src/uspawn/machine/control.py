@@ -135,9 +135,13 @@ def stop_command(root: str, name: str, timeout: float, log: object = None) -> in
     """SIGRTMIN+3 (systemd's clean poweroff), SIGKILL after the timeout; wait for cleanup."""
     st = find(root, name)
     pid = _pid(st)
-    # A booted machine powers off on SIGRTMIN+3; a plain `run` payload gets SIGTERM.
-    os.kill(pid, sig.SIGRTMIN + 3 if st.get("machine") else sig.SIGTERM)
-    if not wait_gone(pid, timeout):
+    # A booted machine powers off on SIGRTMIN+3; a plain `run` payload gets the
+    # container's --kill-signal and --stop-timeout (at most --timeout), as its runtime does.
+    first, grace = sig.SIGRTMIN + 3, timeout
+    if not st.get("machine"):
+        first, grace = _run_stop(st, timeout)
+    os.kill(pid, first)
+    if not wait_gone(pid, grace):
         os.kill(pid, sig.SIGKILL)
         wait_gone(pid, 10)
     # The runtime that owns the container removes its state and cgroup.
@@ -147,6 +151,16 @@ def stop_command(root: str, name: str, timeout: float, log: object = None) -> in
             return 0
         time.sleep(0.02)
     raise StateError(f"container {name!r} stopped but its runtime did not clean up in 10s")
+
+
+def _run_stop(st: dict[str, object], timeout: float) -> tuple[int, float]:
+    """(first signal, grace) of a `run` container's record (older records: SIGTERM)."""
+    first, grace = st.get("kill_signal"), st.get("stop_timeout")
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 < first < 65:
+        first = sig.SIGTERM
+    if isinstance(grace, int | float) and not isinstance(grace, bool) and 0 <= grace < timeout:
+        return first, float(grace)
+    return first, timeout
 
 
 def logs_command(name: str, follow: bool, out: TextIO = sys.stdout) -> int:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from uspawn.engine.console import StdioRelay
     from uspawn.engine.request import Undo
+    from uspawn.engine.runtime import Container
     from uspawn.machine.boot import Machine
 
 
@@ -41,11 +42,32 @@ def _request(ns: types.SimpleNamespace, la: Launch, net: NetworkChoice,
 
     bpf = seccomp.policy_bpf(seccomp.default_policy(userns=la.userns))
     verbose = bool(ns.verbose or ns.debug)
+    if getattr(ns, "stop_timeout", None) is not None:  # `run` only; boot keeps signal_map
+        kw["stop_timeout"] = _seconds(ns.stop_timeout, "--stop-timeout")
+    if getattr(ns, "kill_signal", None) is not None:
+        try:
+            kw["kill_signal"] = sig.parse_signal(ns.kill_signal)
+        except UsageError as exc:
+            raise UsageError(f"--kill-signal: {exc}", "a name (TERM, USR1, RTMIN+3) "
+                             "or a number 1-64") from None
     undo, setup = net.wire(la.claim.name, verbose, log)
     return Request(name=la.claim.name, claim=la.claim, range_lease=la.lease,
                    ownership=la.ownership, seccomp_bpf=bpf, start=START_AUTO,
                    verbose=verbose, debug=bool(ns.debug), log=log, undo=undo,
                    network_setup=setup, **kw)
+
+
+def _seconds(value: str, field: str) -> float:
+    """A grace period: ASCII digits with an optional fraction, 0 .. a year (no nan/inf)."""
+    whole, dot, frac = value.partition(".")
+    if not (value.isascii() and (whole or frac) and (not whole or whole.isdigit())
+            and (not dot or frac.isdigit())):
+        raise UsageError(f"{field}: {value!r} is not a number of seconds",
+                         "use digits, such as 10 or 0.5")
+    n = float(value)
+    if n > 366 * 86400:
+        raise UsageError(f"{field}: {value!r} out of range", "at most a year")
+    return n
 
 
 class NetworkChoice:
@@ -159,12 +181,15 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
             relay.finish()
         raise
     # From here on the container owns (and releases) the claim and the lease.
+    def record(c: Container) -> None:  # `uspawn stop` uses the same first signal and grace
+        la.record(c, kill_signal=req.kill_signal or sig.SIGTERM, stop_timeout=req.stop_timeout)
+
     if relay is None:
-        return console.run(spec, req, on_start=la.record)
+        return console.run(spec, req, on_start=record)
     from uspawn.engine.console import ConsoleIO
 
     try:
-        return console.run(spec, req, on_start=la.record, io=ConsoleIO(relay=relay))
+        return console.run(spec, req, on_start=record, io=ConsoleIO(relay=relay))
     finally:
         relay.finish()  # after a failed start: what the child wrote, then close
 

@@ -1,0 +1,245 @@
+"""Stop semantics of `uspawn run` (issue 15): a stop signal always stops.
+
+A pid-namespace init only gets the signals it handles, so a forwarded SIGTERM
+is lost on `httpd -f` (busybox httpd has no handler). SIGTERM/SIGINT to `uspawn
+run` forward the signal (or --kill-signal), and SIGKILL follows after
+--stop-timeout or at a second stop signal; `uspawn stop` of a `run` container
+does the same. Every wait here is on a pipe, inotify or a pidfd, never a sleep.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Runner, cgroup_dirs, mounts_under, processes_in_cgroup_named
+
+_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_NONBLOCK = 0x08, 0x80, 0o4000
+
+
+def _wait_state(uspawn: Runner, name: str, p: subprocess.Popen[str],
+                timeout: float = 30) -> dict[str, object]:
+    """The container's state.json, once written (after the payload's execve).
+
+    inotify on the container's directory (made here first: claim_name accepts an
+    existing one) plus the runtime's pidfd, so an early exit fails at once.
+    """
+    cdir = uspawn.state / "containers" / name
+    cdir.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    ino = libc.inotify_init1(_IN_NONBLOCK | os.O_CLOEXEC)
+    assert ino >= 0
+    pidfd = os.pidfd_open(p.pid)
+    try:
+        assert libc.inotify_add_watch(ino, bytes(cdir), _IN_CLOSE_WRITE | _IN_MOVED_TO) >= 0
+        deadline = time.monotonic() + timeout
+        while not (cdir / "state.json").exists():
+            left = deadline - time.monotonic()
+            assert left > 0, "no state.json in time"
+            ready = select.select([ino, pidfd], [], [], left)[0]
+            assert pidfd not in ready, f"uspawn exited early: {p.wait()}"
+            if ino in ready:
+                _drain(ino)
+        record = json.loads((cdir / "state.json").read_text())
+        assert isinstance(record, dict)
+        return record
+    finally:
+        os.close(ino)
+        os.close(pidfd)
+
+
+def _drain(ino: int) -> None:
+    while select.select([ino], [], [], 0)[0]:
+        buf = os.read(ino, 4096)
+        off = 0
+        while off < len(buf):
+            n = struct.unpack_from("iIII", buf, off)[3]
+            off += 16 + n
+
+
+def _assert_nothing_left(uspawn: Runner, name: str, rootfs: Path,
+                         record: dict[str, object]) -> None:
+    init = record["pid"]
+    assert isinstance(init, int)
+    try:
+        with open(f"/proc/{init}/stat", "rb") as f:
+            start = int(f.read().rsplit(b")", 1)[1].split()[19])
+        assert start != record["pid_start"], "the init still runs"
+    except FileNotFoundError:
+        pass
+    assert processes_in_cgroup_named(name) == []
+    assert cgroup_dirs(name) == []
+    assert not (uspawn.state / "containers" / name).exists()
+    assert mounts_under(rootfs) == [] and mounts_under(uspawn.state) == []
+    # The UID-range lease (host-wide): gone, or already another container's.
+    lease = Path("/run/uspawn/ranges") / f"{record['uid_base']}-{record['uid_size']}.lock"
+    if lease.exists():
+        text = lease.read_text()
+        assert str(record["runtime_pid"]) not in text and str(init) not in text
+
+
+def _timed_wait(p: subprocess.Popen[str], timeout: float) -> float:
+    t0 = time.monotonic()
+    p.wait(timeout=timeout)
+    return time.monotonic() - t0
+
+
+def test_sigterm_stops_httpd_within_the_grace_period(uspawn: Runner, rootfs: Path) -> None:
+    """httpd ignores the forwarded SIGTERM; SIGKILL comes after --stop-timeout."""
+    grace = 2.0
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stophttpd", "--stop-timeout", str(grace),
+                     "--", "httpd", "-f", "-p", "80",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        record = _wait_state(uspawn, "stophttpd", p)
+        assert record["kill_signal"] == signal.SIGTERM and record["stop_timeout"] == grace
+        p.send_signal(signal.SIGTERM)
+        took = _timed_wait(p, grace + 20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    _, err = p.communicate()
+    assert p.returncode == 128 + signal.SIGKILL, err
+    # Not killed before the grace period (httpd got SIGTERM and ignored it), not much later.
+    assert grace - 0.1 <= took < grace + 1, took
+    _assert_nothing_left(uspawn, "stophttpd", rootfs, record)
+
+
+def test_default_grace_is_ten_seconds(uspawn: Runner, rootfs: Path) -> None:
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stopdefault", "--",
+                     "httpd", "-f", "-p", "80", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        record = _wait_state(uspawn, "stopdefault", p)
+        assert record["stop_timeout"] == 10.0
+        p.send_signal(signal.SIGTERM)
+        took = _timed_wait(p, 30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGKILL
+    assert 9.9 <= took < 11, took
+    _assert_nothing_left(uspawn, "stopdefault", rootfs, record)
+
+
+_TRAPPER = ("trap 'echo got-term' TERM; trap 'echo got-int' INT; "
+            "trap 'echo got-usr1; exit 7' USR1; echo up; "
+            "while :; do sleep 1 & wait $!; done")
+
+
+def test_second_sigterm_kills_at_once(uspawn: Runner, rootfs: Path) -> None:
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stoptwice", "--stop-timeout", "60",
+                     "--", "sh", "-c", _TRAPPER, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    try:
+        assert p.stdout.readline().strip() == "up"
+        record = _wait_state(uspawn, "stoptwice", p)
+        p.send_signal(signal.SIGTERM)
+        # The payload handles it and goes on: the first signal is forwarded, not a kill.
+        assert p.stdout.readline().strip() == "got-term"
+        assert p.poll() is None
+        p.send_signal(signal.SIGTERM)
+        took = _timed_wait(p, 20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGKILL
+    assert took < 5, took  # not the 60 s grace
+    _assert_nothing_left(uspawn, "stoptwice", rootfs, record)
+
+
+def test_sigint_without_a_tty_is_a_stop_signal(uspawn: Runner, rootfs: Path) -> None:
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stopint", "--stop-timeout", "60",
+                     "--", "sh", "-c", _TRAPPER, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    try:
+        assert p.stdout.readline().strip() == "up"
+        p.send_signal(signal.SIGINT)
+        assert p.stdout.readline().strip() == "got-int"
+        p.send_signal(signal.SIGTERM)  # the second stop signal, of another kind
+        p.wait(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGKILL
+
+
+def test_kill_signal_is_sent_first(uspawn: Runner, rootfs: Path) -> None:
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stopusr1", "--kill-signal", "USR1",
+                     "--", "sh", "-c", _TRAPPER, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    try:
+        assert p.stdout.readline().strip() == "up"
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert out.strip() == "got-usr1"  # USR1 instead of TERM
+    assert p.returncode == 7, err
+
+
+def test_uspawn_stop_of_a_run_container(uspawn: Runner, rootfs: Path) -> None:
+    """`uspawn stop` uses the container's --stop-timeout (shorter than its --timeout)."""
+    grace = 2.0
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stopcmd", "--stop-timeout", str(grace),
+                     "--", "httpd", "-f", "-p", "80",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        record = _wait_state(uspawn, "stopcmd", p)
+        t0 = time.monotonic()
+        r = uspawn.run("stop", "stopcmd", timeout=30)
+        took = time.monotonic() - t0
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert p.wait(timeout=10) == 128 + signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert grace - 0.1 <= took < grace + 1.5, took
+    _assert_nothing_left(uspawn, "stopcmd", rootfs, record)
+
+
+def test_uspawn_stop_sends_the_kill_signal(uspawn: Runner, rootfs: Path) -> None:
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stopcmdusr1", "--kill-signal", "USR1",
+                     "--", "sh", "-c", _TRAPPER, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    try:
+        assert p.stdout.readline().strip() == "up"
+        _wait_state(uspawn, "stopcmdusr1", p)
+        r = uspawn.run("stop", "stopcmdusr1", timeout=30)
+        assert r.returncode == 0, r.stderr
+        out, _ = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert out.strip() == "got-usr1" and p.returncode == 7
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--stop-timeout", "nan"), ("--stop-timeout", "inf"), ("--stop-timeout", "-1"),
+    ("--stop-timeout", "1e3"), ("--stop-timeout", "\u0661"), ("--stop-timeout", ""),
+    ("--stop-timeout", "99999999"), ("--kill-signal", "NOPE"), ("--kill-signal", "99"),
+])
+def test_bad_stop_options_are_one_line(uspawn: Runner, rootfs: Path, option: str,
+                                       value: str) -> None:
+    r = uspawn.run("run", "-D", str(rootfs), option, value, "--", "true")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"uspawn: {option}: "), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (uspawn.state / "containers").exists() or \
+        list((uspawn.state / "containers").iterdir()) == []
