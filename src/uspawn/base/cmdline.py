@@ -6,6 +6,13 @@ same reason). This parser covers what uspawn's commands need: global options,
 subcommands, long/short options with `=`/attached/separate values, flags,
 repeatable options, choices, positionals, and a trailing command line
 (`-- CMD ARGS...`, or everything from the first non-option word on).
+After `--`, a command without a trailing command line takes the remaining
+words as positionals (`kill web -- KILL`).
+
+The number parsers (`duration`, `size`, `uint`) are the one place command-line
+numbers are read: ASCII digits only (`"²".isdigit()` is true but int() refuses
+it), finite, non-negative and bounded, so NaN, inf or 1e999 never reach
+select() or a sleep.
 """
 
 from __future__ import annotations
@@ -80,7 +87,12 @@ def _parse_opts(opts: list[Opt], argv: list[str], i: int, ns: dict[str, object],
     while i < len(argv):
         tok = argv[i]
         if tok == "--":
-            return i, words
+            if stop_at_word:
+                return i, words
+            # A command without a trailing command line: everything after `--`
+            # is a positional word (`kill web -- KILL`), never silently dropped.
+            words += argv[i + 1 :]
+            return len(argv), words
         if tok in ("-h", "--help"):
             raise HelpRequested("")
         if tok.startswith("--"):
@@ -189,3 +201,59 @@ def command_usage(cmd: Command, prog: str) -> str:
              cmd.help, "", "options:"]
     lines += [_opt_line(o) for o in cmd.opts]
     return "\n".join(lines)
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+MAX_DURATION = 366 * 86400.0  # a year: longer waits are typos, and select() overflows
+MAX_SIZE = 1 << 50  # bytes
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def is_uint(text: str) -> bool:
+    """ASCII decimal digits only ("²" and "٣" are str.isdigit() but not numbers here)."""
+    return text.isascii() and text.isdigit()
+
+
+def _int(digits: str) -> int:
+    # int() refuses strings over 4300 digits (ValueError); anything past 30 is out of range.
+    return int(digits) if len(digits) <= 30 else 10**30
+
+
+def uint(value: str, field: str, maximum: int = 2**32 - 1, minimum: int = 0) -> int:
+    """A non-negative decimal integer in [minimum, maximum]."""
+    if not is_uint(value):
+        raise UsageError(f"{field}: {value!r} is not a number", "use decimal digits 0-9")
+    n = _int(value)
+    if not minimum <= n <= maximum:
+        raise UsageError(f"{field}: {value!r} out of range", f"between {minimum} and {maximum}")
+    return n
+
+
+def duration(value: str, field: str, positive: bool = False,
+             maximum: float = MAX_DURATION) -> float:
+    """Seconds: DIGITS[.DIGITS] (no sign, exponent, nan or inf), at most `maximum`."""
+    whole, dot, frac = value.partition(".")
+    if not ((is_uint(whole) or (dot and not whole)) and (not dot or is_uint(frac))):
+        raise UsageError(f"{field}: {value!r} is not a number of seconds",
+                         "use digits, such as 10 or 0.5")
+    n = float(value)
+    if positive and n <= 0:
+        raise UsageError(f"{field}: must be > 0")
+    if n > maximum:
+        raise UsageError(f"{field}: {value!r} out of range", f"at most {maximum:.0f} seconds")
+    return n
+
+
+def size(value: str, field: str, minimum: int = 0, maximum: int = MAX_SIZE) -> int:
+    """BYTES or N[K|M|G|T][iB|B] (powers of 1024), in [minimum, maximum]."""
+    v = value.upper().removesuffix("IB").removesuffix("B")
+    unit = v[-1:] if v[-1:] in _SIZE_UNITS and v[-1:] else ""
+    digits = v[: len(v) - len(unit)]
+    if not is_uint(digits):
+        raise UsageError(f"{field}: {value!r} is not a size", "use BYTES or N with K, M or G")
+    n = _int(digits) * _SIZE_UNITS[unit]
+    if not minimum <= n <= maximum:
+        raise UsageError(f"{field}: {value!r} out of range",
+                         f"between {minimum} and {maximum} bytes")
+    return n

@@ -195,6 +195,13 @@ def parse_tmpfs(value: str) -> tuple[str, list[str]]:
     return path, out + opts
 
 
+def _id(text: str) -> int | None:
+    """A decimal ID (ASCII digits: "²".isdigit() is true, int("²") raises), else None."""
+    from uspawn.base.cmdline import is_uint
+
+    return int(text) if is_uint(text) and len(text) <= 10 else None
+
+
 def resolve_user(root: str, value: str) -> S.User:
     """NAME|UID[:GID] against the *container's* /etc/passwd and /etc/group."""
     name, _, group = value.partition(":")
@@ -205,27 +212,37 @@ def resolve_user(root: str, value: str) -> S.User:
     uid = gid = None
     username = None
     for ent in passwd:
-        if len(ent) >= 4 and (ent[0] == name or (name.isdigit() and ent[2] == name)):
-            username, uid, gid = ent[0], int(ent[2]), int(ent[3])
+        if len(ent) >= 4 and (ent[0] == name or (_id(name) is not None and ent[2] == name)):
+            uid, gid = _id(ent[2]), _id(ent[3])
+            if uid is None or gid is None:
+                raise SpecError(f"--user: {name!r}: the container's /etc/passwd gives "
+                                f"non-numeric IDs {ent[2]!r}:{ent[3]!r}",
+                                "fix the tree's /etc/passwd or pass UID:GID")
+            username = ent[0]
             break
     if uid is None:
-        if not name.isdigit():
+        uid = _id(name)
+        if uid is None:
             raise SpecError(f"--user: no user {name!r} in the container's /etc/passwd")
-        uid, gid = int(name), int(name)
+        gid = uid
     if group:
         for ent in groups:
-            if len(ent) >= 3 and (ent[0] == group or (group.isdigit() and ent[2] == group)):
-                gid = int(ent[2])
+            if len(ent) >= 3 and (ent[0] == group or (_id(group) is not None and ent[2] == group)):
+                gid = _id(ent[2])
+                if gid is None:
+                    raise SpecError(f"--user: group {group!r}: the container's /etc/group "
+                                    f"gives a non-numeric GID {ent[2]!r}")
                 break
         else:
-            if not group.isdigit():
+            gid = _id(group)
+            if gid is None:
                 raise SpecError(f"--user: no group {group!r} in the container's /etc/group")
-            gid = int(group)
     extra: list[int] = []
     if username:
         for ent in groups:
-            if len(ent) >= 4 and username in ent[3].split(",") and ent[2].isdigit():
-                extra.append(int(ent[2]))
+            extra_gid = _id(ent[2]) if len(ent) >= 4 else None
+            if extra_gid is not None and username in ent[3].split(","):
+                extra.append(extra_gid)
     if uid >= RANGE_SIZE or (gid or 0) >= RANGE_SIZE:
         raise SpecError(f"--user: {uid}:{gid} is outside the container's 65536 IDs")
     return S.User(uid=uid, gid=gid or 0, additional_gids=sorted(set(extra)), username=username)

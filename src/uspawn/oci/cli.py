@@ -125,7 +125,9 @@ def _int(value: str, field: str) -> int:
 
 
 def dispatch(cmd: str, ns: types.SimpleNamespace, log: Logger) -> int:
-    root = ns.root
+    from uspawn.state.store import usable_dir
+
+    root = ns.root = usable_dir(ns.root, "--root")  # not a file, /proc/1/root... (issue 15)
     if cmd == "spec":
         from uspawn.oci.defaults import default_config
 
@@ -290,7 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    code = main()
+    from uspawn.base.errors import run_guarded
+
+    # Closed stdio, EPIPE, a full disk, and any bug: one line and an exit code (issue 15).
+    code = run_guarded("uspawn-runc", main)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -34,7 +34,39 @@ PICK_LAST = 0x6FFF0000
 
 
 def state_root(override: str | None = None) -> str:
-    return override or os.environ.get("USPAWN_STATE_DIR") or DEFAULT_STATE_DIR
+    """--root, else $USPAWN_STATE_DIR, else /run/uspawn; checked by usable_dir."""
+    if override is not None:
+        return usable_dir(override, "--root")
+    env = os.environ.get("USPAWN_STATE_DIR")
+    if env is not None:
+        return usable_dir(env, "USPAWN_STATE_DIR")
+    return usable_dir(DEFAULT_STATE_DIR, "state directory")
+
+
+def usable_dir(path: str, field: str) -> str:
+    """path if it is a directory we can search and read, or does not exist yet (it is
+    created on first use, parents included); otherwise one StateError naming it.
+
+    Checked up front so that `--root /etc/passwd` or `--root /proc/1/root` is one
+    line naming the state directory, not an OSError about some file below it.
+    """
+    hint = f"pass {field} a directory that root owns and can write"
+    if not path:
+        raise StateError(f"{field}: empty path", hint)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path  # created when a container starts; nothing in it to list
+    except (OSError, ValueError) as exc:  # ValueError: NUL in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StateError(f"state directory {path}: {reason}", hint) from None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"state directory {path}: not a directory", hint)
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise StateError(f"state directory {path}: permission denied", hint)
+    return path
 
 
 def _mkdir(path: str) -> None:
@@ -113,19 +145,55 @@ class _ScanContext:
                 "-Infinity": float("-inf")}[name]
 
 
+class JSONError(ValueError):
+    """Invalid JSON, with the line and column (1-based) where the parser stopped."""
+
+    def __init__(self, msg: str, text: str, pos: int) -> None:
+        line = text.count("\n", 0, pos) + 1
+        col = pos - text.rfind("\n", 0, pos)
+        super().__init__(f"not JSON: {msg} at line {line} column {col}")
+        self.lineno = line
+        self.colno = col
+
+
 def loads(text: str | bytes) -> object:
-    """json.loads for uspawn's own state files, on the C scanner alone (no `re`)."""
+    """json.loads for uspawn's files (state records, config.json) on the C scanner
+    alone (no `re`). Every failure is a JSONError (a ValueError) naming the line
+    and column; too deep nesting is one too, not a RecursionError."""
     from _json import make_scanner
 
-    s = text.decode() if isinstance(text, bytes) else text
-    i = len(s) - len(s.lstrip())
+    if isinstance(text, bytes):
+        try:
+            s = text.decode()
+        except UnicodeDecodeError as exc:
+            head = text[: exc.start].decode()
+            raise JSONError("invalid UTF-8", head, len(head)) from None
+    else:
+        s = text
+    i = len(s) - len(s.lstrip(" \t\n\r"))
     try:
         obj, end = make_scanner(_ScanContext())(s, i)  # type: ignore[arg-type]  # duck-typed ctx
-    except StopIteration:
-        raise ValueError("not JSON") from None
-    if s[end:].strip():
-        raise ValueError("extra data after JSON value")
+    except (StopIteration, ValueError, RecursionError, SystemError):
+        # The C scanner reports errors through json.decoder, which is not imported
+        # here (SystemError "returned NULL without setting an exception" on 3.11):
+        # on the error path only, let `json` find the position and the reason.
+        return _loads_slow(s, i)
+    rest = len(s) - len(s[end:].lstrip(" \t\n\r"))
+    if rest < len(s):
+        raise JSONError("extra data after the JSON value", s, rest)
     return obj
+
+
+def _loads_slow(s: str, start: int) -> object:
+    import json
+
+    try:
+        return json.loads(s, parse_constant=_ScanContext.parse_constant)
+    except json.JSONDecodeError as exc:
+        msg = exc.msg.removesuffix(" at")  # "Invalid control character at"
+        raise JSONError(msg[:1].lower() + msg[1:], s, exc.pos) from None
+    except RecursionError:
+        raise JSONError("nested too deeply", s, start) from None
 
 
 def write_atomic(path: str, data: str, mode: int = 0o600) -> None:
@@ -182,12 +250,7 @@ def try_lock(path: str) -> Lease | None:
     # A released-but-handed-over claim: its recorded owner still lives.
     try:
         raw = os.pread(fd, 4096, 0)
-        if raw:
-            import json
-
-            record = json.loads(raw)
-        else:
-            record = {}
+        record = loads(raw) if raw else {}
     except (OSError, ValueError):
         record = {}
     if isinstance(record, dict) and owner_alive(record):
@@ -337,8 +400,13 @@ def _remove_contents(path: str, keep: str = "") -> None:
 def claim_name(root: str, name: str) -> NameClaim | None:
     """Claim a container name; None if a live container holds it."""
     cdir = os.path.join(root, "containers", name)
-    _mkdir(cdir)
-    lease = try_lock(os.path.join(cdir, "lock"))
+    try:
+        _mkdir(cdir)
+        lease = try_lock(os.path.join(cdir, "lock"))
+    except OSError as exc:  # a file where a directory belongs, a read-only root...
+        raise StateError(f"state directory {root}: cannot claim {name!r}: "
+                         f"{exc.strerror or exc} ({exc.filename})",
+                         "pass --root a directory uspawn can write") from None
     if lease is None:
         return None
     return NameClaim(root, name, lease)
@@ -346,33 +414,59 @@ def claim_name(root: str, name: str) -> NameClaim | None:
 
 def read_states(root: str) -> list[dict[str, object]]:
     """State of every container whose owner is alive (stale records are skipped)."""
-    import json
-
     out: list[dict[str, object]] = []
     cdir = os.path.join(root, "containers")
     try:
         names = sorted(os.listdir(cdir))
     except FileNotFoundError:
         return out
+    except OSError as exc:  # a file, a link loop...: the state directory is not ours
+        raise StateError(f"state directory {root}: {cdir}: {exc.strerror}",
+                         "pass --root a directory made by uspawn") from None
     for name in names:
-        lock = os.path.join(cdir, name, "lock")
-        try:
-            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                continue  # nobody holds it: stale leftovers of a crash
-            except BlockingIOError:
-                pass
-            try:
-                with open(os.path.join(cdir, name, "state.json")) as f:
-                    state = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if isinstance(state, dict):
-                out.append(state)
-        finally:
-            os.close(fd)
+        state = _live_record(os.path.join(cdir, name))
+        if state is not None:
+            out.append(state)
     return out
+
+
+def _live_record(cdir: str) -> dict[str, object] | None:
+    """cdir/state.json if cdir's lock is held (by a live owner), else None.
+
+    Whatever is found is skipped, never raised: a state directory may hold
+    crash leftovers, foreign files, FIFOs (opened non-blocking, read only when
+    regular) or corrupted records."""
+    try:
+        fd = os.open(os.path.join(cdir, "lock"), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # nobody holds it: stale leftovers of a crash
+        except BlockingIOError:
+            pass
+        except OSError:
+            return None
+        state = _read_record(os.path.join(cdir, "state.json"))
+        return state if isinstance(state, dict) else None
+    finally:
+        os.close(fd)
+
+
+def _read_record(path: str, limit: int = 16 << 20) -> object:
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        return loads(os.read(fd, st.st_size + 1))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
