@@ -18,6 +18,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import PIPE
+from typing import IO
 
 import pytest
 from conftest import mounts_under, uspawn_cmd
@@ -28,12 +30,12 @@ RUNC = [sys.executable, "-c", "from uspawn.oci.cli import entry; entry()"]
 TIMEOUT = 60
 
 
-def run(argv: list[str], env: dict[str, str] | None = None, **kw: object,
-        ) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], env: dict[str, str] | None = None, stdout: int | IO[str] = PIPE,
+        stderr: int = PIPE) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     full_env.pop("USPAWN_DEBUG", None)
-    return subprocess.run(argv, capture_output="stdout" not in kw and "stderr" not in kw,
-                          text=True, env=full_env, timeout=TIMEOUT, **kw)  # type: ignore[call-overload]
+    return subprocess.run(argv, stdout=stdout, stderr=stderr, text=True, env=full_env,
+                          timeout=TIMEOUT)
 
 
 def one_line(r: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
@@ -145,7 +147,7 @@ def test_broken_pipe_on_stdout(cli: list[str]) -> None:
     SIGPIPE."""
     wfd = _broken_pipe()
     try:
-        r = run([*cli, "--version"], stdout=wfd, stderr=subprocess.PIPE)
+        r = run([*cli, "--version"], stdout=wfd, stderr=PIPE)
     finally:
         os.close(wfd)
     assert r.returncode == 141 and r.stderr == "", r.stderr
@@ -155,11 +157,11 @@ def test_broken_pipe_on_stdout(cli: list[str]) -> None:
 def test_closed_stdout_and_stderr(cli: list[str], tmp_path: Path) -> None:
     """`uspawn --version >&-`, `uspawn list 2>&-`: /dev/null stands in; no traceback."""
     code = "import os, sys; os.close(1); os.execv(sys.argv[1], sys.argv[1:])"
-    r = run([sys.executable, "-c", code, *cli, "--version"], stderr=subprocess.PIPE)
+    r = run([sys.executable, "-c", code, *cli, "--version"], stderr=PIPE)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     code2 = "import os, sys; os.close(2); os.execv(sys.argv[1], sys.argv[1:])"
     r = run([sys.executable, "-c", code2, *cli, "--root", "/etc/passwd", "list"],
-            stdout=subprocess.PIPE)
+            stdout=PIPE)
     assert r.returncode in (1, 125) and r.stdout == ""
     # With all three closed, the error line still goes nowhere unexpected: not into a
     # state file the command opened (that would become fd 2).
@@ -172,7 +174,7 @@ def test_closed_stdout_and_stderr(cli: list[str], tmp_path: Path) -> None:
 
 def test_full_disk_stdout() -> None:
     with open("/dev/full", "w") as full:
-        r = run([*uspawn_cmd(), "--version"], stdout=full, stderr=subprocess.PIPE)
+        r = run([*uspawn_cmd(), "--version"], stdout=full, stderr=PIPE)
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
     assert "No space left on device" in r.stderr and "bug" not in r.stderr
 
