@@ -84,3 +84,102 @@ def test_errno_profile_refusing_capset_is_one_line_error(oci: Oci, rootfs: Path,
     r = oci("run", "-b", str(b), _cid("sc"), check=False)
     assert r.returncode != 0 and "capset" in r.stderr and "Traceback" not in r.stderr
     assert "noNewPrivileges" in r.stderr
+
+
+def _set_mount(cfg: Cfg, dest: str, **fields: Any) -> None:
+    cfg["mounts"] = [m for m in cfg["mounts"] if m["destination"] != dest]
+    cfg["mounts"].append({"destination": dest, **fields})
+
+
+def _mountinfo_line(out: str, dest: str) -> list[str]:
+    for ln in out.splitlines():
+        parts = ln.split()
+        if len(parts) > 4 and parts[4] == dest:
+            return parts
+    raise AssertionError(f"no mount on {dest} in:\n{out}")
+
+
+def test_mount_sources_and_options_are_honoured(oci: Oci, rootfs: Path,
+                                                tmp_path: Path) -> None:
+    """/dev size=65536k used to give 4m; /proc showed source "none"."""
+    def edit(cfg: Cfg) -> None:
+        _set_mount(cfg, "/dev", type="tmpfs", source="devsrc",
+                   options=["nosuid", "strictatime", "mode=755", "size=65536k"])
+        _set_mount(cfg, "/proc", type="proc", source="procsrc", options=["nosuid"])
+        _set_mount(cfg, "/sys", type="sysfs", source="syssrc", options=["nosuid", "ro"])
+        _set_mount(cfg, "/tmp", type="tmpfs", source="tmpsrc",
+                   options=["nosuid", "size=1m", "mode=1770"])
+
+    b = bundle_with(tmp_path, rootfs, ["sh", "-c", "cat /proc/self/mountinfo; echo ===; "
+                                       "stat -c %a /tmp"], edit)
+    r = oci("run", "-b", str(b), _cid("mnt"), check=False)
+    assert r.returncode == 0, r.stderr
+    info, rest = r.stdout.split("===")
+    for dest, src in (("/dev", "devsrc"), ("/proc", "procsrc"), ("/sys", "syssrc"),
+                      ("/tmp", "tmpsrc")):
+        line = _mountinfo_line(info, dest)
+        assert line[line.index("-") + 2] == src, line
+    assert "ro" in _mountinfo_line(info, "/sys")[5].split(",")
+    assert "size=65536k" in _mountinfo_line(info, "/dev")[-1].split(",")
+    assert "size=1024k" in _mountinfo_line(info, "/tmp")[-1].split(",")
+    assert rest.split() == ["1770"]
+
+
+def test_fifo_device_and_ptmx_node(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    def edit(cfg: Cfg) -> None:
+        cfg["linux"]["devices"] = [
+            {"path": "/dev/myfifo", "type": "p", "fileMode": 0o640},
+            {"path": "/dev/ptmx", "type": "c", "major": 5, "minor": 2, "fileMode": 0o666}]
+
+    b = bundle_with(tmp_path, rootfs, ["sh", "-c", "stat -c '%F %a' /dev/myfifo; "
+                                       "stat -c %F /dev/ptmx"], edit)
+    r = oci("run", "-b", str(b), _cid("dev"), check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["fifo 640", "character special file"]
+
+
+def test_readonly_dev_tmpfs(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    def edit(cfg: Cfg) -> None:
+        _set_mount(cfg, "/dev", type="tmpfs", source="tmpfs",
+                   options=["nosuid", "mode=755", "ro"])
+
+    b = bundle_with(tmp_path, rootfs, ["sh", "-c", "echo x > /dev/null && touch /dev/new; "
+                                       "echo rc=$?"], edit)
+    r = oci("run", "-b", str(b), _cid("rodev"), check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("rc=1"), r.stdout
+
+
+def test_resources_devices_deny_a_listed_node(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """A node in linux.devices that linux.resources.devices denies does not open
+    (the default nodes stay usable, as runc appends them after the rules)."""
+    def edit(cfg: Cfg) -> None:
+        cfg["linux"]["devices"] = [
+            {"path": "/dev/mytun", "type": "c", "major": 10, "minor": 200},
+            {"path": "/dev/myfuse", "type": "c", "major": 10, "minor": 229}]
+        cfg["linux"]["resources"] = {"devices": [
+            {"allow": False, "access": "rwm"},
+            {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "r"}]}
+
+    # opening is what the device cgroup decides; nothing is read or written
+    script = ("for n in mytun myfuse null; do (exec 3</dev/$n) 2>/dev/null && echo $n:r "
+              "|| echo $n:-; (exec 3>/dev/$n) 2>/dev/null && echo $n:w || echo $n:-; done")
+    b = bundle_with(tmp_path, rootfs, ["sh", "-c", script], edit)
+    r = oci("run", "-b", str(b), _cid("devr"), check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["mytun:-", "mytun:-", "myfuse:r", "myfuse:-", "null:r",
+                                "null:w"]
+
+
+def test_device_rule_evaluation() -> None:
+    from uspawn.engine import spec as S
+    from uspawn.engine.plan import device_access
+
+    R = S.DeviceRule
+    assert device_access([], "c", 1, 3) == "rwm"
+    rules = [R(allow=False, access="rwm"), R(allow=True, type="c", major=1, access="rw"),
+             R(allow=False, type="c", major=1, minor=3, access="w")]
+    assert device_access(rules, "c", 1, 5) == "rw"
+    assert device_access(rules, "c", 1, 3) == "r"
+    assert device_access(rules, "b", 1, 5) == ""
+    assert device_access(rules, "p", 0, 0) == "rwm"

@@ -121,6 +121,10 @@ class HostPlan:
         self.ownership = "off"  # "map" | "chown" | "off" | "auto"
         self.dev_nodes: list[devices.DeviceNode] = []
         self.host_dev = False  # build /dev on the host (user-namespaced containers)
+        # The spec's own /dev tmpfs options (size=, mode=, ro, ...), host IDs.
+        self.dev_params: list[tuple[str, str | None]] = []
+        self.dev_attrs = 0
+        self.dev_source: str | None = None
         self.console = False
         self.binds: list[HostBind] = []
 
@@ -259,11 +263,13 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
     if not init.root_propagation:
         raise SpecError(f"linux.rootfsPropagation: unknown value {prop!r}")
 
-    # Devices: the defaults plus linux.devices, all verified by open.
+    # Devices: the defaults (always allowed, as runc appends them after the
+    # rules) plus linux.devices, limited by linux.resources.devices.
+    rules = _device_rules(linux.resources.devices if linux.resources else [])
     nodes = list(devices.DEFAULT_DEVICES)
     for i, d in enumerate(linux.devices):
-        if d.type not in ("c", "b", "u"):
-            raise SpecError(f"linux.devices[{i}].type: {d.type!r} is not c, b or u")
+        if d.type not in ("c", "b", "u", "p"):
+            raise SpecError(f"linux.devices[{i}].type: {d.type!r} is not c, b, u or p")
         if not d.path.startswith("/dev/"):
             raise SpecError(f"linux.devices[{i}].path: {d.path!r} is not under /dev")
         rel = os.path.normpath(d.path[5:])
@@ -272,10 +278,12 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
         nodes = [n for n in nodes if n.path != rel]
         nodes.append(devices.DeviceNode(rel, d.type, d.major, d.minor,
                                         d.file_mode if d.file_mode is not None else 0o666,
-                                        d.uid or 0, d.gid or 0))
+                                        d.uid or 0, d.gid or 0,
+                                        device_access(rules, d.type, d.major, d.minor)))
     host.dev_nodes = nodes
     host.console = proc.terminal
-    init.verify_devices = nodes
+    # Opened read-write before START: only what the rules let be opened so.
+    init.verify_devices = [n for n in nodes if "r" in n.access and "w" in n.access]
 
     if (init.userns and "cgroup" not in ns and not any(t == "cgroup" for t, _ in
                                                      init.join_namespaces)
@@ -286,7 +294,7 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
         # whole tree through a bind mount instead).
         init.unshare_flags |= sc.CLONE_NEWCGROUP
     for i, m in enumerate(spec.mounts):
-        _plan_mount(i, m, host, init)
+        _plan_mount(i, m, host, init, linux)
     _split_phases(init, linux)
 
     init.sysctl = dict(linux.sysctl)
@@ -327,6 +335,36 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
     init.new_keyring = req.new_keyring
     init.start_hooks = list(req.start_hooks)
     return host, init
+
+
+def _device_rules(rules: list[S.DeviceRule]) -> list[S.DeviceRule]:
+    for i, r in enumerate(rules):
+        field = f"linux.resources.devices[{i}]"
+        if r.type not in (None, "a", "c", "b", "u"):
+            raise SpecError(f"{field}.type: {r.type!r} is not a, c or b")
+        if r.access is not None and set(r.access) - set("rwm"):
+            raise SpecError(f"{field}.access: {r.access!r} is not a combination of r, w, m")
+    return rules
+
+
+def device_access(rules: list[S.DeviceRule], kind: str, major: int, minor: int) -> str:
+    """What linux.resources.devices lets the container do with one node ("rwm"
+    letters): per letter, the last matching rule decides, none = denied; no
+    rules at all = everything (the node list itself is the policy)."""
+    if kind == "p" or not rules:
+        return "rwm"  # a FIFO is no device: the device cgroup never sees it
+    kind = "c" if kind == "u" else kind
+    allowed = {c: False for c in "rwm"}
+    for r in rules:
+        if r.type not in (None, "a") and ("c" if r.type == "u" else r.type) != kind:
+            continue
+        if r.major not in (None, -1) and r.major != major:
+            continue
+        if r.minor not in (None, -1) and r.minor != minor:
+            continue
+        for c in r.access or "rwm":
+            allowed[c] = r.allow
+    return "".join(c for c in "rwm" if allowed[c])
 
 
 def _rlim(value: int) -> int:
@@ -390,7 +428,7 @@ def _host_tmpfs_params(params: list[tuple[str, str | None]], linux: S.Linux,
     return out
 
 
-def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
+def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan, linux: S.Linux) -> None:
     field = f"mounts[{i}]"
     opts = mounts.parse_options(m.options)
     fstype = m.type or ("bind" if opts.bind else None)
@@ -423,14 +461,20 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
     if fstype == "overlay":
         raise SpecError(f"{field}.type: overlay mounts are not supported yet",
                         "prepare the overlay outside and pass it as root.path or a bind")
-    if m.destination == "/dev" and fstype == "tmpfs" and host.host_dev:
-        # Nodes must live on a host-owned superblock: the parent makes this one.
-        init.mounts.append(FdMount("/dev", "dev", True))
-        return
     if fstype == "cgroup":
         fstype = "cgroup2"
     attrs = (_FS_DEFAULT_ATTRS.get(fstype, 0) | opts.attr_set) & ~opts.attr_clr
     params = [(k, v) for k, v in opts.fs_params if not k.startswith("x-")]
+    if os.path.normpath(m.destination) == "/dev" and fstype == "tmpfs" and host.host_dev:
+        # Nodes must live on a host-owned superblock: the parent makes this one,
+        # with the spec's options (uid=/gid= in host IDs, as for any host-made tmpfs).
+        host.dev_params = (_host_tmpfs_params(params, linux, f"{field}") if init.userns
+                           else params)
+        host.dev_attrs = (opts.attr_set | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC
+                          ) & ~opts.attr_clr
+        host.dev_source = m.source
+        init.mounts.append(FdMount("/dev", "dev", True))
+        return
     if fstype == "tmpfs" and init.userns and not opts.attr_clr & sc.MOUNT_ATTR_NODEV:
         # Made on the host side (see _split_phases), so not SB_I_NODEV as one
         # made inside the user namespace is: nodev unless asked for.
@@ -442,5 +486,6 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan) -> None:
         if "ptmxmode" not in keys:
             params.append(("ptmxmode", "0666"))
         init.verify_ptmx = True
-    init.mounts.append(FsMount(m.destination, fstype, params, attrs,
-                               m.source if fstype in ("tmpfs", "mqueue") else None))
+    # The source names the instance in /proc/mounts ("proc", "shm", ...); every
+    # filesystem takes it (fs_context's generic "source" parameter).
+    init.mounts.append(FsMount(m.destination, fstype, params, attrs, m.source or None))

@@ -314,7 +314,8 @@ class Container:
             return  # legacy v1-only host: no device policy yet (docs/SECURITY.md)
         from uspawn.kernel import devcgroup
 
-        nodes = [("b" if n.kind == "b" else "c", n.major, n.minor) for n in host.dev_nodes]
+        nodes = [("b" if n.kind == "b" else "c", n.major, n.minor, devcgroup.access_mask(n.access))
+                 for n in host.dev_nodes if n.kind != "p" and n.access]
         try:
             devcgroup.attach(v2, nodes)
         except OSError as exc:
@@ -437,7 +438,12 @@ class Container:
             try:
                 fds["dev"] = devices.build_dev_tmpfs(
                     host.dev_nodes, root_uid, root_gid, console=host.console,
-                    broken_nodev=faults.active("dev-nodev"))
+                    broken_nodev=faults.active("dev-nodev"), params=host.dev_params,
+                    attrs=host.dev_attrs, source=host.dev_source)
+                deferred = mounts.set_attrs_or_defer(fds["dev"],
+                                                     host.dev_attrs & sc.MOUNT_ATTR_RDONLY)
+                if deferred:
+                    self.deferred_remounts["dev"] = deferred
             except OSError as exc:
                 raise SetupError(f"build /dev on the host: {exc}", hint_for(exc)) from None
         for b in host.binds:

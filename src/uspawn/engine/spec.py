@@ -345,11 +345,22 @@ class PidsResources(Model):
     limit: int | None = None
 
 
+class DeviceRule(Model):
+    """linux.resources.devices[]: the device cgroup's allow/deny list (runc order:
+    the last matching rule decides; major/minor absent or -1 = any)."""
+    _bounds = {"major": (-1, 2**12 - 1), "minor": (-1, 2**20 - 1)}
+    allow: bool = False
+    type: str | None = None
+    major: int | None = None
+    minor: int | None = None
+    access: str | None = None
+
+
 class Resources(Model):
     memory: MemoryResources | None = None
     cpu: CPUResources | None = None
     pids: PidsResources | None = None
-    devices: list[dict[str, object]] = []
+    devices: list[DeviceRule] = []
 
 
 class Linux(Model):

@@ -27,14 +27,16 @@ from uspawn.kernel import syscalls as sc
 
 class DeviceNode:
     def __init__(self, path: str, kind: str, major: int, minor: int, mode: int = 0o666,
-                 uid: int = 0, gid: int = 0) -> None:
+                 uid: int = 0, gid: int = 0, access: str = "rwm") -> None:
         self.path = path  # relative to /dev, e.g. "null" or "net/tun"
-        self.kind = kind  # "c" or "b"
+        self.kind = kind  # "c" (or "u"), "b" or "p" (a FIFO: no device number)
         self.major = major
         self.minor = minor
         self.mode = mode
         self.uid = uid
         self.gid = gid
+        # What linux.resources.devices leaves of it ("rwm": all; "" = not openable)
+        self.access = access
 
     def __repr__(self) -> str:
         return f"DeviceNode({self.path!r}, {self.kind}, {self.major}:{self.minor})"
@@ -61,19 +63,26 @@ DEFAULT_SYMLINKS = (
 
 
 def build_dev_tmpfs(nodes: list[DeviceNode], root_uid: int, root_gid: int,
-                    console: bool = False, broken_nodev: bool = False) -> int:
+                    console: bool = False, broken_nodev: bool = False,
+                    params: list[tuple[str, str | None]] | None = None, attrs: int = 0,
+                    source: str | None = None) -> int:
     """Make the container's /dev as a detached tmpfs owned by the host namespace.
 
     Must run as real root in the initial user namespace. root_uid/root_gid are
     the host IDs of the container's root; node uid/gid are container IDs and
-    are shifted by them. Returns the detached mount fd.
+    are shifted by them. params/attrs/source come from the spec's /dev mount
+    (size=65536k, mode=, ro, ...) and override the defaults; uid/gid in params
+    are host IDs already. `ro` is left to the caller: the nodes are made
+    first, then mount_setattr (or a deferred remount). Returns the detached mount fd.
     """
+    opts: dict[str, str | None] = {"mode": "0755", "size": "4m", "nr_inodes": "1m",
+                                   "uid": str(root_uid), "gid": str(root_gid)}
+    opts.update(params or [])
     mnt = mounts.make_fs(
-        "tmpfs",
-        [("mode", "0755"), ("size", "4m"), ("nr_inodes", "1m"),
-         ("uid", str(root_uid)), ("gid", str(root_gid))],
-        sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC
+        "tmpfs", list(opts.items()),
+        (sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC | attrs) & ~sc.MOUNT_ATTR_RDONLY
         | (sc.MOUNT_ATTR_NODEV if broken_nodev else 0),
+        source,
     )
     try:
         for sub in ("pts", "shm", "mqueue"):
@@ -82,7 +91,10 @@ def build_dev_tmpfs(nodes: list[DeviceNode], root_uid: int, root_gid: int,
         os.chmod("shm", 0o1777, dir_fd=mnt)
         for node in nodes:
             _make_node(mnt, node, root_uid, root_gid)
+        own = {n.path for n in nodes}
         for name, target in DEFAULT_SYMLINKS:
+            if name in own:
+                continue  # the spec made a node there (/dev/ptmx as a device)
             os.symlink(target, name, dir_fd=mnt)
             os.chown(name, root_uid, root_gid, dir_fd=mnt, follow_symlinks=False)
         if console:
@@ -106,12 +118,13 @@ def _make_node(mnt: int, node: DeviceNode, root_uid: int, root_gid: int) -> None
         except FileExistsError:
             pass
     rel = "/".join(parts)
-    kind = stat.S_IFCHR if node.kind in ("c", "u") else stat.S_IFBLK
+    kind = {"b": stat.S_IFBLK, "p": stat.S_IFIFO}.get(node.kind, stat.S_IFCHR)
     try:
         os.unlink(rel, dir_fd=mnt)
     except FileNotFoundError:
         pass
-    os.mknod(rel, kind | (node.mode & 0o7777), os.makedev(node.major, node.minor), dir_fd=mnt)
+    dev = 0 if node.kind == "p" else os.makedev(node.major, node.minor)
+    os.mknod(rel, kind | (node.mode & 0o7777), dev, dir_fd=mnt)
     os.chown(rel, root_uid + node.uid, root_gid + node.gid, dir_fd=mnt, follow_symlinks=False)
     os.chmod(rel, node.mode & 0o7777, dir_fd=mnt)
 
