@@ -183,3 +183,15 @@ def test_device_rule_evaluation() -> None:
     assert device_access(rules, "c", 1, 3) == "r"
     assert device_access(rules, "b", 1, 5) == ""
     assert device_access(rules, "p", 0, 0) == "rwm"
+
+
+def test_relative_bind_source_is_in_the_bundle(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    def edit(cfg: Cfg) -> None:
+        cfg["mounts"].append({"destination": "/data", "type": "bind", "source": "shared",
+                              "options": ["rbind", "ro"]})
+
+    b = bundle_with(tmp_path, rootfs, ["cat", "/data/hello"], edit)
+    (b / "shared").mkdir()
+    (b / "shared" / "hello").write_text("from-bundle\n")
+    r = oci("run", "-b", str(b), _cid("rel"), check=False)
+    assert r.returncode == 0 and r.stdout == "from-bundle\n", r.stderr

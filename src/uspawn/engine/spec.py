@@ -12,6 +12,7 @@ config.json is decoded, never on the `uspawn run` path.
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -414,6 +415,16 @@ class Spec(Model):
 
 
 NAMESPACE_TYPES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+
+
+def resolve_bind_sources(spec: Spec, bundle: str) -> None:
+    """Relative bind sources name paths in the bundle directory (runtime-spec
+    config.md: "a relative path ... relative to the bundle"); other
+    filesystems' sources are names ("proc", "tmpfs") and stay as they are."""
+    for m in spec.mounts:
+        is_bind = m.type == "bind" or any(o in ("bind", "rbind") for o in m.options)
+        if is_bind and m.source and not m.source.startswith("/"):
+            m.source = os.path.join(os.path.abspath(bundle), m.source)
 
 
 def validate(spec: Spec) -> None:

@@ -71,6 +71,7 @@ def load_bundle(bundle: str, log: Callable[[str], None]) -> S.Spec:
         log("warning: process.apparmorProfile/selinuxLabel ignored: no LSM support in uspawn")
     if spec.root is not None and spec.root.path and not os.path.isabs(spec.root.path):
         spec.root.path = os.path.join(os.path.abspath(bundle), spec.root.path)
+    S.resolve_bind_sources(spec, bundle)
     S.validate(spec)
     if spec.root is not None and not os.path.isdir(spec.root.path):
         raise SpecError(f"root.path: {spec.root.path} is not a directory")
