@@ -7,6 +7,9 @@ a bridge the test creates are used; every object is checked gone afterwards.
 from __future__ import annotations
 
 import json
+import os
+import select
+import socket
 import subprocess
 import time
 import urllib.request
@@ -90,17 +93,203 @@ def test_veth_and_published_port(uspawn: Runner, rootfs: Path) -> None:
     assert not list(Path("/run/uspawn/net/ports").glob("tcp-18181.lock"))
 
 
-def test_network_cleanup_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -> None:
-    p = _serve(uspawn, rootfs, "webk", "--network=veth", "--port", "18383:80")
+def _children_pidfds(pid: int) -> list[int]:
+    """pidfds of pid's children (its guardian and the container's init)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = [int(k) for k in f.read().split()]
+    fds = []
+    for k in kids:
+        try:
+            fds.append(os.pidfd_open(k))
+        except ProcessLookupError:
+            pass
+    return fds
+
+
+def _wait_all_gone(pidfds: list[int], timeout: float = 30) -> None:
+    """Block (bounded) until every process behind pidfds has exited; close them."""
+    deadline = time.monotonic() + timeout
+    try:
+        for fd in pidfds:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([fd], [], [], left)[0], "still running"
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+
+
+def _sigkill_serving(uspawn: Runner, rootfs: Path, name: str, port: int,
+                     ) -> tuple[subprocess.Popen[str], list[int]]:
+    """A container publishing port, its uspawn killed -9 (not reaped: the caller
+    decides when); returns the process and pidfds of its children (the guardian)."""
+    p = _serve(uspawn, rootfs, name, "--network=veth", "--port", f"{port}:80")
     assert p.stdout is not None
     p.stdout.readline()
     assert p.stdout.readline().strip() == "up"
-    assert "uspawn:webk" in _nft_rules()
+    assert f"uspawn:{name}" in _nft_rules()
+    assert list(Path("/run/uspawn/net/ports").glob(f"tcp-{port}.lock"))
+    kids = _children_pidfds(p.pid)
     p.kill()
+    return p, kids
+
+
+def _assert_net_gone(name: str, port: int) -> None:
+    assert f"ve-{name}" not in _links()
+    assert f"uspawn:{name}" not in _nft_rules()
+    assert not list(Path("/run/uspawn/net/ports").glob(f"tcp-{port}.lock"))
+
+
+def test_network_cleanup_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -> None:
+    p, kids = _sigkill_serving(uspawn, rootfs, "webk", 18383)
     p.wait()
-    # The guardian removes the stale rules and leases once the init is gone.
-    assert _gone("webk")
-    assert not list(Path("/run/uspawn/net/ports").glob("tcp-18383.lock"))
+    # The guardian removes the stale rules and leases once the runtime and the init are
+    # gone, then exits: waiting for it (pidfd) is waiting for the cleanup, no polling.
+    _wait_all_gone(kids)
+    _assert_net_gone("webk", 18383)
+    assert not list(Path("/run/uspawn/net/addr").glob("*.lock"))
+
+
+def test_port_of_a_dead_unreaped_uspawn_is_taken_over(uspawn: Runner, rootfs: Path,
+                                                      tmp_path: Path) -> None:
+    """kill -9 of uspawn, its parent not reaping it yet (a shell's background job): the
+    zombie's records own nothing, so its guardian releases the port, and a new
+    container on that port starts instead of "already published"."""
+    second = tmp_path / "second"
+    subprocess.run(["cp", "-a", str(rootfs), str(second)], check=True)
+    p, kids = _sigkill_serving(uspawn, rootfs, "webz", 18484)
+    try:
+        # The zombie stays until p.wait() below: both the guardian's cleanup and the
+        # new start see its record with the same pid and start time.
+        with open(f"/proc/{p.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] in ("Z", "R", "D", "S")
+        r = uspawn.run("run", "-D", str(second), "-M", "webz2", "--network=veth", "--port",
+                       "18484:80", "--", "true")
+        assert r.returncode == 0, r.stderr
+        with open(f"/proc/{p.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"  # still unreaped
+        _wait_all_gone(kids)
+    finally:
+        p.wait()
+    _assert_net_gone("webz", 18484)
+    _assert_net_gone("webz2", 18484)
+
+
+def test_lease_of_a_zombie_owner_is_reclaimed(tmp_path: Path) -> None:
+    """NetPool alone (its own directory): the owner took the port and died unreaped."""
+    from uspawn.net.pool import NetPool
+
+    port = _free_port()
+    pid = os.fork()
+    if pid == 0:  # the owner: holds the flock and records itself, then dies
+        try:
+            NetPool(str(tmp_path)).reserve_ports("dead", [("tcp", port, 80)])
+        finally:
+            os._exit(0)
+    try:
+        pidfd = os.pidfd_open(pid)
+        _wait_all_gone([pidfd])  # exited, not reaped: a zombie
+        lock = tmp_path / "ports" / f"tcp-{port}.lock"
+        assert json.loads(lock.read_text())["pid"] == pid
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        taken = NetPool(str(tmp_path)).reserve_ports("new", [("tcp", port, 80)])
+        assert [t.port for t in taken] == [port]
+        assert json.loads(lock.read_text())["name"] == "new"
+        for t in taken:
+            t.release()
+    finally:
+        os.waitpid(pid, 0)
+
+
+_SYS_EXIT = {"x86_64": 60, "aarch64": 93}  # exit(2): this thread only, not the group
+
+
+def test_lease_flock_of_an_exiting_owner_is_waited_for(tmp_path: Path) -> None:
+    """The owner's main thread is gone (zombie, exiting) while another of its threads
+    still holds the fd table, so the flock: the new start waits on the owner's pidfd
+    (readable once the whole process exited and its flocks dropped), then takes the
+    port, instead of refusing. That is the window between kill -9 and the lock release."""
+    import ctypes
+    import platform
+    import threading
+
+    from uspawn.net.pool import NetPool
+
+    nr = _SYS_EXIT.get(platform.machine())
+    if nr is None:
+        pytest.skip(f"exit(2) number unknown on {platform.machine()}")
+    port = _free_port()
+    gate_r, gate_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            NetPool(str(tmp_path)).reserve_ports("dying", [("tcp", port, 80)])
+            threading.Thread(target=os.read, args=(gate_r, 1)).start()
+            os.write(ready_w, b"1")
+            ctypes.CDLL(None).syscall(nr, 0)  # the main thread exits; the other one waits
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        deadline = time.monotonic() + 10
+        # No event tells the main thread's exit apart (the pidfd waits for the group):
+        # a bounded poll of its state, which changes within microseconds.
+        while _proc_state(pid) != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        result: list[object] = []
+
+        def take() -> None:
+            try:
+                result.extend(NetPool(str(tmp_path)).reserve_ports("new", [("tcp", port, 80)]))
+            except Exception as exc:
+                result.append(exc)
+
+        taker = threading.Thread(target=take)
+        taker.start()
+        # The taker is blocked on the owner (nothing decided while its flock is held) ...
+        taker.join(0.3)
+        assert taker.is_alive() and result == []
+        os.write(gate_w, b"x")  # ... until its last thread exits
+        taker.join(10)
+        assert not taker.is_alive()
+        assert [getattr(t, "port", t) for t in result] == [port]
+        lock = tmp_path / "ports" / f"tcp-{port}.lock"
+        assert json.loads(lock.read_text())["name"] == "new"
+        for t in result:
+            t.release()  # type: ignore[attr-defined]
+    finally:
+        os.write(gate_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (gate_r, gate_w, ready_r):
+            os.close(fd)
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_lease_of_a_live_owner_is_refused(tmp_path: Path) -> None:
+    from uspawn.base.errors import StateError
+    from uspawn.net.pool import NetPool
+
+    port = _free_port()
+    held = NetPool(str(tmp_path)).reserve_ports("live", [("tcp", port, 80)])
+    try:
+        with pytest.raises(StateError, match=f"tcp/{port} is already published by container live"):
+            NetPool(str(tmp_path)).reserve_ports("new", [("tcp", port, 80)])
+    finally:
+        for t in held:
+            t.release()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture

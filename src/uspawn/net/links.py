@@ -146,7 +146,17 @@ def _ifindex(ipr: IPRoute, name: str) -> int | None:
 
 
 def _alias(ipr: IPRoute, index: int) -> str | None:
-    links = ipr.get_links(index)
+    """index's ifalias; None if it has none or is gone (ENODEV)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        links = ipr.get_links(index)
+    except NetlinkError as exc:
+        # A dying container's veth goes away with its network namespace, which the
+        # kernel tears down asynchronously: between the lookup and here is enough.
+        if exc.code == errno.ENODEV:
+            return None
+        raise
     value = links[0].get("ifalias") if links else None
     return value if isinstance(value, str) else None
 

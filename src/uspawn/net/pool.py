@@ -31,7 +31,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from uspawn.base.errors import SpecError, StateError, UsageError, UspawnError
+from uspawn.base.errors import SpecError, StateError, UsageError
 from uspawn.kernel.flock import flock_exclusive
 from uspawn.state import store as state
 
@@ -42,6 +42,7 @@ DEFAULT_POOL = "10.252.0.0/16"
 # confuses tools that expect a broadcast address.
 DEFAULT_PREFIXLEN = 30
 LOCK_TIMEOUT = 10.0
+OWNER_EXIT_TIMEOUT = 5.0  # s: from an owner's exit to its flocks' release (normally µs)
 
 
 def parse_port(spec: str) -> tuple[str, int, int]:
@@ -132,6 +133,31 @@ def _read_record(path: str) -> dict[str, object]:
     return record if isinstance(record, dict) else {}
 
 
+def _try_lock_after_owner(path: str) -> state.Lease | None:
+    """state.try_lock, but a lease whose recorded owner is dying is waited for.
+
+    Whoever observes an owner's death (its guardian, the next start asking for the
+    port) takes the lease, without racing the kernel: a killed owner is marked
+    exiting before its fds close, and its flocks drop before it turns into a zombie,
+    which is when its pidfd polls readable. So once the owner exits (state.owner_alive
+    is false) but the flock is still held, wait on its pidfd, then lock again. The
+    wait is bounded: a holder that still runs after OWNER_EXIT_TIMEOUT (a thread of
+    an owner whose main thread is gone) keeps the lease.
+    """
+    lease = state.try_lock(path)
+    if lease is not None:
+        return lease
+    record = _read_record(path)
+    pid = record.get("pid")
+    if (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0
+            or state.proc_starttime(pid) != record.get("starttime") or state.owner_alive(record)):
+        return None  # alive, or long gone with the flock held elsewhere: not ours to judge
+    from uspawn.kernel.pidwait import wait_gone
+
+    wait_gone(pid, OWNER_EXIT_TIMEOUT)
+    return state.try_lock(path)
+
+
 def _lease_network(filename: str) -> ipaddress.IPv4Network | None:
     if not filename.endswith(".lock"):
         return None
@@ -189,7 +215,7 @@ class NetPool:
         stale: list[tuple[state.Lease, dict[str, object]]] = []
         live: set[str] = set()
         for path in self._files():
-            lease = state.try_lock(path)
+            lease = _try_lock_after_owner(path)
             if lease is None:
                 name = _read_record(path).get("name")
                 if isinstance(name, str):
@@ -214,9 +240,10 @@ class NetPool:
                     if name not in live:
                         removed += netsetup.delete_veth(name)
                     removed += netsetup.remove_rules(name, addr)
-                except (UspawnError, OSError) as exc:
+                except Exception as exc:  # UspawnError, OSError, a netlink error
                     # Keep the lease, so the next command tries again and the
-                    # address is not handed out while its objects remain.
+                    # address is not handed out while its objects remain; and go
+                    # on: one lease's trouble never leaves the others behind.
                     lease.release(remove=False)
                     removed.append(f"kept lease {os.path.basename(lease.path)}: {exc}")
                     continue
@@ -238,7 +265,7 @@ class NetPool:
             if other is not None and other.overlaps(net):
                 return self._holder(os.path.join(self.addr_dir, name))
         path = os.path.join(self.addr_dir, f"{net.network_address}-{net.prefixlen}.lock")
-        lease = state.try_lock(path)
+        lease = _try_lock_after_owner(path)
         return lease if lease is not None else self._holder(path)
 
     def _record(self, lease: state.Lease, container: str, owner_pid: int | None,
@@ -349,7 +376,7 @@ class NetPool:
                     if proto not in ("tcp", "udp") or not 0 < port < 65536:
                         raise SpecError(f"bad published port {proto}/{port}")
                     path = os.path.join(self.port_dir, f"{proto}-{port}.lock")
-                    lease = state.try_lock(path)
+                    lease = _try_lock_after_owner(path)
                     if lease is None:
                         raise StateError(
                             f"port {proto}/{port} is already published by container "

@@ -96,12 +96,22 @@ def proc_running(pid: int, starttime: object) -> bool:
     return fields is not None and fields[0] != b"Z" and int(fields[19]) == starttime
 
 
+_PF_EXITING = 0x4  # task flag: set as do_exit begins, before the process's fds close
+
+
 def owner_alive(record: dict[str, object]) -> bool:
+    """The recorded owner runs: same pid and start time, neither exiting nor a zombie.
+
+    A killed owner's flocks drop while it exits, before its parent reaps it (maybe
+    much later): its record must not keep the claim alive in between.
+    """
     pid = record.get("pid")
     start = record.get("starttime")
     if not isinstance(pid, int) or pid <= 0:
         return False
-    return proc_starttime(pid) == start
+    fields = _stat_fields(pid)
+    return (fields is not None and int(fields[19]) == start and fields[0] not in (b"Z", b"X")
+            and not int(fields[6]) & _PF_EXITING)
 
 
 def dumps(obj: object) -> str:
