@@ -7,6 +7,7 @@ suite or runc's users do, on the real kernel.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -195,3 +196,80 @@ def test_relative_bind_source_is_in_the_bundle(oci: Oci, rootfs: Path, tmp_path:
     (b / "shared" / "hello").write_text("from-bundle\n")
     r = oci("run", "-b", str(b), _cid("rel"), check=False)
     assert r.returncode == 0 and r.stdout == "from-bundle\n", r.stderr
+
+
+def _cgroup_file(pid: int, ctrl: str, name: str) -> str:
+    """A cgroup file of pid: the v1 hierarchy of ctrl, else cgroup2."""
+    from uspawn.kernel.cgroups import detect_layout
+
+    _layout, unified = detect_layout()
+    with open(f"/proc/{pid}/cgroup") as f:
+        rows = [ln.rstrip("\n").split(":", 2) for ln in f]
+    for _, ctrls, path in rows:
+        if ctrl in ctrls.split(","):
+            return (Path("/sys/fs/cgroup", ctrl, path.lstrip("/")) / name).read_text().strip()
+    for _, ctrls, path in rows:
+        if ctrls == "" and unified:
+            return (Path(unified + path) / name).read_text().strip()
+    raise AssertionError(f"no {ctrl} cgroup for {pid}")
+
+
+def test_cgroup_settings_reach_the_kernel(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """cpu.shares, a period-only CPU setting, memory reservation, swap, swappiness,
+    disableOOMKiller and cpuset used to be dropped (or their hierarchy not joined)."""
+    from uspawn.kernel.cgroups import cpu_weight, detect_layout
+
+    layout, _ = detect_layout()
+    v1 = layout != "unified"
+    cpus = sorted(os.sched_getaffinity(0))[0]
+    memory: dict[str, Any] = {"limit": 64 << 20, "reservation": 32 << 20,
+                              "swap": 128 << 20}
+    if v1:
+        memory.update(swappiness=10, disableOOMKiller=True)
+
+    def edit(cfg: Cfg) -> None:
+        cfg["linux"]["cgroupsPath"] = f"/uspawn-test-{cid}"
+        cfg["linux"]["resources"] = {"memory": memory,
+                                     "cpu": {"shares": 512, "period": 50000,
+                                             "cpus": str(cpus), "mems": "0"}}
+
+    cid = _cid("cgs")
+    b = bundle_with(tmp_path, rootfs, ["sleep", "60"], edit)
+    oci("create", "-b", str(b), cid)
+    pid = int(json.loads(oci("state", cid).stdout)["pid"])
+    if v1:
+        assert _cgroup_file(pid, "cpu", "cpu.shares") == "512"
+        assert _cgroup_file(pid, "cpu", "cpu.cfs_period_us") == "50000"
+        assert _cgroup_file(pid, "memory", "memory.soft_limit_in_bytes") == str(32 << 20)
+        assert _cgroup_file(pid, "memory", "memory.memsw.limit_in_bytes") == str(128 << 20)
+        assert _cgroup_file(pid, "memory", "memory.swappiness") == "10"
+        assert "oom_kill_disable 1" in _cgroup_file(pid, "memory", "memory.oom_control")
+    else:
+        assert _cgroup_file(pid, "cpu", "cpu.weight") == str(cpu_weight(512))
+        assert _cgroup_file(pid, "cpu", "cpu.max") == "max 50000"
+        assert _cgroup_file(pid, "memory", "memory.low") == str(32 << 20)
+        assert _cgroup_file(pid, "memory", "memory.swap.max") == str(64 << 20)
+    assert _cgroup_file(pid, "cpuset", "cpuset.cpus") == str(cpus)
+    oci("delete", "--force", cid)
+
+
+@pytest.mark.parametrize(("resources", "field"), [
+    ({"cpu": {"period": 10}}, "linux.resources.cpu.period"),
+    ({"memory": {"swappiness": 300}}, "linux.resources.memory.swappiness"),
+    ({"cpu": {"cpus": "9999"}}, "linux.resources.cpu.cpus"),
+])
+def test_invalid_cgroup_setting_names_the_field(oci: Oci, rootfs: Path, tmp_path: Path,
+                                                resources: Cfg, field: str) -> None:
+    def edit(cfg: Cfg) -> None:
+        cfg["linux"]["resources"] = resources
+
+    b = bundle_with(tmp_path, rootfs, ["true"], edit)
+    r = oci("run", "-b", str(b), _cid("bad"), check=False)
+    assert r.returncode != 0 and field in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cpu_weight_conversion() -> None:
+    from uspawn.kernel.cgroups import cpu_weight
+
+    assert (cpu_weight(2), cpu_weight(1024), cpu_weight(262144)) == (1, 39, 10000)

@@ -301,11 +301,36 @@ class Container:
     def _v1_controllers(self) -> tuple[str, ...]:
         """v1 hierarchies to join on hybrid/legacy hosts: only those with limits
         (each v1 migration costs an RCU grace period)."""
+        wanted: list[str] = []
+        for key in self._limits():
+            ctrl = "cpuset" if key in ("cpu.cpus", "cpu.mems") else key.split(".")[0]
+            if ctrl not in wanted:
+                wanted.append(ctrl)
+        return tuple(wanted)
+
+    def _limits(self) -> dict[str, int | str | bool]:
+        """linux.resources as cgroups.set_limits takes them, in the order the
+        kernel needs (memory before memory+swap, the CFS period before the quota)."""
         res = self.spec.linux.resources if self.spec.linux else None
+        out: dict[str, int | str | bool] = {}
         if res is None:
-            return ()
-        return tuple(name for name, part in (("memory", res.memory), ("pids", res.pids),
-                                             ("cpu", res.cpu)) if part is not None)
+            return out
+        m, c = res.memory, res.cpu
+        for key, value in (
+                ("memory.limit", m.limit if m else None),
+                ("memory.reservation", m.reservation if m else None),
+                ("memory.swap", m.swap if m else None),
+                ("memory.swappiness", m.swappiness if m else None),
+                ("memory.disableOOMKiller", m.disable_oom_killer or None if m else None),
+                ("pids.limit", res.pids.limit if res.pids else None),
+                ("cpu.shares", c.shares or None if c else None),
+                ("cpu.period", c.period if c else None),
+                ("cpu.quota", c.quota if c else None),
+                ("cpu.cpus", c.cpus or None if c else None),
+                ("cpu.mems", c.mems or None if c else None)):
+            if value is not None:
+                out[key] = value
+        return out
 
     def _device_policy(self, host: planmod.HostPlan) -> None:
         """Only the configured device nodes open in the container, wherever a node is."""
@@ -374,19 +399,17 @@ class Container:
         self.guardian.dismiss(wait=True)
 
     def _apply_resources(self) -> None:
-        linux = self.spec.linux
-        res = linux.resources if linux else None
-        if res is None or self.cgroup is None:
+        limits = self._limits()
+        if not limits or self.cgroup is None:
             return
         try:
-            self.cgroup.set_limits(
-                memory=res.memory.limit if res.memory else None,
-                pids=res.pids.limit if res.pids else None,
-                cpu_quota=res.cpu.quota if res.cpu else None,
-                cpu_period=res.cpu.period if res.cpu else None,
-            )
+            for warning in self.cgroup.set_limits(limits):
+                self.req.say(f"warning: {warning}")
+        except cgroups.CgroupError as exc:
+            raise SetupError(str(exc)) from None
         except OSError as exc:
-            raise SetupError(f"linux.resources: cannot apply limits: {exc}") from None
+            raise SetupError(f"linux.resources: cannot apply limits: {exc}",
+                             hint_for(exc)) from None
 
     def _handshake(self, pid_a: int, uid_maps: list[tuple[int, int, int]],
                    gid_maps: list[tuple[int, int, int]], init: planmod.InitPlan,

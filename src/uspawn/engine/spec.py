@@ -325,10 +325,13 @@ class Device(Model):
 
 
 class MemoryResources(Model):
-    _bounds = {"limit": I64, "reservation": I64, "swap": I64}
+    _bounds = {"limit": I64, "reservation": I64, "swap": I64, "swappiness": (0, 100)}
+    _rename = {"disable_oom_killer": "disableOOMKiller"}
     limit: int | None = None
     reservation: int | None = None
     swap: int | None = None
+    swappiness: int | None = None
+    disable_oom_killer: bool | None = None
 
 
 class CPUResources(Model):

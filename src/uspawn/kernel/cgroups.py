@@ -118,33 +118,39 @@ class Cgroup:
             if not (skip_v2 and d == v2):
                 _write(os.path.join(d, "cgroup.procs"), str(pid))
 
-    def set_limits(self, memory: int | None = None, pids: int | None = None,
-                   cpu_quota: int | None = None, cpu_period: int | None = None) -> None:
-        v2 = self.v2_dir
+    def set_limits(self, limits: dict[str, int | str | bool]) -> list[str]:
+        """Write linux.resources (keys as OCI names: "memory.limit", "cpu.shares",
+        ...) to cgroup2 where the unified hierarchy has the controller, else to
+        its v1 hierarchy. A limit with nowhere to go raises CgroupError naming
+        the field; never silently dropped. Returns warnings (none yet)."""
+        for key, value in limits.items():
+            ctrl = key.split(".")[0]
+            ctrl = "cpuset" if key in ("cpu.cpus", "cpu.mems") else ctrl
+            v2 = self.v2_dir
+            try:
+                if v2 is not None and ctrl in _controllers_of(v2):
+                    _set_v2(v2, key, value, limits)
+                    continue
+                d = self.v1_dir(ctrl)
+                if d is None:
+                    raise CgroupError(f"linux.resources.{key}: no {ctrl} controller for this "
+                                      "container (neither cgroup2 nor a v1 hierarchy has it)")
+                _set_v1(d, key, value, limits)
+            except OSError as exc:
+                raise CgroupError(f"linux.resources.{key}: the kernel refuses {value!r}: "
+                                  f"{exc.strerror}") from None
+        return []
+
+    def v1_dir(self, ctrl: str) -> str | None:
+        """This container's directory in the v1 hierarchy of ctrl (whatever depth
+        an OCI cgroupsPath gives rel: d is <hierarchy>/<rel>)."""
+        rel = self.rel.strip("/")
         for d in self.dirs:
-            is_v2 = d == v2
-            # The v1 controller is the hierarchy's name: d is <hierarchy>/<rel>,
-            # whatever depth an OCI cgroupsPath gives rel.
-            hier = d[: len(d) - len(self.rel.strip("/")) - 1] if d.endswith(
-                "/" + self.rel.strip("/")) else os.path.dirname(d)
-            ctrl = os.path.basename(hier)
-            if memory is not None:
-                if is_v2 and os.path.exists(os.path.join(d, "memory.max")):
-                    _write(os.path.join(d, "memory.max"), _v2_value(memory))
-                elif ctrl == "memory":
-                    _write(os.path.join(d, "memory.limit_in_bytes"), str(memory))
-            if pids is not None:
-                if is_v2 and os.path.exists(os.path.join(d, "pids.max")):
-                    _write(os.path.join(d, "pids.max"), _v2_value(pids))
-                elif ctrl == "pids":
-                    _write(os.path.join(d, "pids.max"), _v2_value(pids))
-            if cpu_quota is not None:
-                period = cpu_period or 100000
-                if is_v2 and os.path.exists(os.path.join(d, "cpu.max")):
-                    _write(os.path.join(d, "cpu.max"), f"{_v2_value(cpu_quota)} {period}")
-                elif ctrl == "cpu":
-                    _write(os.path.join(d, "cpu.cfs_period_us"), str(period))
-                    _write(os.path.join(d, "cpu.cfs_quota_us"), str(cpu_quota))
+            if d == self.v2_dir or not d.endswith("/" + rel):
+                continue
+            if ctrl in os.path.basename(d[: len(d) - len(rel) - 1]).split(","):
+                return d
+        return None
 
     def delegate(self, uid: int, gid: int) -> None:
         """Give the cgroup2 directory to the container's root (cgroup-v2.rst
@@ -220,6 +226,88 @@ def name_busy(name: str, rel: str | None = None) -> bool:
             if _procs(d):
                 return True
     return False
+
+
+def _controllers_of(v2_dir: str) -> set[str]:
+    """Controllers enabled for a cgroup2 directory (its parent's subtree_control)."""
+    return _controllers(v2_dir)
+
+
+def _limit_value(limits: dict[str, int | str | bool], key: str) -> int | None:
+    v = limits.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def cpu_weight(shares: int) -> int:
+    """cpu.shares (2..262144) as cgroup2 cpu.weight (1..10000), runc's conversion."""
+    if shares == 0:
+        return 0
+    return 1 + ((max(2, min(shares, 262144)) - 2) * 9999) // 262142
+
+
+def swap_v2(swap: int, limit: int | None) -> str:
+    """OCI memory.swap is memory+swap; cgroup2's memory.swap.max is swap alone."""
+    if swap < 0:
+        return "max"
+    if limit is None or limit < 0:
+        raise CgroupError("linux.resources.memory.swap: needs memory.limit on cgroup v2 "
+                          "(the kernel limits swap alone there)")
+    if swap < limit:
+        raise CgroupError(f"linux.resources.memory.swap: {swap} is below memory.limit "
+                          f"{limit} (swap counts memory plus swap)")
+    return str(swap - limit)
+
+
+def _set_v2(d: str, key: str, value: int | str | bool,
+            limits: dict[str, int | str | bool]) -> None:
+    if key == "memory.limit":
+        _write(os.path.join(d, "memory.max"), _v2_value(int(value)))
+    elif key == "memory.reservation":
+        _write(os.path.join(d, "memory.low"), _v2_value(int(value)))
+    elif key == "memory.swap":
+        _write(os.path.join(d, "memory.swap.max"),
+               swap_v2(int(value), _limit_value(limits, "memory.limit")))
+    elif key in ("memory.swappiness", "memory.disableOOMKiller"):
+        if value is not False:
+            raise CgroupError(f"linux.resources.{key}: cgroup v2 has no such setting "
+                              "(v1 memory controller only)")
+    elif key == "pids.limit":
+        _write(os.path.join(d, "pids.max"), _v2_value(int(value)))
+    elif key == "cpu.shares":
+        if int(value):
+            _write(os.path.join(d, "cpu.weight"), str(cpu_weight(int(value))))
+    elif key == "cpu.quota" or (key == "cpu.period" and "cpu.quota" not in limits):
+        quota = _limit_value(limits, "cpu.quota")
+        period = _limit_value(limits, "cpu.period")
+        text = "max" if quota is None or quota < 0 else str(quota)
+        _write(os.path.join(d, "cpu.max"), text + (f" {period}" if period else ""))
+    elif key in ("cpu.cpus", "cpu.mems"):
+        _write(os.path.join(d, "cpuset." + key[4:]), str(value))
+
+
+def _set_v1(d: str, key: str, value: int | str | bool,
+            limits: dict[str, int | str | bool]) -> None:
+    files = {"memory.limit": "memory.limit_in_bytes",
+             "memory.reservation": "memory.soft_limit_in_bytes",
+             "memory.swap": "memory.memsw.limit_in_bytes",
+             "memory.swappiness": "memory.swappiness",
+             "memory.disableOOMKiller": "memory.oom_control",
+             "pids.limit": "pids.max", "cpu.shares": "cpu.shares",
+             "cpu.period": "cpu.cfs_period_us", "cpu.quota": "cpu.cfs_quota_us",
+             "cpu.cpus": "cpuset.cpus", "cpu.mems": "cpuset.mems"}
+    path = os.path.join(d, files[key])
+    if key == "pids.limit":
+        text = _v2_value(int(value))
+    elif isinstance(value, bool):
+        text = "1" if value else "0"
+    else:
+        text = str(value)
+    if key == "cpu.shares" and not value:
+        return
+    if not os.path.exists(path):
+        raise CgroupError(f"linux.resources.{key}: {path} does not exist "
+                          "(the kernel lacks it: swap accounting off, or no CFS bandwidth)")
+    _write(path, text)
 
 
 def _remove_children(d: str) -> None:
@@ -307,6 +395,7 @@ def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = No
                         _enable_controllers(hier, new)
             try:
                 os.mkdir(d)
+                _cpuset_inherit(hier, d)
             except FileExistsError:
                 # Only an empty leaf (our own leftover) is reused: a cgroup with
                 # processes or sub-cgroups belongs to someone else (an OCI
@@ -336,9 +425,24 @@ def _makedirs(hier: str, parent: str, made: list[str]) -> list[str]:
         except FileExistsError:
             continue
         new.append(d)
+        _cpuset_inherit(hier, d)
         if d != os.path.join(hier, PARENT):  # shared by every `uspawn run`: kept
             made.append(d)
     return new
+
+
+def _cpuset_inherit(hier: str, d: str) -> None:
+    """A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and
+    nothing can join it (ENOSPC): give it its parent's, as systemd and runc do.
+    cgroup2's cpuset inherits by itself."""
+    if "cpuset" not in os.path.basename(hier).split(",") or hier in _cgroup2_mounts():
+        return
+    parent = os.path.dirname(d)
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        with open(os.path.join(parent, name)) as f:
+            value = f.read().strip()
+        if value:
+            _write(os.path.join(d, name), value)
 
 
 def _controllers(hier: str) -> set[str]:
