@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
+import termios  # imported here: after setns the container's tree is our /
 
 from uspawn.base.errors import ExecError, SetupError
 from uspawn.engine import channel as chan
@@ -98,6 +100,9 @@ class ExecOptions:
         self.env_replace: list[str] | None = None  # the whole environment
         self.detach = False
         self.on_started: Callable[[int, int], None] | None = None  # (pid, pty master)
+        # runc's --preserve-fds N: the caller's fds 3..3+N-1 reach the process.
+        self.preserve_fds = 0
+        self.console_size: tuple[int, int] | None = None  # rows, cols (process.consoleSize)
 
 
 def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str],
@@ -241,15 +246,7 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
 
     os.setsid()
     if tty:
-        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
-        slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
-        fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
-        for fd in (0, 1, 2):
-            os.dup2(slave, fd)
-        os.close(slave)
-        ch.send(chan.CONSOLE, fds=[master])
-        os.close(master)
+        _setup_pty(ch, uid, xo.console_size)
     # The same sequence as the container init's payload (engine/execseq.py).
     have = sc.capget()[1] & bounding
     if xo.caps is not None:
@@ -259,4 +256,35 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
         capsets = (have, have, 0, 0) if uid == 0 else (0, 0, 0, 0)
     execseq.exec_process(execseq.Process(
         argv, [f"{k}={v}" for k, v in env.items()], cwd, uid, gid, xo.additional_gids,
-        None, bounding, capsets, xo.no_new_privs, seccomp_bpf), ch.fileno())
+        None, bounding, capsets, xo.no_new_privs, seccomp_bpf, xo.preserve_fds), ch.fileno())
+
+
+def _setup_pty(ch: chan.Channel, uid: int, size: tuple[int, int] | None) -> None:
+    """The process's terminal, from the container's devpts; the master goes to the parent.
+
+    devpts gives the slave the opener's fsuid: we are still host root, which the
+    container cannot see (it shows as nobody) and may not chown. So we first
+    become the container's root (setns gave us its capabilities), then hand the
+    slave to the process user as runc does (its gid stays devpts' tty group).
+    """
+    try:
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    except OSError:
+        pass  # no container root in the mapping: the pty stays host root's
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
+    slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.fchown(slave, uid, -1)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL):  # runc ignores these too
+            raise SetupError(f"exec: chown the pty to uid {uid}: {exc.strerror}") from None
+    if size is not None:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+    fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    os.close(slave)
+    ch.send(chan.CONSOLE, fds=[master])
+    os.close(master)

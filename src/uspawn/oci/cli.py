@@ -91,8 +91,10 @@ class Logger:
 
     def __call__(self, msg: str, level: str = "warning") -> None:
         msg = printable(msg)
-        sys.stderr.write(f"uspawn-runc: {msg}\n")
+        # The log first: containerd's shim hands us a read-only /dev/null as
+        # stderr, and the log is all it reads back (issue 14).
         self.record(msg, level)
+        to_stderr(f"uspawn-runc: {msg}\n")
 
     def record(self, msg: str, level: str = "error") -> None:
         if not self.path:
@@ -111,9 +113,20 @@ class Logger:
             pass
 
 
+def to_stderr(text: str) -> None:
+    """Best effort: stderr may be closed or read-only (a shim's /dev/null)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):  # ValueError: a closed file object
+        pass
+
+
 def _signal(value: str | None) -> int:
     from uspawn.kernel.sig import parse_signal
 
+    if value is not None and value.upper().removeprefix("SIG") == "0":
+        return 0  # runc: signal 0 checks that the container exists and runs
     return parse_signal(value or "SIGTERM")
 
 
@@ -239,10 +252,19 @@ def _ps(root: str, ns: types.SimpleNamespace) -> int:
         return 0
     import subprocess
 
-    out = subprocess.run(["ps", *(ns.ps_args or ["-ef"])], capture_output=True, text=True)
+    # runc: `ps ID -- OPTIONS` hands OPTIONS to the host's ps(1) and keeps the
+    # header plus the rows whose PID column is one of the container's processes.
+    try:
+        out = subprocess.run(["ps", *(ns.ps_args or ["-ef"])], capture_output=True,
+                             text=True, errors="replace")
+    except OSError as exc:
+        raise oci.OciError(f"ps: cannot run ps(1): {exc.strerror}",
+                           "install procps, or use `ps --format json` for the pids") from None
     lines = out.stdout.splitlines()
-    if not lines:
-        return 1
+    if out.returncode != 0 or not lines:
+        err = out.stderr.strip().splitlines()
+        raise oci.OciError(f"ps {' '.join(ns.ps_args)}: exit {out.returncode}: "
+                           f"{err[0] if err else 'no output'}")
     header = lines[0].split()
     col = header.index("PID") if "PID" in header else 1
     print(lines[0])
@@ -267,6 +289,22 @@ def _wants_version(args: list[str]) -> bool:
     return False
 
 
+def _early_log(args: list[str]) -> Logger:
+    """--log/--log-format picked from argv by hand, for errors parse() raised."""
+    path, fmt = "", "text"
+    for i, tok in enumerate(args[:-1]):
+        if tok == "--log":
+            path = args[i + 1]
+        elif tok == "--log-format" and args[i + 1] in ("text", "json"):
+            fmt = args[i + 1]
+    for tok in args:
+        if tok.startswith("--log="):
+            path = tok.split("=", 1)[1]
+        elif tok.startswith("--log-format="):
+            fmt = tok.split("=", 1)[1]
+    return Logger(path, "json" if fmt == "json" else "text")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     log = Logger("", "text")
@@ -284,8 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log = Logger(ns.log, ns.log_format)
         return dispatch(cmd, ns, log)
     except UspawnError as exc:
-        sys.stderr.write(f"uspawn-runc: {exc.one_line()}\n")
-        log.record(exc.one_line())
+        if not log.path:
+            log = _early_log(args)  # a usage error: parse() never returned the options
+        log.record(exc.one_line())  # first: stderr may be unwritable (issue 14)
+        to_stderr(f"uspawn-runc: {exc.one_line()}\n")
         return 1 if exc.exit_code not in (2,) else 2
     except KeyboardInterrupt:
         return 130
@@ -296,6 +336,9 @@ def entry() -> None:
 
     # Closed stdio, EPIPE, a full disk, and any bug: one line and an exit code (issue 15).
     code = run_guarded("uspawn-runc", main)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass  # an unwritable stdio must not turn the exit code into a traceback
     os._exit(code)

@@ -52,11 +52,35 @@ def _process(ns: types.SimpleNamespace) -> S.Process:
     return proc
 
 
+def _preserve_fds(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError(f"--preserve-fds {value!r}: expected a number of fds (0 or more)")
+    return n
+
+
+def _kill_started(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
 def exec_command(root: str, ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     rec = oci.Record(root, oci.check_id(ns.id))
     status = rec.status()
-    if status not in ("running", "paused" if ns.ignore_paused else "running"):
-        raise oci.OciError(f"cannot exec in container {ns.id!r}: it is {status}")
+    # runc allows a created container too: its namespaces exist, the init waits.
+    allowed = ("created", "running", "paused") if ns.ignore_paused else ("created", "running")
+    if status not in allowed:
+        if status == "stopped":
+            raise oci.OciError(f"exec {ns.id}: container not running")
+        raise oci.OciError(f"cannot exec in container {ns.id!r}: it is {status}",
+                           "resume it first, or pass --ignore-paused")
+    oci.check_pid_file(ns.pid_file)  # before anything runs (after is too late)
+    preserve = _preserve_fds(ns.preserve_fds)
     proc = _process(ns)
     if ns.cwd:
         proc.cwd = ns.cwd
@@ -79,6 +103,9 @@ def exec_command(root: str, ns: types.SimpleNamespace, log: Callable[[str], None
     xo.env_replace = list(proc.env)
     xo.no_new_privs = proc.no_new_privileges or ns.no_new_privs
     xo.detach = ns.detach
+    xo.preserve_fds = preserve
+    if proc.console_size is not None:
+        xo.console_size = (proc.console_size.height, proc.console_size.width)
     c = proc.capabilities or (spec.process.capabilities if spec.process else None)
     bounding = None
     if c is not None:
@@ -90,11 +117,11 @@ def exec_command(root: str, ns: types.SimpleNamespace, log: Callable[[str], None
             raise SpecError(f"process.capabilities: {exc}") from None
 
     def started(pid: int, master: int) -> None:
-        if ns.pid_file:
-            tmp = f"{ns.pid_file}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(str(pid))
-            os.replace(tmp, ns.pid_file)
+        try:
+            oci.write_pid_file(ns.pid_file, pid)
+        except oci.OciError:
+            _kill_started(pid)  # nobody would know its pid: do not leave it behind
+            raise
         if master >= 0 and ns.console_socket:
             oci.send_console(ns.console_socket, master)
 

@@ -203,12 +203,29 @@ def _iso_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
 
 
-def _write_pid_file(path: str | None, pid: int) -> None:
-    if path:
-        tmp = f"{path}.tmp{os.getpid()}"
+def check_pid_file(path: str | None) -> None:
+    """Refuse a --pid-file whose directory is missing before anything exists or runs:
+    found only after the start, the process would be left behind unrecorded."""
+    if not path:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise OciError(f"--pid-file {path}: directory {d} does not exist",
+                       "create the directory first")
+    if not os.access(d, os.W_OK):
+        raise OciError(f"--pid-file {path}: directory {d} is not writable")
+
+
+def write_pid_file(path: str | None, pid: int) -> None:
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
         with open(tmp, "w") as f:
             f.write(str(pid))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OciError(f"--pid-file {path}: {exc.strerror}") from None
 
 
 def send_console(socket_path: str, master: int) -> None:
@@ -237,6 +254,7 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
     from uspawn.engine.request import START_AUTO, START_FIFO, Request
 
     check_id(cid)
+    check_pid_file(pid_file)
     bundle = os.path.abspath(bundle)
     spec = load_bundle(bundle, log)
     assert spec.process is not None and spec.root is not None
@@ -293,7 +311,7 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             record["range_lease"] = lease.path
             lease.release(remove=False)
         write_atomic(os.path.join(cdir, "state.json"), dumps(record))
-        _write_pid_file(pid_file, c.init_pid)
+        write_pid_file(pid_file, c.init_pid)
         if not foreground:
             c.handover()
         return c
@@ -422,7 +440,8 @@ def state(root: str, cid: str) -> dict[str, object]:
 def kill(root: str, cid: str, signum: int, all_processes: bool = False) -> None:
     rec = Record(root, check_id(cid))
     if rec.status() == "stopped":
-        raise OciError(f"container {cid!r} is not running")
+        # runc's wording: containerd treats "container not running" as already gone.
+        raise OciError(f"kill {cid}: container not running")
     targets = [rec.pid]
     cg = rec.cgroup()
     if all_processes and cg is not None:

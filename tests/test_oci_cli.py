@@ -1,0 +1,226 @@
+"""runc's command line where containerd, CRI and podman use it (issue 13, issue 14's wordings):
+kill ID 0, --log written before stderr, ps options, --pid-file checks, exec into a created
+container, exec --preserve-fds, the exec pty's owner and size, update, events.
+
+Driven through uspawn-runc as tests/test_oci.py does (USPAWN_OCI_RUNTIME compares
+with runc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_oci import (
+    Oci,
+    _console_listener,
+    _read_until,
+    _recv_fd,
+    make_bundle,
+    runtime_cmd,
+    wait_status,
+)
+
+
+@pytest.fixture
+def oci(tmp_path: Path, need_root: None) -> Iterator[Oci]:
+    o = Oci(tmp_path / "oci-state")
+    yield o
+    for line in o("list", "-q", check=False).stdout.split():
+        o("delete", "--force", line, check=False)
+
+
+def _cid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _running(oci: Oci, tmp_path: Path, rootfs: Path, cid: str,
+             resources: dict[str, object] | None = None, args: list[str] | None = None) -> int:
+    """A started container running `sleep 100`; returns its init pid."""
+    b = make_bundle(tmp_path, rootfs, args or ["sleep", "100"])
+    if resources is not None:
+        cfg = json.loads((b / "config.json").read_text())
+        cfg["linux"]["resources"] = resources
+        (b / "config.json").write_text(json.dumps(cfg))
+    oci("create", "--bundle", str(b), cid, stdout=subprocess.DEVNULL)
+    oci("start", cid)
+    return int(json.loads(oci("state", cid).stdout)["pid"])
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# --- kill ---------------------------------------------------------------------------
+
+
+def test_kill_signal_0_checks_existence(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    cid = _cid("k0")
+    _running(oci, tmp_path, rootfs, cid, args=["sh", "-c", "sleep 2"])
+    oci("kill", cid, "0")
+    oci("kill", cid, "SIG0")
+    assert oci.status(cid) == "running"  # signal 0 delivered nothing
+    wait_status(oci, cid, "stopped")
+    r = oci("kill", cid, "0", check=False)
+    assert r.returncode == 1 and "container not running" in r.stderr, r.stderr
+    _one_line(r)
+    r = oci("kill", cid, "KILL", check=False)  # issue 14: containerd matches runc's wording
+    assert r.returncode == 1 and "container not running" in r.stderr, r.stderr
+    r = oci("kill", "no-such-id", "0", check=False)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+# --- --log --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_written_when_stderr_is_read_only(oci: Oci, tmp_path: Path, fmt: str) -> None:
+    """containerd's shim hands the runtime a read-only /dev/null as stderr: the error
+    must still reach --log (issue 14: it was written after the failing stderr write)."""
+    log = tmp_path / "log.json"
+    with open("/dev/null") as ro:  # O_RDONLY: every write to fd 2 fails with EBADF
+        for args in (["state", "nope"], ["kill", "nope", "NOSUCHSIG"], ["nosuchcommand"]):
+            p = subprocess.run([*runtime_cmd(), "--root", str(oci.root), "--log", str(log),
+                                "--log-format", fmt, *args], stderr=ro,
+                               stdout=subprocess.DEVNULL, timeout=60)
+            assert p.returncode in (1, 2), args
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3, lines
+    if fmt == "json":
+        recs = [json.loads(ln) for ln in lines]
+        assert all(r["level"] == "error" for r in recs)
+        assert "does not exist" in recs[0]["msg"] and "NOSUCHSIG" in recs[1]["msg"]
+        assert "nosuchcommand" in recs[2]["msg"]
+    else:
+        assert "does not exist" in lines[0] and "level=error" in lines[0]
+
+
+# --- ps -----------------------------------------------------------------------------
+
+
+def test_ps_passes_options_and_fails_in_one_line_without_ps(oci: Oci, rootfs: Path,
+                                                            tmp_path: Path) -> None:
+    cid = _cid("ps")
+    pid = _running(oci, tmp_path, rootfs, cid)
+    r = oci("ps", cid, "--", "-eo", "pid,comm")
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ["PID", "COMMAND"]
+    assert [ln.split() for ln in rows] == [[str(pid), "sleep"]]
+    lines = oci("ps", cid, "--", "-ef").stdout.splitlines()
+    assert lines[0].split()[:2] == ["UID", "PID"] and len(lines) == 2
+    assert json.loads(oci("ps", "--format", "json", cid).stdout) == [pid]
+    empty = tmp_path / "emptybin"
+    empty.mkdir()
+    p = subprocess.run([*runtime_cmd(), "--root", str(oci.root), "ps", cid],
+                       capture_output=True, text=True, env={**os.environ, "PATH": str(empty)},
+                       timeout=60)
+    assert p.returncode == 1 and "ps(1)" in p.stderr
+    _one_line(subprocess.CompletedProcess(p.args, p.returncode, p.stdout, p.stderr))
+
+
+# --- --pid-file ---------------------------------------------------------------------
+
+
+def test_pid_file_in_missing_directory_refused_before_anything(oci: Oci, rootfs: Path,
+                                                               tmp_path: Path) -> None:
+    b = make_bundle(tmp_path, rootfs, ["sleep", "100"])
+    missing = tmp_path / "missing" / "dir" / "p"
+    r = oci("create", "--bundle", str(b), "--pid-file", str(missing), "pf", check=False)
+    assert r.returncode == 1 and "missing/dir" in r.stderr
+    _one_line(r)
+    assert oci("list", "-q").stdout.strip() == ""  # no container was made
+    oci("create", "--bundle", str(b), "pf", stdout=subprocess.DEVNULL)
+    oci("start", "pf")
+    marker = tmp_path / "ran"
+    # The bundle's rootfs is the container's /: a marker there shows whether it ran.
+    r = oci("exec", "--pid-file", str(missing), "pf", "sh", "-c", "touch /tmp/ran-marker",
+            check=False)
+    assert r.returncode == 1 and "missing/dir" in r.stderr
+    _one_line(r)
+    assert not (b / "rootfs" / "tmp" / "ran-marker").exists() and not marker.exists()
+
+
+# --- exec ---------------------------------------------------------------------------
+
+
+def test_exec_into_created_container(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", "echo started > /tmp/started; sleep 100"])
+    oci("create", "--bundle", str(b), "cr", stdout=subprocess.DEVNULL)
+    assert oci.status("cr") == "created"
+    r = oci("exec", "cr", "sh", "-c", "echo in-$((6*7)); cat /proc/self/uid_map")
+    assert r.stdout.split()[:3] == ["in-42", "0", "200000"]
+    assert oci.status("cr") == "created"  # exec does not start the container
+    assert not (b / "rootfs" / "tmp" / "started").exists()
+    oci("start", "cr")
+    deadline = time.monotonic() + 10
+    while not (b / "rootfs" / "tmp" / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (b / "rootfs" / "tmp" / "started").exists()
+
+
+def test_exec_stopped_container_says_not_running(oci: Oci, rootfs: Path,
+                                                 tmp_path: Path) -> None:
+    _running(oci, tmp_path, rootfs, "xs", args=["true"])
+    wait_status(oci, "xs", "stopped")
+    r = oci("exec", "xs", "true", check=False)
+    assert r.returncode == 1 and "container not running" in r.stderr
+    _one_line(r)
+
+
+def test_exec_preserve_fds(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    cid = _cid("pfd")
+    _running(oci, tmp_path, rootfs, cid)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    spare = os.open("/dev/null", os.O_RDONLY)
+    try:
+        # The runtime gets the pipes' write ends as its fds 3 and 4, and fd 5 besides.
+        fds = {3: w1, 4: w2, 5: spare}
+        script = ("echo three >&3; echo four >&4; "
+                  "if [ -e /proc/self/fd/5 ]; then echo five-leaked >&3; fi")
+        cmd = [*runtime_cmd(), "--root", str(oci.root), "exec", "--preserve-fds", "2",
+               cid, "sh", "-c", script]
+
+        def child_fds() -> None:
+            for target, fd in fds.items():
+                os.dup2(fd, target)
+
+        p = subprocess.run(cmd, preexec_fn=child_fds, pass_fds=(3, 4, 5), timeout=60,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    finally:
+        for fd in (w1, w2, spare):
+            os.close(fd)
+    with os.fdopen(r1) as f3, os.fdopen(r2) as f4:
+        assert f3.read() == "three\n" and f4.read() == "four\n"
+    r = oci("exec", "--preserve-fds", "-1", cid, "true", check=False)
+    assert r.returncode != 0 and "--preserve-fds" in r.stderr
+
+
+def test_exec_tty_owned_by_process_user_with_console_size(oci: Oci, rootfs: Path,
+                                                          tmp_path: Path) -> None:
+    cid = _cid("tty")
+    _running(oci, tmp_path, rootfs, cid)
+    proc = {"args": ["sh", "-c", "stat -c 'owner=%u' $(tty); stty size; echo done"],
+            "cwd": "/", "terminal": True, "env": ["PATH=/bin:/usr/bin"],
+            "user": {"uid": 1000, "gid": 1000}, "consoleSize": {"height": 33, "width": 111}}
+    (tmp_path / "p.json").write_text(json.dumps(proc))
+    listener = _console_listener(tmp_path / "c.sock")
+    box: list[int] = []
+    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)))
+    t.start()
+    oci("exec", "--process", str(tmp_path / "p.json"), "--detach", "--tty",
+        "--console-socket", str(tmp_path / "c.sock"), cid)
+    t.join(10)
+    try:
+        out = _read_until(box[0], b"done").decode()
+    finally:
+        os.close(box[0])
+    assert "owner=1000" in out and "33 111" in out, out
