@@ -273,3 +273,31 @@ def test_cpu_weight_conversion() -> None:
     from uspawn.kernel.cgroups import cpu_weight
 
     assert (cpu_weight(2), cpu_weight(1024), cpu_weight(262144)) == (1, 39, 10000)
+
+
+def test_create_container_hook_runs_in_the_container_mount_namespace(
+        oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """runtime-spec: createContainer runs in the container namespace, before
+    pivot_root, its path resolved in the runtime's root. It used to run on the host."""
+    import tempfile
+
+    hookdir = Path(tempfile.mkdtemp(prefix="uspawn-hook-"))
+    try:
+        hookdir.chmod(0o755)  # reachable by container root (an unmapped host uid)
+        hook = hookdir / "hook.sh"
+        hook.write_text("#!/bin/sh\necho hook-mnt=$(readlink /proc/self/ns/mnt)\n")
+        hook.chmod(0o755)
+
+        def edit(cfg: Cfg) -> None:
+            cfg["hooks"] = {"createContainer": [{"path": str(hook)}]}
+
+        b = bundle_with(tmp_path, rootfs, ["readlink", "/proc/self/ns/mnt"], edit)
+        r = oci("run", "-b", str(b), _cid("hook"), check=False)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split()
+        assert len(lines) == 2 and lines[0] == f"hook-mnt={lines[1]}", r.stdout
+        assert lines[1] != os.readlink("/proc/self/ns/mnt")
+    finally:
+        for f in hookdir.iterdir():
+            f.unlink()
+        hookdir.rmdir()

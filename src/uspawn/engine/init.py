@@ -228,7 +228,7 @@ def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
             os.setgroups([])
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-        setup_rootfs(plan, fds, deferred)
+        setup_rootfs(plan, fds, deferred, state_json)
         finish_in_root(plan, ch)
         if plan.new_keyring:
             join_session_keyring()
@@ -298,8 +298,14 @@ def join_session_keyring() -> None:
             raise _step("join a new session keyring", exc) from None
 
 
-def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int]) -> None:
-    """Our own mount namespace, the init-side mounts, pivot_root.
+def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
+                 state_json: str = "") -> None:
+    """Our own mount namespace, the init-side mounts, createContainer hooks, pivot_root.
+
+    The hooks run here, as runc runs them: in the container's namespaces with
+    every mount in place, before pivot_root, so their path resolves in the
+    runtime's root (runtime-spec config.md) and what they change in the tree
+    is what the payload sees.
 
     The rootfs fd from stage A names a mount in A's namespace: we enter it
     (fchdir) before unsharing, and unshare carries the cwd into the copy, so
@@ -334,6 +340,11 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int]) -
                 op.execute(rootfd, fds, remount)
             except OSError as exc:
                 raise _step(f"mount {op.describe()}", exc) from None
+        for path, args, env, timeout in plan.container_hooks:
+            try:
+                run_hook(path, args, env, timeout, state_json, "createContainer")
+            except HookError as exc:
+                raise InitError(str(exc)) from None
         try:
             mounts.pivot_into(rootfd)
         except OSError as exc:

@@ -193,6 +193,8 @@ class InitPlan:
         self.join_namespaces: list[tuple[str, str]] = []
         self.new_keyring = True
         self.start_hooks: list[tuple[str, list[str], list[str], int | None]] = []
+        # createContainer: run by the init in its mount namespace, before pivot_root.
+        self.container_hooks: list[tuple[str, list[str], list[str], int | None]] = []
 
     def describe(self) -> list[str]:
         return ([f"{op.describe()} (host side, locked)" for op in self.host_mounts]
@@ -334,6 +336,7 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
     init.preserve_fds = req.preserve_fds
     init.new_keyring = req.new_keyring
     init.start_hooks = list(req.start_hooks)
+    init.container_hooks = list(req.container_hooks)
     return host, init
 
 

@@ -53,9 +53,11 @@ class Request(FrozenModel):
     exec_fifo: str | None = None
     cgroup_path: str | None = None  # OCI linux.cgroupsPath, resolved and checked
     delegate_cgroup: bool = False  # hand the cgroup2 directory to container root (systemd)
-    # Host-side hooks once the init exists (OCI prestart, createRuntime,
-    # createContainer), and in the init before execve (startContainer).
+    # Host-side hooks once the init exists (OCI prestart, createRuntime),
+    # and in the init before execve (startContainer).
     create_hooks: tuple[Hook, ...] = ()
+    # OCI createContainer: in the container's mount namespace before pivot_root.
+    container_hooks: tuple[Hook, ...] = ()
     start_hooks: tuple[Hook, ...] = ()
     state_json: Callable[[int, str], str] | None = None
     # Host-side network setup once the init's network namespace exists (given the

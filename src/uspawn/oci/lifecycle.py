@@ -282,8 +282,8 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             name=cid, ownership="off", seccomp_bpf=seccomp_for(spec), log=log,
             start=START_AUTO if foreground else START_FIFO, detached=not foreground,
             exec_fifo=fifo, cgroup_path=cgroup_rel,
-            create_hooks=tuple(_hooks(hooks.prestart + hooks.create_runtime
-                                      + hooks.create_container)),
+            create_hooks=tuple(_hooks(hooks.prestart + hooks.create_runtime)),
+            container_hooks=tuple(_hooks(hooks.create_container)),
             start_hooks=tuple(_hooks(hooks.start_container)),
             state_json=lambda pid, status: _state_json(cid, bundle, spec, pid, status),
             preserve_fds=preserve_fds, new_keyring=new_keyring,
