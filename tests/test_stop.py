@@ -243,3 +243,53 @@ def test_bad_stop_options_are_one_line(uspawn: Runner, rootfs: Path, option: str
     assert "Traceback" not in r.stderr
     assert not (uspawn.state / "containers").exists() or \
         list((uspawn.state / "containers").iterdir()) == []
+
+
+def _read_until(master: int, want: str, timeout: float = 20) -> str:
+    """Read the pty master until want shows up (bounded); the text so far."""
+    text = ""
+    deadline = time.monotonic() + timeout
+    while want not in text:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([master], [], [], left)[0], repr(text)
+        text += os.read(master, 4096).decode(errors="replace")
+    return text
+
+
+def test_with_a_tty_ctrl_c_is_for_the_foreground_job(uspawn: Runner, rootfs: Path) -> None:
+    """-t: Ctrl-C goes through the container's pty to its foreground job, and a SIGINT
+    to uspawn is forwarded without arming the kill; SIGTERM still stops."""
+    import pty
+
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.execvp(uspawn.argv()[0], uspawn.argv(
+                "run", "-D", str(rootfs), "-M", "stoptty", "-t", "--stop-timeout", "1", "--",
+                "sh", "-c", "trap 'echo got-int' INT; echo up; "
+                "while :; do sleep 1000 & wait $!; done"))
+        finally:
+            os._exit(127)
+    try:
+        _read_until(master, "up")
+        os.write(master, b"\x03")  # Ctrl-C on the terminal: the pty's line discipline
+        _read_until(master, "got-int")
+        os.kill(pid, signal.SIGINT)
+        _read_until(master, "got-int")
+        os.kill(pid, signal.SIGINT)  # not a second stop signal: nothing is killed
+        _read_until(master, "got-int")
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGTERM)  # sh has no TERM trap: the kill after 1 s stops it
+        _, status = os.waitpid(pid, 0)
+        took = time.monotonic() - t0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGKILL
+    assert 0.9 <= took < 2, took
+    assert cgroup_dirs("stoptty") == []
