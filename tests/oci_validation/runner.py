@@ -182,6 +182,10 @@ def parse_tap(out: str) -> Tap:
             if tap.streams:
                 end_stream()
             tap.streams += 1
+        elif line.startswith("#") and tap.points and provisional[0]:
+            # t.Fail(err) of tap-go: the error is a `# ` comment after the point.
+            tap.points[-1].diagnostic = line[1:].strip()[:DIAG_LIMIT]
+            provisional[0] = False
         elif line.startswith("Bail out!"):
             tap.bailed = True
         elif m := _PLAN.match(line):

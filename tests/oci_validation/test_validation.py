@@ -64,6 +64,9 @@ def test_not_ok_fails_with_its_diagnostic() -> None:
     assert (res.passed, res.failed, res.result) == (1, 1, "fail")
     assert res.failing_points[0]["point"] == "b"
     assert '"actual": "x"' in res.failing_points[0]["diagnostic"]
+    out = "TAP version 13\nnot ok 1 - get data\n# open cpuset.cpus: ENOENT\n1..1\n"
+    res = runner.score("c", out, "", 0, 0.1, False)
+    assert res.failing_points[0]["diagnostic"] == "open cpuset.cpus: ENOENT"
 
 
 def test_a_diagnostic_before_its_point_is_kept() -> None:
