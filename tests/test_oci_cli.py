@@ -224,3 +224,134 @@ def test_exec_tty_owned_by_process_user_with_console_size(oci: Oci, rootfs: Path
     finally:
         os.close(box[0])
     assert "owner=1000" in out and "33 111" in out, out
+
+
+# --- update -------------------------------------------------------------------------
+
+
+def _cgroup_file(pid: int, ctrl: str, name: str) -> str:
+    """A cgroup file of pid's cgroup for ctrl: cgroup2 when it has the controller
+    (pure v2 hosts), else the v1 hierarchy (this hybrid host)."""
+    from uspawn.kernel.cgroups import CGROUP_ROOT, detect_layout
+
+    _layout, unified = detect_layout()
+    v1_names = {"memory.max": "memory.limit_in_bytes", "memory.low": "memory.soft_limit_in_bytes",
+                "cpu.weight": "cpu.shares", "cpu.max": "cpu.cfs_quota_us"}
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = [ln.rstrip("\n").split(":", 2) for ln in f]
+    for _n, ctrls, path in lines:
+        if ctrls == "" and unified and ctrl in Path(unified + path, "cgroup.controllers"
+                                                    ).read_text().split():
+            return Path(unified + path, name).read_text().strip()
+    for _n, ctrls, path in lines:
+        if ctrl in ctrls.split(","):
+            return Path(CGROUP_ROOT, ctrls, path.lstrip("/"), v1_names.get(name, name)
+                        ).read_text().strip()
+    raise AssertionError(f"pid {pid} is in no {ctrl} cgroup")
+
+
+def _rt(oci: Oci, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*runtime_cmd(), "--root", str(oci.root), *args], input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_update_from_flags_reaches_the_kernel(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """A container created without limits: update moves it into the hierarchies the
+    new limits need (v1 here) and delete removes those cgroups again."""
+    from conftest import cgroup_dirs
+
+    cid = _cid("upd")
+    pid = _running(oci, tmp_path, rootfs, cid)
+    oci("update", "--memory", "64m", "--memory-reservation", "32M", "--pids-limit", "42",
+        "--cpu-share", "512", "--cpu-period", "100000", "--cpu-quota", "50000",
+        "--cpuset-cpus", "0", cid)
+    assert _cgroup_file(pid, "memory", "memory.max") == str(64 << 20)
+    assert _cgroup_file(pid, "memory", "memory.low") == str(32 << 20)
+    assert _cgroup_file(pid, "pids", "pids.max") == "42"
+    assert _cgroup_file(pid, "cpuset", "cpuset.cpus") == "0"
+    shares = _cgroup_file(pid, "cpu", "cpu.weight")
+    assert shares in ("512", "20")  # v1 cpu.shares, or v2 cpu.weight as runc converts
+    assert _cgroup_file(pid, "cpu", "cpu.max") in ("50000", "50000 100000")
+    # the payload is still running, in the container's pid namespace, and forks there
+    r = oci("exec", cid, "sh", "-c", "echo forked")
+    assert r.stdout.strip() == "forked"
+    oci("update", "--memory", "-1", "--pids-limit", "-1", cid)
+    assert _cgroup_file(pid, "pids", "pids.max") == "max"
+    oci("delete", "--force", cid)
+    assert cgroup_dirs(cid) == []
+
+
+def test_update_from_resources_file_and_stdin(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    cid = _cid("updr")
+    pid = _running(oci, tmp_path, rootfs, cid, resources={"pids": {"limit": 100}})
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps({"memory": {"limit": 48 << 20}, "pids": {"limit": 50},
+                               # what containerd's CRI sends along: ignored as by runc
+                               "devices": [{"allow": False, "access": "rwm"}]}))
+    oci("update", "-r", str(res), cid)
+    assert _cgroup_file(pid, "memory", "memory.max") == str(48 << 20)
+    assert _cgroup_file(pid, "pids", "pids.max") == "50"
+    # a flag wins over the same field of the file
+    oci("update", "-r", str(res), "--pids-limit", "60", cid)
+    assert _cgroup_file(pid, "pids", "pids.max") == "60"
+    p = _rt(oci, "update", "-r", "-", cid, stdin=json.dumps({"pids": {"limit": 70}}))
+    assert p.returncode == 0, p.stderr
+    assert _cgroup_file(pid, "pids", "pids.max") == "70"
+
+
+def test_update_errors_name_the_flag(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    cid = _cid("upe")
+    pid = _running(oci, tmp_path, rootfs, cid, resources={"pids": {"limit": 100}})
+    cases = [(["--memory", "lots"], "--memory"), (["--cpu-period", "5"], "--cpu-period"),
+             (["--pids-limit", "x"], "--pids-limit"), (["--blkio-weight", "10"], "--blkio-weight"),
+             (["--cpu-quota", "5"], "--cpu-quota"),
+             (["--memory", "64m", "--memory-swap", "1m"], "--memory-swap"),
+             (["--cpuset-cpus", "999"], "--cpuset-cpus"),
+             ([], "nothing to change")]
+    for args, needle in cases:
+        p = _rt(oci, "update", *args, cid)
+        assert p.returncode in (1, 2) and needle in p.stderr, (args, p.stderr)
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}))
+    p = _rt(oci, "update", "-r", str(bad), cid)
+    assert p.returncode == 1 and "hugepageLimits" in p.stderr, p.stderr
+    p = _rt(oci, "update", "-r", str(tmp_path / "missing.json"), cid)
+    assert p.returncode == 1 and "missing.json" in p.stderr
+    assert _cgroup_file(pid, "pids", "pids.max") == "100"  # nothing half-applied
+    oci("kill", cid, "KILL")
+    wait_status(oci, cid, "stopped")
+    p = _rt(oci, "update", "--pids-limit", "5", cid)
+    assert p.returncode == 1 and "container not running" in p.stderr
+
+
+# --- events -------------------------------------------------------------------------
+
+
+def test_events_stats_once(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    cid = _cid("evs")
+    _running(oci, tmp_path, rootfs, cid,
+             resources={"memory": {"limit": 64 << 20}, "pids": {"limit": 33}})
+    ev = json.loads(oci("events", "--stats", cid).stdout)
+    assert ev["type"] == "stats" and ev["id"] == cid
+    data = ev["data"]
+    assert data["cpu"]["usage"]["total"] > 0
+    assert data["memory"]["usage"]["limit"] == 64 << 20
+    assert data["pids"] == {"current": 1, "limit": 33}
+
+
+def test_events_stream_until_exit_with_oom(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """Stats every --interval and an oom event when the kernel OOM-kills inside;
+    the stream ends when the container stops."""
+    cid = _cid("evo")
+    _running(oci, tmp_path, rootfs, cid,
+             args=["sh", "-c", "sleep 1; dd if=/dev/zero of=/dev/null bs=64M count=1; sleep 1"],
+             resources={"memory": {"limit": 16 << 20, "swap": 16 << 20}})
+    t0 = time.monotonic()
+    p = _rt(oci, "events", "--interval", "300ms", cid)
+    assert p.returncode == 0, p.stderr
+    kinds = [json.loads(ln)["type"] for ln in p.stdout.splitlines()]
+    assert kinds.count("stats") >= 3 and kinds.count("oom") == 1, kinds
+    assert time.monotonic() - t0 < 20
+    p = _rt(oci, "events", "--interval", "nope", cid)
+    assert p.returncode in (1, 2) and "--interval" in p.stderr

@@ -478,3 +478,47 @@ def current_cgroup_v2() -> str | None:
     except OSError:
         pass
     return None
+
+
+def join_v1(cg: Cgroup, controllers: list[str]) -> list[str]:
+    """Move a container's processes into the v1 hierarchies of `controllers` it is not
+    in yet, so a limit set later (`uspawn-runc update`) reaches them: create() joins
+    only the hierarchies the config had limits for. Hybrid and legacy hosts only;
+    a controller that cgroup2 offers needs nothing. Returns the directories added to
+    cg.dirs (and records new directories in cg.made, as create() does)."""
+    if cg.layout == "unified":
+        return []
+    cgroup2 = _cgroup2_mounts()
+    v2_has = _controllers(cg.v2_dir) if cg.v2_dir else set()
+    added: list[str] = []
+    for ctrl in controllers:
+        if ctrl in v2_has or cg.v1_dir(ctrl) is not None:
+            continue
+        base = os.path.join(CGROUP_ROOT, ctrl)
+        if not os.path.isdir(base) or base in cgroup2:
+            raise CgroupError(f"no cgroup v1 {ctrl} hierarchy at {base}")
+        d = under(base, cg.rel)
+        if not os.path.isdir(d):
+            _makedirs(base, d, cg.made)  # the v1 cpuset's cpus/mems inherited
+        elif set(_procs(d)) - set(cg.processes()) or any(e.is_dir() for e in os.scandir(d)):
+            raise CgroupError(f"cgroup {d} already holds other processes or sub-cgroups;"
+                              " it belongs to someone else")
+        cg.dirs.append(d)
+        added.append(d)
+        _move_all(cg, d)
+    return added
+
+
+def _move_all(cg: Cgroup, d: str) -> None:
+    """Every process of the container into d; repeated while forks add new ones."""
+    for _ in range(20):
+        there = set(_procs(d))
+        missing = [p for p in cg.processes() if p not in there]
+        if not missing:
+            return
+        for pid in missing:
+            try:
+                _write(os.path.join(d, "cgroup.procs"), str(pid))
+            except ProcessLookupError:
+                pass  # exited meanwhile
+    raise CgroupError(f"{d}: the container's processes kept forking; not all moved")

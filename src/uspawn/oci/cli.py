@@ -57,7 +57,8 @@ COMMANDS = [
             [*_CREATE, Opt("-d", "--detach", kind="flag"), Opt("--keep", kind="flag")],
             positionals=["id"]),
     Command("state", "print a container's state JSON", positionals=["id"]),
-    Command("kill", "send a signal to a container", [Opt("-a", "--all", kind="flag")],
+    Command("kill", "send a signal to a container (0: check that it runs)",
+            [Opt("-a", "--all", kind="flag")],
             positionals=["id", "signal"], optional_positionals=1),
     Command("delete", "delete a container", [Opt("-f", "--force", kind="flag")],
             positionals=["id"]),
@@ -70,6 +71,27 @@ COMMANDS = [
     Command("pause", "freeze a container", positionals=["id"]),
     Command("resume", "thaw a container", positionals=["id"]),
     Command("features", "print the runtime's features JSON"),
+    Command("update", "change a running container's resource limits", [
+        Opt("-r", "--resources", default="", metavar="FILE",
+            help="linux.resources JSON (- = stdin); flags override its fields"),
+        Opt("--memory", default="", metavar="SIZE", help="memory limit (-1: unlimited)"),
+        Opt("--memory-reservation", default="", metavar="SIZE", help="memory soft limit"),
+        Opt("--memory-swap", default="", metavar="SIZE", help="memory+swap limit"),
+        Opt("--cpu-share", default="", metavar="N", help="CPU shares (relative weight)"),
+        Opt("--cpu-quota", default="", metavar="USEC", help="CPU time per period (-1: none)"),
+        Opt("--cpu-period", default="", metavar="USEC", help="CFS period (1000..1000000)"),
+        Opt("--cpuset-cpus", default="", metavar="LIST", help="CPUs allowed (0-3,5)"),
+        Opt("--cpuset-mems", default="", metavar="LIST", help="memory nodes allowed"),
+        Opt("--pids-limit", default="", metavar="N", help="max tasks (-1: unlimited)"),
+        *(Opt(f"--{name}", default="", help="refused: not supported")
+          for name in ("blkio-weight", "cpu-rt-period", "cpu-rt-runtime", "kernel-memory",
+                       "kernel-memory-tcp", "l3-cache-schema", "mem-bw-schema")),
+    ], positionals=["id"]),
+    Command("events", "print a container's resource usage and OOM events", [
+        Opt("--stats", kind="flag", help="print one stats record and exit"),
+        Opt("--interval", default="5s", metavar="DURATION",
+            help="time between stats records (5s, 500ms)"),
+    ], positionals=["id"]),
     Command("exec", "run a process in a running container", [
         Opt("-p", "--process", default="", metavar="FILE"),
         Opt("-t", "--tty", kind="flag"), Opt("-d", "--detach", kind="flag"),
@@ -194,6 +216,14 @@ def dispatch(cmd: str, ns: types.SimpleNamespace, log: Logger) -> int:
 
         print(json.dumps(features(), indent=2))
         return 0
+    if cmd == "update":
+        from uspawn.oci.update import update_command
+
+        return update_command(root, ns)
+    if cmd == "events":
+        from uspawn.oci.events import events_command
+
+        return events_command(root, ns)
     if cmd == "exec":
         from uspawn.oci.exec import exec_command
 
