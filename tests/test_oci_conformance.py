@@ -301,3 +301,57 @@ def test_create_container_hook_runs_in_the_container_mount_namespace(
         for f in hookdir.iterdir():
             f.unlink()
         hookdir.rmdir()
+
+
+def test_join_pid_namespace_by_path(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    holder = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "100"])
+    try:
+        path = ""
+        for _ in range(100):  # the forked sleep is the one in the new pid namespace
+            kids = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()
+            if kids:
+                path = f"/proc/{kids[0]}/ns/pid"
+                break
+            time.sleep(0.02)
+        assert path and os.readlink(path) != os.readlink("/proc/self/ns/pid")
+
+        def edit(cfg: Cfg) -> None:
+            linux = cfg["linux"]
+            linux["namespaces"] = [n for n in linux["namespaces"]
+                                   if n["type"] not in ("user", "pid")]
+            linux["namespaces"].append({"type": "pid", "path": path})
+            linux.pop("uidMappings", None)
+            linux.pop("gidMappings", None)
+
+        b = bundle_with(tmp_path, rootfs, ["sh", "-c", "readlink /proc/self/ns/pid; echo $$"],
+                        edit)
+        r = oci("run", "-b", str(b), _cid("pidj"), check=False)
+        assert r.returncode == 0, r.stderr
+        ns, pid = r.stdout.split()
+        assert ns == os.readlink(path) and pid != "1"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("what", ["mount-path", "no-mount", "pid-path-userns-proc"])
+def test_unsupported_namespace_configs_name_the_reason(oci: Oci, rootfs: Path, tmp_path: Path,
+                                                       what: str) -> None:
+    def edit(cfg: Cfg) -> None:
+        nss = cfg["linux"]["namespaces"]
+        if what == "mount-path":
+            nss[:] = [n for n in nss if n["type"] != "mount"]
+            nss.append({"type": "mount", "path": "/proc/1/ns/mnt"})
+        elif what == "no-mount":
+            nss[:] = [n for n in nss if n["type"] != "mount"]
+        else:
+            nss[:] = [n for n in nss if n["type"] != "pid"]
+            nss.append({"type": "pid", "path": "/proc/1/ns/pid"})
+
+    b = bundle_with(tmp_path, rootfs, ["true"], edit)
+    r = oci("run", "-b", str(b), _cid("ns"), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "namespace" in r.stderr, r.stderr

@@ -258,8 +258,11 @@ def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
         _report_and_exit(ch, exc)
 
 
+# A joined pid namespace applies to children (pid_for_children): the init,
+# cloned right after, is born in it (not as its pid 1).
 _NS_JOIN_FLAGS = {"network": sc.CLONE_NEWNET, "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS,
-                  "cgroup": sc.CLONE_NEWCGROUP, "time": sc.CLONE_NEWTIME}
+                  "cgroup": sc.CLONE_NEWCGROUP, "time": sc.CLONE_NEWTIME,
+                  "pid": sc.CLONE_NEWPID}
 
 
 class _FifoReporter(chan.Channel):

@@ -39,6 +39,16 @@ SUPPORTED_FS = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2
 INIT_ONLY_FS = ("proc", "sysfs", "mqueue", "devpts", "cgroup2")
 
 
+# Namespaces that cannot be joined by path, and why (said in the error).
+_UNJOINABLE = {
+    "user": "the container's user namespace is made with its ID maps and owns the others",
+    "mount": "the container's mounts are built and locked in a mount namespace of uspawn's "
+             "own (stage A), then pivoted into; a joined namespace has its own root and "
+             "cannot take the rootfs, /dev and locked binds without changing whoever "
+             "else uses it",
+}
+
+
 # Kernel numbers (asm-generic/resource.h); Python's resource module lacks some names.
 RLIMITS = {
     "RLIMIT_CPU": 0, "RLIMIT_FSIZE": 1, "RLIMIT_DATA": 2, "RLIMIT_STACK": 3,
@@ -224,9 +234,10 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
     for i, n in enumerate(linux.namespaces):
         if not n.path:
             continue
-        if n.type in ("user", "pid", "mount"):
+        if n.type in _UNJOINABLE:
             raise SpecError(f"linux.namespaces[{i}].path: joining an existing {n.type} "
-                            "namespace is not supported", "let uspawn create it")
+                            f"namespace is not supported: {_UNJOINABLE[n.type]}",
+                            "let uspawn create it")
         # O_PATH first, nsfs checked: a FIFO or device node there is never opened.
         from uspawn.kernel import nsfs
 
@@ -241,8 +252,20 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
     init.userns = "user" in ns
     init.mount_ns = "mount" in ns
     if not init.mount_ns:
-        raise SpecError("linux.namespaces: a mount namespace is required",
+        # The rootfs is entered with pivot_root and /dev, binds and masks are
+        # mounted on it: in the caller's mount namespace that would replace
+        # the host's root and stack the container's mounts on the host.
+        raise SpecError("linux.namespaces: a mount namespace is required (uspawn pivots "
+                        "into the rootfs, which would change the host's root)",
                         "add {\"type\": \"mount\"}")
+    if init.userns and any(t == "pid" for t, _ in init.join_namespaces) and any(
+            (m.type == "proc") for m in spec.mounts):
+        # proc is mounted by the init, root of the new user namespace; a pid
+        # namespace made elsewhere belongs to another user namespace, and the
+        # kernel lets only its owner mount its proc.
+        raise SpecError("linux.namespaces: joining a pid namespace by path with a new user "
+                        "namespace cannot mount /proc (the pid namespace's owner must)",
+                        "join the user namespace that owns it too, or drop the proc mount")
     for name, flag in NS_FLAGS.items():
         if name in ns:
             init.unshare_flags |= flag
