@@ -355,3 +355,24 @@ def test_events_stream_until_exit_with_oom(oci: Oci, rootfs: Path, tmp_path: Pat
     assert time.monotonic() - t0 < 20
     p = _rt(oci, "events", "--interval", "nope", cid)
     assert p.returncode in (1, 2) and "--interval" in p.stderr
+
+
+def test_init_console_owned_by_process_user(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    b = make_bundle(tmp_path, rootfs, ["sh", "-c", "stat -c 'owner=%u' $(tty); echo done; "
+                                                   "sleep 100"], terminal=True)
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["process"]["user"] = {"uid": 1000, "gid": 1000}
+    (b / "config.json").write_text(json.dumps(cfg))
+    listener = _console_listener(tmp_path / "c.sock")
+    box: list[int] = []
+    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)))
+    t.start()
+    cid = _cid("itty")
+    oci("create", "--bundle", str(b), "--console-socket", str(tmp_path / "c.sock"), cid)
+    t.join(10)
+    oci("start", cid)
+    try:
+        out = _read_until(box[0], b"done").decode()
+    finally:
+        os.close(box[0])
+    assert "owner=1000" in out, out

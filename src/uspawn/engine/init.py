@@ -420,6 +420,12 @@ def setup_console(plan: InitPlan, ch: chan.Channel) -> None:
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
     slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    try:  # the process user's terminal, as runc makes it (the gid stays devpts' tty)
+        os.fchown(slave, plan.uid, -1)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL):  # runc ignores these too
+            raise InitError(f"chown the console to uid {plan.uid}: {exc.strerror}",
+                            exc.errno or 0) from None
     if plan.console_size:
         rows, cols = plan.console_size
         fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(rows, cols))

@@ -4,10 +4,12 @@ A separate command (not `uspawn run ...`) because runc's verbs collide with
 uspawn's own (`run`, `exec`, `kill`, `list`). Point podman at it with
 `--runtime /usr/local/bin/uspawn-runc`, containerd with BinaryName=...
 
-Errors: one line on stderr and, with `--log FILE`, a record in FILE (text, or
-JSON with msg/level/time under `--log-format json`, as podman asks of runtimes
-listed in runtime_supports_json). Exit code 1 for runtime errors, as runc;
-`run` without --detach exits with the container's status.
+Errors: with `--log FILE`, a record in FILE (text, or JSON with msg/level/time
+under `--log-format json`, as podman asks of runtimes listed in
+runtime_supports_json), written first; then one line on stderr, best effort
+(containerd's shim hands a read-only /dev/null as stderr and reads only the log).
+Exit code 1 for runtime errors, as runc; 2 for usage errors; `run` without
+--detach exits with the container's status.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ VERSION = "0.1.0"
 
 GLOBAL = [
     Opt("--root", default=oci.DEFAULT_ROOT, metavar="DIR", help="state directory"),
-    Opt("--log", default="", metavar="FILE", help="also write errors to FILE"),
+    Opt("--log", default="", metavar="FILE", help="write errors to FILE (before stderr)"),
     Opt("--log-format", default="text", choices=("text", "json")),
     Opt("--log-level", default="error", metavar="LEVEL"),
     Opt("--debug", kind="flag"),
@@ -65,7 +67,7 @@ COMMANDS = [
     Command("list", "list containers",
             [Opt("-f", "--format", default="table", choices=("table", "json")),
              Opt("-q", "--quiet", kind="flag")]),
-    Command("ps", "list a container's processes",
+    Command("ps", "list a container's processes (ps ID -- PS-OPTIONS)",
             [Opt("-f", "--format", default="table", choices=("table", "json"))],
             positionals=["id"], rest="ps_args"),
     Command("pause", "freeze a container", positionals=["id"]),
@@ -92,13 +94,14 @@ COMMANDS = [
         Opt("--interval", default="5s", metavar="DURATION",
             help="time between stats records (5s, 500ms)"),
     ], positionals=["id"]),
-    Command("exec", "run a process in a running container", [
+    Command("exec", "run a process in a running or created container", [
         Opt("-p", "--process", default="", metavar="FILE"),
         Opt("-t", "--tty", kind="flag"), Opt("-d", "--detach", kind="flag"),
         Opt("--pid-file", default=""), Opt("--console-socket", default=""),
         Opt("--cwd", default=""), Opt("-e", "--env", kind="append"),
         Opt("-u", "--user", default=""), Opt("-c", "--cap", kind="append"),
-        Opt("--no-new-privs", kind="flag"), Opt("--preserve-fds", default="0"),
+        Opt("--no-new-privs", kind="flag"),
+        Opt("--preserve-fds", default="0", metavar="N", help="pass fds 3..3+N-1 on"),
         Opt("--apparmor", default=""), Opt("--process-label", default=""),
         Opt("-g", "--additional-gids", kind="append"), Opt("--ignore-paused", kind="flag"),
         Opt("--cgroup", default=""),

@@ -1,4 +1,4 @@
-"""`uspawn-runc exec`: a new process in a running OCI container (runc's flags).
+"""`uspawn-runc exec`: a new process in a running (or created) OCI container, runc's flags.
 
 The process comes from `--process FILE` (an OCI process JSON, what conmon
 passes) or from the trailing arguments plus --cwd/--env/--user/--cap. Joining
