@@ -362,6 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if exc.exit_code not in (2,) else 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A bug, not bad input: the traceback still goes to stderr, but the shim
+        # that hid stderr must find a line in --log too.
+        (log if log.path else _early_log(args)).record(f"internal error: {exc!r}")
+        raise
 
 
 def entry() -> None:

@@ -185,6 +185,11 @@ def apply(root: str, cid: str, res: S.Resources, origin: dict[tuple[str, str], s
         if added:  # recorded first, so `delete` removes them whatever happens next
             rec.data["cgroup"] = cg.to_json()
             write_atomic(os.path.join(rec.dir, "state.json"), dumps(rec.data))
+        mem = by_ctrl.get("memory", {})
+        if "memory.swap" in mem and "memory.limit" not in mem:
+            limit = _current_v2_limit(cg)
+            if limit is not None:  # cgroup2 limits swap alone: swap_v2 needs the limit
+                by_ctrl["memory"] = {"memory.limit": limit, **mem}
         for ctrl in GROUPS:
             if ctrl not in by_ctrl:
                 continue
@@ -193,8 +198,20 @@ def apply(root: str, cid: str, res: S.Resources, origin: dict[tuple[str, str], s
             except cgroups.CgroupError as exc:
                 raise oci.OciError(f"update {cid}: {_by_name(str(exc), names)}") from None
             except OSError as exc:
-                given = ", ".join(names[f"linux.resources.{k}"] for k in by_ctrl[ctrl])
+                given = ", ".join(names.get(f"linux.resources.{k}", k) for k in by_ctrl[ctrl])
                 raise oci.OciError(f"update {cid}: {given}: {exc.strerror}") from None
+
+
+def _current_v2_limit(cg: cgroups.Cgroup) -> int | None:
+    """memory.max of the container's cgroup2 directory, when memory lives there."""
+    if cg.v2_dir is None:
+        return None
+    try:
+        with open(os.path.join(cg.v2_dir, "memory.max")) as f:
+            text = f.read().strip()
+    except OSError:
+        return None  # memory is a v1 controller here
+    return -1 if text == "max" else int(text)
 
 
 def _by_name(message: str, names: dict[str, str]) -> str:
