@@ -376,3 +376,31 @@ def test_init_console_owned_by_process_user(oci: Oci, rootfs: Path, tmp_path: Pa
     finally:
         os.close(box[0])
     assert "owner=1000" in out, out
+
+
+def test_flag_parsers() -> None:
+    """Pure logic of update and events (no root needed)."""
+    from uspawn.base.errors import UsageError
+    from uspawn.oci.events import interval
+    from uspawn.oci.update import _by_name, limit_key, parse_number, parse_size
+
+    assert parse_size("64m", "--memory") == 64 << 20
+    assert parse_size("1G", "--memory") == 1 << 30
+    assert parse_size("4096", "--memory") == 4096
+    assert parse_size("-1", "--memory") == -1
+    for bad in ("lots", "1.5q", "-2", "nan", ""):
+        with pytest.raises(UsageError, match="--memory"):
+            parse_size(bad, "--memory")
+    assert parse_number("-1", "--pids-limit") == -1
+    with pytest.raises(UsageError, match="--cpu-share"):
+        parse_number("1e3", "--cpu-share")
+    assert interval("5s") == 5 and interval("500ms") == 0.5 and interval("2") == 2
+    assert interval("1m") == 60
+    for bad in ("0", "-1s", "fast", "nan"):
+        with pytest.raises(UsageError, match="--interval"):
+            interval(bad)
+    assert limit_key("memory", "disable_oom_killer") == "memory.disableOOMKiller"
+    names = {"linux.resources.memory.swap": "--memory-swap",
+             "linux.resources.memory.swappiness": "linux.resources.memory.swappiness"}
+    assert _by_name("linux.resources.memory.swap: 5 is below", names) == "--memory-swap: 5 is below"
+    assert _by_name("other", names) == "other"
