@@ -21,6 +21,7 @@ from uspawn.base.errors import ExecError, SetupError
 from uspawn.engine import channel as chan
 from uspawn.engine import execseq
 from uspawn.engine.defaults import DEFAULT_PATH
+from uspawn.engine.request import FrozenModel
 from uspawn.kernel import sig
 from uspawn.kernel import syscalls as sc
 from uspawn.kernel.cgroups import detect_layout
@@ -90,53 +91,61 @@ def _init_limits(pid: int) -> tuple[int, bool]:
     return bounding, nnp
 
 
-class ExecOptions:
-    """What an OCI `exec --process` can ask beyond argv (defaults: uspawn exec)."""
+class JoinRequest(FrozenModel):
+    """Everything a process joining a running container gets: one value, built in one
+    function by each front (`uspawn exec`/`shell`, `uspawn-runc exec`), read-only."""
 
-    def __init__(self) -> None:
-        self.additional_gids: list[int] = []
-        self.caps: tuple[int, int, int, int] | None = None  # eff, perm, inh, ambient
-        self.no_new_privs = False
-        self.env_replace: list[str] | None = None  # the whole environment
-        self.detach = False
-        self.on_started: Callable[[int, int], None] | None = None  # (pid, pty master)
-        # runc's --preserve-fds N: the caller's fds 3..3+N-1 reach the process.
-        self.preserve_fds = 0
-        self.console_size: tuple[int, int] | None = None  # rows, cols (process.consoleSize)
+    argv: list[str] = []
+    tty: bool = False
+    env_extra: list[str] = []  # KEY=VALUE added to (or replacing in) the environment
+    env_replace: list[str] | None = None  # the whole environment (OCI process.env)
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: list[int] = []
+    seccomp_bpf: bytes | None = None
+    # None: the init's bounding set and no_new_privs (what the container was given).
+    bounding: int | None = None
+    caps: tuple[int, int, int, int] | None = None  # eff, perm, inh, ambient
+    no_new_privs: bool = False
+    detach: bool = False
+    on_started: Callable[[int, int], None] | None = None  # (pid, pty master)
+    preserve_fds: int = 0  # runc's --preserve-fds N: fds 3..3+N-1 reach the process
+    console_size: tuple[int, int] | None = None  # rows, cols (process.consoleSize)
 
 
-def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str],
-          cwd: str = "/", uid: int = 0, gid: int = 0,
-          seccomp_bpf: bytes | None = None, bounding: int | None = None,
-          xo: ExecOptions | None = None) -> int:
-    """Run argv inside the container described by the state record st; return its status."""
-    xo = xo or ExecOptions()
+def enter(st: dict[str, object], req: JoinRequest) -> int:
+    """Run req.argv inside the container described by the state record st; return its
+    status."""
     pid = st.get("pid")
     assert isinstance(pid, int)
     nsfds = _open_namespaces(pid)
     procs = _cgroup_procs(pid)
+    bounding, no_new_privs = req.bounding, req.no_new_privs
     if bounding is None:
         # What the container was given (--drop-capability, --no-new-privileges): the
         # init's bounding set and no_new_privs, which its payload can only have
         # lowered since. Never the defaults: they may hold more.
         bounding, nnp = _init_limits(pid)
-        xo.no_new_privs = xo.no_new_privs or nnp
-    env = {"PATH": DEFAULT_PATH, "container": "uspawn", "HOME": "/root" if uid == 0 else "/",
+        no_new_privs = no_new_privs or nnp
+    tty = req.tty
+    env = {"PATH": DEFAULT_PATH, "container": "uspawn",
+           "HOME": "/root" if req.uid == 0 else "/",
            "TERM": os.environ.get("TERM", "xterm") if tty else "dumb"}
-    if xo.env_replace is not None:
-        env = dict(e.split("=", 1) for e in xo.env_replace if "=" in e)
-    for kv in env_extra:
+    if req.env_replace is not None:
+        env = dict(e.split("=", 1) for e in req.env_replace if "=" in e)
+    for kv in req.env_extra:
         k, _, v = kv.partition("=")
         env[k] = v
     # Without a terminal, host files on our stdio reach the process as pipes we
     # relay while it runs (console.StdioRelay): nothing it leaves behind keeps them.
     relay = None
-    if not tty and not xo.detach:
+    if not tty and not req.detach:
         from uspawn.engine.console import StdioRelay
 
         relay = StdioRelay.setup()
     parent_ch, child_ch = chan.Channel.pair()
-    if not xo.detach:
+    if not req.detach:
         sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
     mid = os.fork()
     if mid == 0:
@@ -144,8 +153,7 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
             parent_ch.close()
             if relay is not None:
                 relay.in_child()
-            _child(nsfds, procs, child_ch, argv, env, cwd, uid, gid, tty, seccomp_bpf,
-                   bounding, xo)
+            _child(nsfds, procs, child_ch, req, env, bounding, no_new_privs)
         except BaseException as exc:
             try:
                 child_ch.send_error(str(exc), getattr(exc, "errno", 0) or 0,
@@ -184,9 +192,9 @@ def enter(st: dict[str, object], argv: list[str], tty: bool, env_extra: list[str
         parent_ch.close()
         if relay is not None and not started:
             relay.close()
-    if xo.on_started is not None:
-        xo.on_started(joined.pid, master)
-    if xo.detach:
+    if req.on_started is not None:
+        req.on_started(joined.pid, master)
+    if req.detach:
         os.close(joined.pidfd)
         return 0
     return _wait(joined, master, relay)
@@ -219,8 +227,7 @@ def _wait(joined: Joined, master: int, relay: StdioRelay | None = None) -> int:
 
 
 def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
-           argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int, tty: bool,
-           seccomp_bpf: bytes | None, bounding: int, xo: ExecOptions) -> None:
+           req: JoinRequest, env: dict[str, str], bounding: int, no_new_privs: bool) -> None:
     # Before anything of the container can see us (CVE-2019-5736).
     sc.prctl(sc.PR_SET_DUMPABLE, 0)
     sc.prctl(sc.PR_SET_PDEATHSIG, sig.SIGKILL)
@@ -245,18 +252,19 @@ def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
         os._exit(0)
 
     os.setsid()
-    if tty:
-        _setup_pty(ch, uid, xo.console_size)
+    if req.tty:
+        _setup_pty(ch, req.uid, req.console_size)
     # The same sequence as the container init's payload (engine/execseq.py).
     have = sc.capget()[1] & bounding
-    if xo.caps is not None:
-        eff, perm, inh, amb = (m & have for m in xo.caps)
+    if req.caps is not None:
+        eff, perm, inh, amb = (m & have for m in req.caps)
         capsets = (eff, perm, inh, amb)
     else:  # container root gets what the init's bounding set allows, others nothing
-        capsets = (have, have, 0, 0) if uid == 0 else (0, 0, 0, 0)
+        capsets = (have, have, 0, 0) if req.uid == 0 else (0, 0, 0, 0)
     execseq.exec_process(execseq.Process(
-        argv, [f"{k}={v}" for k, v in env.items()], cwd, uid, gid, xo.additional_gids,
-        None, bounding, capsets, xo.no_new_privs, seccomp_bpf, xo.preserve_fds), ch.fileno())
+        list(req.argv), [f"{k}={v}" for k, v in env.items()], req.cwd, req.uid, req.gid,
+        list(req.additional_gids), None, bounding, capsets, no_new_privs, req.seccomp_bpf,
+        req.preserve_fds), ch.fileno())
 
 
 def _setup_pty(ch: chan.Channel, uid: int, size: tuple[int, int] | None) -> None:

@@ -252,7 +252,7 @@ def _log_writer(out: TextIO) -> Callable[[bytes], None]:
 def exec_command(root_override: str | None, name: str, cmd: list[str] | None, tty: bool,
                  setenv: list[str], cwd: str) -> int:
     """exec (cmd given) or shell (cmd None: the root user's login shell)."""
-    from uspawn.engine.enter import enter
+    from uspawn.engine.enter import JoinRequest, enter
     from uspawn.kernel import seccomp
     from uspawn.state.store import state_root
 
@@ -265,7 +265,7 @@ def exec_command(root_override: str | None, name: str, cmd: list[str] | None, tt
         env = ["USER=root", "LOGNAME=root", f"SHELL={shell}", *env]
     userns = st.get("uid_base") is not None
     bpf = seccomp.policy_bpf(seccomp.default_policy(userns=userns))
-    return enter(st, cmd, tty, env, cwd=cwd, seccomp_bpf=bpf)
+    return enter(st, JoinRequest(argv=cmd, tty=tty, env_extra=env, cwd=cwd, seccomp_bpf=bpf))
 
 
 def _root_shell(rootfs: str) -> str:

@@ -15,7 +15,7 @@ import os
 from uspawn.base.errors import SpecError, UsageError
 from uspawn.engine import spec as S
 from uspawn.engine.defaults import DEFAULT_PATH
-from uspawn.engine.enter import ExecOptions, enter
+from uspawn.engine.enter import JoinRequest, enter
 from uspawn.kernel import caps
 from uspawn.oci import lifecycle as oci
 
@@ -98,20 +98,12 @@ def exec_command(root: str, ns: types.SimpleNamespace, log: Callable[[str], None
     spec = oci.load_bundle(str(rec.data.get("bundle")), log)
     bpf = oci.seccomp_for(spec)
     user = proc.user or S.User()
-    xo = ExecOptions()
-    xo.additional_gids = list(user.additional_gids) + [int(g) for g in ns.additional_gids]
-    xo.env_replace = list(proc.env)
-    xo.no_new_privs = proc.no_new_privileges or ns.no_new_privs
-    xo.detach = ns.detach
-    xo.preserve_fds = preserve
-    if proc.console_size is not None:
-        xo.console_size = (proc.console_size.height, proc.console_size.width)
     c = proc.capabilities or (spec.process.capabilities if spec.process else None)
-    bounding = None
+    bounding = capsets = None
     if c is not None:
         try:
             bounding = caps.mask(c.bounding)
-            xo.caps = (caps.mask(c.effective), caps.mask(c.permitted),
+            capsets = (caps.mask(c.effective), caps.mask(c.permitted),
                        caps.mask(c.inheritable), caps.mask(c.ambient))
         except caps.CapabilityError as exc:
             raise SpecError(f"process.capabilities: {exc}") from None
@@ -125,6 +117,12 @@ def exec_command(root: str, ns: types.SimpleNamespace, log: Callable[[str], None
         if master >= 0 and ns.console_socket:
             oci.send_console(ns.console_socket, master)
 
-    xo.on_started = started
-    return enter(rec.data, list(proc.args), tty, [], cwd=proc.cwd, uid=user.uid,
-                 gid=user.gid, seccomp_bpf=bpf, bounding=bounding, xo=xo)
+    return enter(rec.data, JoinRequest(
+        argv=list(proc.args), tty=tty, env_replace=list(proc.env), cwd=proc.cwd,
+        uid=user.uid, gid=user.gid,
+        additional_gids=list(user.additional_gids) + [int(g) for g in ns.additional_gids],
+        seccomp_bpf=bpf, bounding=bounding, caps=capsets,
+        no_new_privs=proc.no_new_privileges or ns.no_new_privs, detach=ns.detach,
+        on_started=started, preserve_fds=preserve,
+        console_size=((proc.console_size.height, proc.console_size.width)
+                      if proc.console_size is not None else None)))
