@@ -14,10 +14,19 @@ directory entry, no cgroup, no process, no mount.
 - End to end (root): `uspawn-runc create` on mutated bundles, then
   `delete --force`, then the leak checks.
 
-The default run does ~700 in-process cases and ~30 end-to-end cases
+- Hostile state (issue 15, in process, root): `cli.main` / `oci_cli.main` with a drawn
+  --root or $USPAWN_STATE_DIR (a file, below a file, a FIFO, a symlink loop, /dev/null,
+  /etc/passwd, /proc/1/root, empty, missing, too long, relative, `containers` a file) or a
+  state directory of drawn records (corrupted, deep, FIFOs, directories, symlinks, foreign
+  layouts, wrong types, held or stale locks); the property adds "no traceback, no
+  'internal error', nothing left behind (mounts in the sandbox, children, cgroups)".
+- Closed stdio (issue 15, subprocesses of the real entry points): fd 1, fd 2 or all of
+  0-2 closed, a pipe without a reader, /dev/full.
+
+The default run does ~1,100 in-process cases, 20 stdio subprocesses and ~30 end-to-end cases
 (USPAWN_FUZZ_E2E_EXAMPLES=N for more). `test_fuzz_long` (marked slow) does
-10,000 in-process cases per target (50,000 in all, ~2 min); it runs only with
-`-m slow` or USPAWN_FUZZ_LONG=1 (the marker alone does not deselect it).
+10,000 in-process cases per target (70,000 in all, ~25 min; 500 stdio subprocesses); it
+runs only with `-m slow` or USPAWN_FUZZ_LONG=1 (the marker alone does not deselect it).
 The `test_found_*` tests replay, every run, the inputs the fuzz found bugs with.
 
 Hostile input is not allowed to harm the host running the tests: argv that would
@@ -30,11 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -43,7 +54,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cgroup_dirs, mounts_under, processes_in_cgroup_named, skip_or_fail
+from conftest import (
+    cgroup_dirs,
+    mounts_under,
+    processes_in_cgroup_named,
+    skip_or_fail,
+    uspawn_cmd,
+)
 from hypothesis import HealthCheck, Phase, given, settings  # the `test` extra
 from hypothesis import strategies as st
 
@@ -58,6 +75,9 @@ from uspawn.oci import lifecycle as oci
 from uspawn.oci.defaults import default_config
 
 ALLOWED = (UspawnError, seccomp.SeccompPolicyError)
+# Documented exit codes of uspawn and uspawn-runc for commands that run no payload
+# (base/errors.py): runtime error (runc), usage, setup, interrupted.
+EXIT_CODES = (1, 2, 125, 130)
 LONG_EXAMPLES = 10_000
 
 # No example database (it would be written into the work tree) and no deadline
@@ -573,8 +593,15 @@ def _inside(path: object, sandbox: str) -> bool:
     return real == sandbox or real.startswith(sandbox + "/")
 
 
-def _safe_cli(argv: list[str], sandbox: str) -> bool:
-    """argv for `uspawn` that cannot start a container, walk the host or write outside sandbox."""
+# Commands that only read the state directory: the only ones run against a --root
+# outside the sandbox (/proc/1/root is the host's / where pid 1 shares our namespaces).
+READ_ONLY_CLI = {"list", "status"}
+READ_ONLY_RUNC = {"list", "state", "features", "spec"}
+
+
+def _safe_cli(argv: list[str], sandbox: str, root: str | None = None) -> bool:
+    """argv for `uspawn` that cannot start a container, walk the host or write outside sandbox
+    (`root`: the --root the caller chose, sandbox when None)."""
     from uspawn.base.cmdline import HelpRequested, parse
     from uspawn.base.errors import UsageError
 
@@ -582,7 +609,9 @@ def _safe_cli(argv: list[str], sandbox: str) -> bool:
         cmd, ns = parse(cli.GLOBAL_OPTS, cli.COMMANDS, argv)
     except (UsageError, HelpRequested):
         return True
-    if ns.root != sandbox:
+    if ns.root != (sandbox if root is None else root):
+        return False
+    if root is not None and not _inside(root, sandbox) and cmd not in READ_ONLY_CLI:
         return False
     if cmd in ("run", "boot"):
         return not _is_dir_or_file(ns.directory) and not getattr(ns, "detach", False)
@@ -596,7 +625,7 @@ def _safe_cli(argv: list[str], sandbox: str) -> bool:
     return True  # list, status, stop, kill, exec, shell: name lookups in the sandbox
 
 
-def _safe_runc(argv: list[str], sandbox: str) -> bool:
+def _safe_runc(argv: list[str], sandbox: str, root: str | None = None) -> bool:
     from uspawn.base.cmdline import HelpRequested, parse
     from uspawn.base.errors import UsageError
 
@@ -606,7 +635,10 @@ def _safe_runc(argv: list[str], sandbox: str) -> bool:
         cmd, ns = parse(oci_cli.GLOBAL, oci_cli.COMMANDS, argv, prog="uspawn-runc")
     except (UsageError, HelpRequested):
         return True
-    if ns.root != sandbox or (ns.log and not ns.log.startswith(sandbox + "/")):
+    if ns.root != (sandbox if root is None else root) or (
+            ns.log and not ns.log.startswith(sandbox + "/")):
+        return False
+    if root is not None and not _inside(root, sandbox) and cmd not in READ_ONLY_RUNC:
         return False
     bundle = getattr(ns, "bundle", None)
     if cmd == "spec":
@@ -632,8 +664,10 @@ def run_main(main: Callable[[list[str]], int], argv: list[str], prog: str, cwd: 
     lines = err.getvalue().split("\n")[:-1]
     assert all(line.startswith(f"{prog}: ") and line.isprintable() for line in lines), \
         (argv, lines)
+    assert "Traceback" not in err.getvalue() and "internal error" not in err.getvalue(), \
+        (argv, lines)
     if code != 0:
-        assert code in (1, 2, 125, 130), (argv, code, lines)
+        assert code in EXIT_CODES, (argv, code, lines)
         assert lines, f"{prog} {argv!r}: exit {code} without a message"
         errors = [line for line in lines if not line.startswith(f"{prog}: warning: ")]
         assert len(errors) == 1, (argv, lines)
@@ -682,6 +716,9 @@ def _strategies(d: dict[str, Path]) -> dict[str, st.SearchStrategy[Any]]:
         "seccomp": st.tuples(seccomp_profiles(), st.booleans()),
         "cli": argvs(CLI_WORDS, cli.COMMANDS, cli.GLOBAL_OPTS, str(d["sandbox"])),
         "runc": argvs(RUNC_WORDS, oci_cli.COMMANDS, oci_cli.GLOBAL, str(d["sandbox"])),
+        "cli-state": state_cases(STATE_CLI_CMDS, str(d["sandbox"])),
+        "runc-state": state_cases(STATE_RUNC_CMDS, str(d["sandbox"])),
+        "stdio": stdio_cases(),
     }
 
 
@@ -709,6 +746,12 @@ def _run_target(name: str, value: Any, d: dict[str, Path]) -> None:
         if safe:
             check_runc(value, sandbox)
             _clean_sandbox(d["sandbox"])
+    elif name == "cli-state":
+        check_state_case("uspawn", value, d["sandbox"])
+    elif name == "runc-state":
+        check_state_case("uspawn-runc", value, d["sandbox"])
+    elif name == "stdio":
+        check_stdio_case(value, d["sandbox"])
 
 
 def _clean_sandbox(sandbox: Path) -> None:
@@ -719,10 +762,286 @@ def _clean_sandbox(sandbox: Path) -> None:
             entry.unlink()
 
 
+# --- hostile state roots, state directories and stdio (issue 15) ------------------------------
+#
+# The argv fuzz above pins --root to an empty sandbox, so it never met `--root /etc/passwd`,
+# /proc/1/root, a state directory holding a file where a directory belongs, corrupted or
+# foreign records, or a closed stdout. These targets draw the --root (or $USPAWN_STATE_DIR)
+# and the directory's contents too. Records are made so that nothing on the host can be hit:
+# their pids never match a live process's start time, their cgroups and leases point into
+# the sandbox, their hooks at nothing; outside the sandbox only read-only commands run.
+
+ROOT_KINDS = ["file", "under-file", "fifo", "loop", "dangling", "devnull", "etc-passwd",
+              "proc1-root", "empty", "missing", "long", "relative", "containers-file",
+              "records", "records", "records"]
+RECORD_NAMES = ["web", "c1", "fz-1", "x" * 200]
+RECORD_SHAPES = ["json", "json", "json", "garbage", "deep", "fifo", "dir", "none", "symlink",
+                 "file", "lock-dir", "lock-fifo", "huge-line"]
+RECORD_KEYS = ["name", "started", "machine", "ready", "stopping", "uid_base", "uid_size",
+               "rootfs", "ownership", "uuid", "status_text", "console_log", "bundle", "created",
+               "annotations", "id", "status", "kill_signal", "stop_timeout", "ociVersion"]
+SAFE_PIDS = [0, -1, 1, 2, 2**31, 2**70, -(2**70), True, False, None, "1", 1.5, 4194305,
+             float("nan"), float("inf")]
+# Never a live process's start time (None is what proc_starttime() says of a missing pid).
+SAFE_STARTS = [None, -1, "x", 1.5, float("nan"), [1], {"a": 1}]
+
+
+def _safe_cgroups(sandbox: str) -> st.SearchStrategy[object]:
+    gone = f"{sandbox}/no-cgroup"
+    return st.sampled_from([None, "x", 5, [], {}, {"dirs": [gone], "made": [gone]},
+                            {"dirs": "x", "made": 5, "unified": 1}, {"dirs": [1, None]},
+                            {"name": "\ud800", "layout": [], "dirs": [gone + "/a"]}])
+
+
+@st.composite
+def hostile_records(draw: st.DrawFn, sandbox: str) -> list[tuple[str, str, bool, object]]:
+    """(directory name, shape, lock held by us, record) for each entry of a state dir."""
+    out = []
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(st.sampled_from(RECORD_NAMES))
+        rec: dict[str, object] = draw(st.fixed_dictionaries(
+            {}, optional={k: json_values for k in RECORD_KEYS}))
+        if draw(st.booleans()):
+            rec["name"] = name
+        rec["pid"] = draw(st.sampled_from(SAFE_PIDS) | st.just(os.getpid()))
+        rec["pid_start"] = draw(st.sampled_from(SAFE_STARTS))
+        rec["cgroup"] = draw(_safe_cgroups(sandbox))
+        rec["range_lease"] = draw(st.sampled_from([None, 5, f"{sandbox}/no-lease", ""]))
+        rec["poststop"] = draw(st.sampled_from(
+            [None, "x", [], [1], [[1, 2]], [["/nonexistent-hook", [], [], 1]],
+             [["relative-hook", "x", None, None]]]))
+        if draw(st.booleans()):
+            rec = {k: v for k, v in rec.items() if v is not None}
+        value: object = rec if draw(st.integers(0, 9)) else draw(json_values)
+        out.append((name, draw(st.sampled_from(RECORD_SHAPES)), draw(st.booleans()), value))
+    return out
+
+
+def _write_record(d: Path, shape: str, value: object) -> None:
+    """d/state.json shaped as asked (d exists)."""
+    path = d / "state.json"
+    if shape == "json":
+        path.write_text(json.dumps(value))
+    elif shape == "garbage":
+        path.write_bytes(b"\xff{\x00\x1b[2J")
+    elif shape == "deep":
+        path.write_text("[" * 50_000)
+    elif shape == "fifo":
+        os.mkfifo(path)
+    elif shape == "dir":
+        path.mkdir()
+    elif shape == "symlink":
+        path.symlink_to("/etc/hostname")
+    elif shape == "huge-line":
+        path.write_text(json.dumps({"name": "x" * 100_000, "pid": 1, "pid_start": -1}))
+
+
+def make_state_root(kind: str, sandbox: Path, records: list[tuple[str, str, bool, object]],
+                    held: list[int]) -> str:
+    """A --root of `kind` (made under sandbox); locks of held records are flocked by us
+    (their fds appended to `held`), as a live container's runtime holds them."""
+    fixed = {"devnull": "/dev/null", "etc-passwd": "/etc/passwd", "proc1-root": "/proc/1/root",
+             "empty": "", "relative": "st-relative"}
+    if kind in fixed:
+        return fixed[kind]
+    base = sandbox / f"st-{kind}"
+    if kind in ("file", "under-file"):
+        base.write_text("not a directory")
+        return str(base / "sub") if kind == "under-file" else str(base)
+    if kind == "fifo":
+        os.mkfifo(base)
+    elif kind == "loop":
+        base.symlink_to(base.name)
+    elif kind == "dangling":
+        base.symlink_to("no/such/target")
+    elif kind == "missing":
+        return str(base / "a" / "b")
+    elif kind == "long":
+        return str(sandbox / ("x" * 300))
+    elif kind == "containers-file":
+        base.mkdir()
+        (base / "containers").write_text("x")
+    elif kind == "records":
+        base.mkdir()
+        (base / "containers").mkdir()
+        seen = set()
+        for name, shape, lock_held, value in records:
+            if name in seen:  # the first entry of a name wins
+                continue
+            seen.add(name)
+            # The same entry in both layouts: uspawn's containers/NAME and uspawn-runc's
+            # NAME/ (each CLI meets the other's records as foreign ones).
+            for d in (base / "containers" / name, base / name):
+                if shape == "file":
+                    d.write_text("x")
+                    continue
+                d.mkdir()
+                _write_record(d, shape, value)
+                if d.parent.name != "containers":
+                    continue
+                if shape == "lock-dir":
+                    (d / "lock").mkdir()
+                elif shape == "lock-fifo":
+                    os.mkfifo(d / "lock")
+                elif lock_held:
+                    fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    held.append(fd)
+                else:
+                    (d / "lock").touch()
+    return str(base)
+
+
+STATE_CLI_CMDS = [c for c in cli.COMMANDS if c.name in (
+    "list", "status", "stop", "kill", "exec", "shell", "run", "boot", "logs")]
+STATE_RUNC_CMDS = [c for c in oci_cli.COMMANDS if c.name in (
+    "list", "state", "kill", "delete", "start", "pause", "resume", "ps", "exec", "create",
+    "spec")]
+
+
+@st.composite
+def state_argv(draw: st.DrawFn, commands: list[Any], sandbox: str) -> list[str]:
+    """COMMAND [options] NAME... with names that often match a record."""
+    values = arg_values(sandbox)
+    cmd = draw(st.sampled_from(commands))
+    argv = [cmd.name]
+    for _ in range(draw(st.integers(0, 2))):
+        if cmd.opts:
+            o = draw(st.sampled_from(cmd.opts))
+            name = draw(st.sampled_from(list(o.names)))
+            if o.kind == "flag":
+                argv.append(name)
+            else:
+                argv += [name, draw(st.sampled_from(list(o.choices)) if o.choices else values)]
+    n = len(cmd.positionals) - draw(st.sampled_from([0, 0, 0, cmd.optional_positionals]))
+    for _ in range(n):
+        argv.append(draw(st.sampled_from(RECORD_NAMES) | values))
+    if draw(st.integers(0, 4)) == 0:
+        argv += ["--", *draw(st.lists(st.sampled_from(RECORD_NAMES) | values, max_size=2))]
+    return argv
+
+
+def state_cases(commands: list[Any], sandbox: str) -> st.SearchStrategy[Any]:
+    return st.tuples(st.sampled_from(ROOT_KINDS), hostile_records(sandbox),
+                     state_argv(commands, sandbox), st.integers(0, 4))
+
+
+def leak_snapshot(sandbox: Path, names: list[str]) -> tuple[int, frozenset[int], frozenset[str]]:
+    """What a command could leave behind: mounts in the sandbox, our children, uspawn
+    cgroups of the names it was given (others' tests run containers meanwhile)."""
+    mounts = len(mounts_under(sandbox))
+    children: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                children |= {int(p) for p in f.read().split()}
+        except OSError:
+            pass
+    cgroups = set()
+    for base in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory",
+                 "/sys/fs/cgroup/pids"):
+        cgroups |= {f"{base}/uspawn/{n}" for n in names if os.path.isdir(f"{base}/uspawn/{n}")}
+    return mounts, frozenset(children), frozenset(cgroups)
+
+
+def check_state_case(prog: str, value: Any, sandbox: Path) -> None:
+    """One hostile (root kind, records, argv, via-env) case of `prog` (uspawn|uspawn-runc)."""
+    kind, records, argv, how = value
+    held: list[int] = []
+    try:
+        with contextlib.chdir(sandbox):
+            root = make_state_root(kind, sandbox, records, held)
+            full = ["--root", root, *argv]
+            safe = (_safe_cli(full, str(sandbox), root) if prog == "uspawn"
+                    else _safe_runc(full, str(sandbox), root))
+        if not safe:
+            return
+        env_root = prog == "uspawn" and how == 0  # $USPAWN_STATE_DIR instead of --root
+        main = cli.main if prog == "uspawn" else oci_cli.main
+        names = [w for w in argv if w and "/" not in w and w not in (".", "..")]
+        before = leak_snapshot(sandbox, names)
+        old_env = os.environ.get("USPAWN_STATE_DIR")
+        try:
+            if env_root:
+                os.environ["USPAWN_STATE_DIR"] = root
+            run_main(main, argv if env_root else full, prog, str(sandbox))
+        finally:
+            if old_env is None:
+                os.environ.pop("USPAWN_STATE_DIR", None)
+            else:
+                os.environ["USPAWN_STATE_DIR"] = old_env
+        assert leak_snapshot(sandbox, names) == before, (prog, kind, argv, "left behind")
+    finally:
+        for fd in held:
+            os.close(fd)
+        _clean_sandbox(sandbox)
+
+
+# Closed and broken stdio: the real entry points in subprocesses (the kernel's EPIPE,
+# Python's None sys.stdout for a closed fd 1), so fewer cases.
+STDIO_MODES = ["close-1", "close-2", "close-012", "epipe", "full"]
+STDIO_ARGV = [["--version"], ["--help"], ["list"], ["list", "--json"], ["status", "web"],
+              ["stop", "web", "--timeout", "nan"], ["kill", "web", "--", "KILL"], ["nope"],
+              ["features"], ["state", "c1"], ["spec", "--bundle", "/nonexistent/b"]]
+STDIO_ROOTS = ["records", "missing", "file", "etc-passwd", "proc1-root", "empty"]
+
+
+def check_stdio_case(value: Any, sandbox: Path) -> None:
+    from test_oci import runtime_cmd
+
+    prog, mode, argv, kind = value
+    cmd = uspawn_cmd() if prog == "uspawn" else runtime_cmd()
+    held: list[int] = []
+    try:
+        with contextlib.chdir(sandbox):
+            root = make_state_root(kind, sandbox, [("web", "json", True, {"name": "web"})], held)
+        full = [*cmd, "--root", root, *argv]
+        closes = {"close-1": (1,), "close-2": (2,), "close-012": (0, 1, 2)}.get(mode, ())
+        wrapper = [sys.executable, "-c", "import os, sys; [os.close(int(f)) for f in "
+                   "sys.argv[1].split(',') if f]; os.execv(sys.argv[2], sys.argv[2:])",
+                   ",".join(map(str, closes)), *full]
+        env = {k: v for k, v in os.environ.items() if k != "USPAWN_DEBUG"}
+        with tempfile.TemporaryFile("w+") as err:
+            out: Any = subprocess.DEVNULL
+            if mode == "epipe":
+                rfd, out = os.pipe()
+                os.close(rfd)
+            elif mode == "full":
+                out = open("/dev/full", "w")
+            try:
+                code = subprocess.run(wrapper, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                      cwd=sandbox, env=env, timeout=30).returncode
+            finally:
+                if isinstance(out, int) and out >= 0:
+                    os.close(out)
+                elif hasattr(out, "close"):
+                    out.close()
+            err.seek(0)
+            text = err.read()
+        lines = text.splitlines()
+        assert "Traceback" not in text and "internal error" not in text, (value, text)
+        assert len(lines) <= 1, (value, text)
+        assert code in (0, 141, *EXIT_CODES), (value, code, text)
+        if mode != "epipe" and code != 0 and "2" not in mode.partition("-")[2]:
+            assert len(lines) == 1, (value, code, text)
+    finally:
+        for fd in held:
+            os.close(fd)
+        _clean_sandbox(sandbox)
+
+
+def stdio_cases() -> st.SearchStrategy[Any]:
+    return st.tuples(st.sampled_from(["uspawn", "uspawn-runc"]), st.sampled_from(STDIO_MODES),
+                     st.sampled_from(STDIO_ARGV), st.sampled_from(STDIO_ROOTS))
+
+
 # --- in-process tests (default suite: a few hundred cases) ----------------------------------
 
 
-DEFAULT_EXAMPLES = {"config": 250, "text": 100, "seccomp": 120, "cli": 120, "runc": 120}
+DEFAULT_EXAMPLES = {"config": 250, "text": 100, "seccomp": 120, "cli": 120, "runc": 120,
+                    "cli-state": 200, "runc-state": 200, "stdio": 20}
+# Subprocesses (~0.1 s each): fewer in the long run too.
+LONG_OVERRIDE = {"stdio": 500}
 
 
 @pytest.mark.parametrize("target", list(DEFAULT_EXAMPLES))
@@ -747,14 +1066,16 @@ def test_fuzz_long(target: str, fuzz_dirs: dict[str, Path], request: pytest.Fixt
     strategy = _strategies(fuzz_dirs)[target]
     seen = {"n": 0}
 
-    @settings(max_examples=LONG_EXAMPLES, **COMMON)
+    examples = LONG_OVERRIDE.get(target, LONG_EXAMPLES)
+
+    @settings(max_examples=examples, **COMMON)
     @given(strategy)
     def run(value: Any) -> None:
         seen["n"] += 1
         _run_target(target, value, fuzz_dirs)
 
     run()
-    assert seen["n"] >= LONG_EXAMPLES
+    assert seen["n"] >= examples
 
 
 def test_pipeline_accepts_the_base_configs(fuzz_dirs: dict[str, Path]) -> None:

@@ -10,8 +10,15 @@ from __future__ import annotations
 import os
 import sys
 
-from uspawn.base.cmdline import Command, HelpRequested, Opt, parse
-from uspawn.base.errors import EXIT_SETUP, UsageError, UspawnError, printable
+from uspawn.base.cmdline import Command, HelpRequested, Opt, duration, parse
+from uspawn.base.errors import (
+    EXIT_SETUP,
+    UsageError,
+    UspawnError,
+    guard_stdio,
+    printable,
+    run_guarded,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -102,29 +109,28 @@ COMMANDS = [
 ]
 
 
-def _number(value: str, field: str) -> float:
-    try:
-        n = float(value)
-    except ValueError:
-        raise UsageError(f"{field}: {value!r} is not a number") from None
-    if n <= 0:
-        raise UsageError(f"{field}: must be > 0")
-    return n
+def _wants_version(args: list[str]) -> bool:
+    """--version among the global options (`uspawn --root X --version` too)."""
+    i = 0
+    while i < len(args):
+        if args[i] == "--version":
+            return True
+        if args[i] != "--root":
+            return args[i].startswith("--root=") and _wants_version(args[i + 1 :])
+        i += 2
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if "--version" in args[:1]:
+        if _wants_version(args):
             print(f"uspawn {VERSION}")
             return 0
         try:
             command, ns = parse(GLOBAL_OPTS, COMMANDS, args)
         except HelpRequested as h:
-            try:
-                print(h.text)
-            except BrokenPipeError:
-                pass
+            print(h.text)
             return 0
         if command == "run":
             if not ns.directory:
@@ -136,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "boot":
             if not ns.directory:
                 raise UsageError("boot: -D/--directory is required", "uspawn boot -D ROOTFS")
-            _number(ns.ready_timeout, "--ready-timeout")
+            # Normalised: boot reads it with float(), which takes "inf" and "nan".
+            ns.ready_timeout = str(duration(ns.ready_timeout, "--ready-timeout", positive=True))
             if ns.console_log_size is not None:
                 if not ns.detach:
                     raise UsageError("boot: --console-log-size needs --detach",
@@ -165,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command == "status":
                 return machines.status_command(root, ns.name)
             if command == "stop":
-                return machines.stop_command(root, ns.name, _number(ns.timeout, "--timeout"))
+                return machines.stop_command(root, ns.name, duration(ns.timeout, "--timeout"))
             if command == "kill":
                 return machines.kill_command(root, ns.name, ns.signal or "TERM")
             return machines.logs_command(ns.name, ns.follow)
@@ -201,13 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
+    guard_stdio()
     if os.geteuid() != 0 and ({"run", "boot"} & set(sys.argv[1:3])):
         _log("run: must be run as root for now (rootless mode is planned) "
              "(hint: sudo uspawn run ...)")
         sys.exit(EXIT_SETUP)
-    code = main()
-    # Skip interpreter teardown (~10 ms of module and GC cleanup): nothing
-    # is left to flush but the standard streams.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    code = run_guarded("uspawn", main)
+    # Skip interpreter teardown (~10 ms of module and GC cleanup): run_guarded
+    # flushed the standard streams, nothing else is buffered.
     os._exit(code)

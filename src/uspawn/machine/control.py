@@ -32,16 +32,28 @@ def find(root: str, name: str) -> dict[str, object]:
 
 def _pid(st: dict[str, object]) -> int:
     pid = st.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or proc_starttime(pid) != st.get("pid_start"):
+    ok = isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31
+    # None: no such process; a record's "pid_start": null must not match it.
+    start = proc_starttime(pid) if ok and isinstance(pid, int) else None
+    if start is None or start != st.get("pid_start") or not isinstance(pid, int):
         raise StateError(f"container {st.get('name')!r} has no live init process")
     return pid
 
 
-def _uptime(st: dict[str, object]) -> str:
+def _started(st: dict[str, object]) -> float | None:
+    """The record's start time, if it is a sane one (a foreign record may hold NaN or 1e999)."""
     started = st.get("started")
-    if not isinstance(started, int | float):
+    if isinstance(started, int | float) and not isinstance(started, bool) and \
+            0 <= started <= time.time() + 86400:
+        return float(started)
+    return None
+
+
+def _uptime(st: dict[str, object]) -> str:
+    started = _started(st)
+    if started is None:
         return "-"
-    secs = int(time.time() - started)
+    secs = int(max(time.time() - started, 0))
     if secs < 120:
         return f"{secs}s"
     if secs < 7200:
@@ -72,11 +84,11 @@ def _capped(value: object, limit: int = 4096) -> object:
 
 
 def _json_row(s: dict[str, object], addrs: dict[str, list[str]]) -> dict[str, object]:
-    started = s.get("started")
+    started = _started(s)
     return {"name": _capped(s.get("name")), "pid": s.get("pid"), "state": _state_word(s),
             "uid_base": s.get("uid_base"), "uid_size": s.get("uid_size"),
-            "uptime_seconds": int(time.time() - float(started))
-            if isinstance(started, int | float) else None,
+            "uptime_seconds": int(max(time.time() - started, 0))
+            if started is not None else None,
             "rootfs": _capped(s.get("rootfs")), "ownership": _capped(s.get("ownership")),
             "machine": bool(s.get("machine")), "uuid": _capped(s.get("uuid")),
             "addresses": [clip(a, 64) for a in addrs.get(str(s.get("name")), [])],
@@ -126,8 +138,12 @@ def status_command(root: str, name: str, out: TextIO = sys.stdout) -> int:
 
 
 def kill_command(root: str, name: str, signal_name: str) -> int:
+    signo = sig.parse_signal(signal_name)
     pid = _pid(find(root, name))
-    os.kill(pid, sig.parse_signal(signal_name))
+    try:
+        os.kill(pid, signo)
+    except ProcessLookupError:  # died since _pid looked
+        raise StateError(f"container {name!r} has no live init process") from None
     return 0
 
 
@@ -140,10 +156,13 @@ def stop_command(root: str, name: str, timeout: float, log: object = None) -> in
     first, grace = sig.SIGRTMIN + 3, timeout
     if not st.get("machine"):
         first, grace = _run_stop(st, timeout)
-    os.kill(pid, first)
-    if not wait_gone(pid, grace):
-        os.kill(pid, sig.SIGKILL)
-        wait_gone(pid, 10)
+    try:
+        os.kill(pid, first)
+        if not wait_gone(pid, grace):
+            os.kill(pid, sig.SIGKILL)
+            wait_gone(pid, 10)
+    except ProcessLookupError:
+        pass  # it died on its own meanwhile: the same outcome
     # The runtime that owns the container removes its state and cgroup.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
