@@ -300,3 +300,12 @@ def test_config_json_error_has_line_and_column(tmp_path: Path) -> None:
                     "config.json")
     assert "line 3 column 10" in line, line
     assert not state.exists() or os.listdir(state) == []
+
+
+def test_runc_state_json_fifo_does_not_block(tmp_path: Path) -> None:
+    """A FIFO where <root>/<id>/state.json belongs: open() blocked `list` and `state`."""
+    (tmp_path / "web").mkdir()
+    os.mkfifo(tmp_path / "web" / "state.json")
+    r = runc("--root", str(tmp_path), "list")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    one_line(runc("--root", str(tmp_path), "state", "web"), 1, "web", "not a regular file")

@@ -944,6 +944,26 @@ def leak_snapshot(sandbox: Path, names: list[str]) -> tuple[int, frozenset[int],
     return mounts, frozenset(children), frozenset(cgroups)
 
 
+CASE_TIMEOUT_S = 20  # no command on a hostile state dir may block (a FIFO open()ed, a lock)
+
+
+@contextlib.contextmanager
+def hang_alarm(seconds: int, what: object) -> Iterator[None]:
+    """A blocked case fails (SIGALRM interrupts the syscall) instead of hanging the run."""
+    import signal
+
+    def fire(signum: int, frame: object) -> None:
+        raise AssertionError(f"hang: {what!r} still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def check_state_case(prog: str, value: Any, sandbox: Path) -> None:
     """One hostile (root kind, records, argv, via-env) case of `prog` (uspawn|uspawn-runc)."""
     kind, records, argv, how = value
@@ -964,7 +984,8 @@ def check_state_case(prog: str, value: Any, sandbox: Path) -> None:
         try:
             if env_root:
                 os.environ["USPAWN_STATE_DIR"] = root
-            run_main(main, argv if env_root else full, prog, str(sandbox))
+            with hang_alarm(CASE_TIMEOUT_S, (prog, kind, records, argv)):
+                run_main(main, argv if env_root else full, prog, str(sandbox))
         finally:
             if old_env is None:
                 os.environ.pop("USPAWN_STATE_DIR", None)
@@ -1295,6 +1316,14 @@ FOUND_IN_PROCESS: dict[str, Callable[[dict[str, Path]], object]] = {
     "superscript-signal-runc": lambda d: check_runc(["kill", "c1", "²"], str(d["sandbox"])),
     "superscript-signal-rtmin": lambda d: check_runc(["kill", "c1", "RTMIN+²"],
                                                      str(d["sandbox"])),
+    # oci.Record: open() of a FIFO as <root>/<id>/state.json blocked `list` forever.
+    "fifo-oci-state": lambda d: check_state_case(
+        "uspawn-runc", ("records", [("web", "fifo", False, {})], ["list"], 1), d["sandbox"]),
+    # control._pid: "pid_start": null matched a pid that does not exist (os.kill OverflowError).
+    "null-pid-start-huge-pid": lambda d: check_state_case(
+        "uspawn", ("records", [("web", "json", True, {"name": "web", "pid": 2**70,
+                                                       "pid_start": None})],
+                   ["kill", "web"], 1), d["sandbox"]),
     # oci.IdLock: ENAMETOOLONG for ids of 256..1024 characters (check_id allows 1024).
     "long-id-start": lambda d: check_runc(["start", "a" * 300], str(d["sandbox"])),
 }

@@ -147,8 +147,8 @@ class Record:
         self.dir = os.path.join(root, cid)
         self.id = cid
         try:
-            with open(os.path.join(self.dir, "state.json")) as f:
-                data = loads(f.read())
+            # Not open(): a FIFO there would block it forever (issue 15).
+            data = loads(statemod.read_record(os.path.join(self.dir, "state.json")))
             if not isinstance(data, dict):
                 raise ValueError("not an object")
             self.data: dict[str, object] = data

@@ -464,19 +464,28 @@ def _live_record(cdir: str) -> dict[str, object] | None:
         os.close(fd)
 
 
-def _read_record(path: str, limit: int = 16 << 20) -> object:
-    import stat
-
+def _read_record(path: str) -> object:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            return None
-        return loads(os.read(fd, st.st_size + 1))
+        return loads(read_record(path))
     except (OSError, ValueError):
         return None
+
+
+def read_record(path: str, limit: int = 16 << 20) -> bytes:
+    """The bytes of a state file, which must be a regular file of at most `limit` bytes.
+
+    Opened non-blocking and not through a symlink: a FIFO put where a record belongs
+    would block open() forever, a device could be anything. OSError otherwise
+    (FileNotFoundError when it is missing)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+        return os.read(fd, st.st_size + 1)
     finally:
         os.close(fd)
