@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from uspawn.base import cmdline
 from uspawn.base.errors import SpecError, UsageError
 from uspawn.engine import console
 from uspawn.engine.request import START_AUTO, Request
@@ -43,7 +44,7 @@ def _request(ns: types.SimpleNamespace, la: Launch, net: NetworkChoice,
     bpf = seccomp.policy_bpf(seccomp.default_policy(userns=la.userns))
     verbose = bool(ns.verbose or ns.debug)
     if getattr(ns, "stop_timeout", None) is not None:  # `run` only; boot keeps signal_map
-        kw["stop_timeout"] = _seconds(ns.stop_timeout, "--stop-timeout")
+        kw["stop_timeout"] = cmdline.duration(ns.stop_timeout, "--stop-timeout")
     if getattr(ns, "kill_signal", None) is not None:
         try:
             kw["kill_signal"] = sig.parse_signal(ns.kill_signal)
@@ -55,19 +56,6 @@ def _request(ns: types.SimpleNamespace, la: Launch, net: NetworkChoice,
                    ownership=la.ownership, seccomp_bpf=bpf, start=START_AUTO,
                    verbose=verbose, debug=bool(ns.debug), log=log, undo=undo,
                    network_setup=setup, **kw)
-
-
-def _seconds(value: str, field: str) -> float:
-    """A grace period: ASCII digits with an optional fraction, 0 .. a year (no nan/inf)."""
-    whole, dot, frac = value.partition(".")
-    if not (value.isascii() and (whole or frac) and (not whole or whole.isdigit())
-            and (not dot or frac.isdigit())):
-        raise UsageError(f"{field}: {value!r} is not a number of seconds",
-                         "use digits, such as 10 or 0.5")
-    n = float(value)
-    if n > 366 * 86400:
-        raise UsageError(f"{field}: {value!r} out of range", "at most a year")
-    return n
 
 
 class NetworkChoice:

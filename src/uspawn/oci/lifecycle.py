@@ -350,7 +350,7 @@ def _drop_range_lease(rec: Record) -> None:
     except (OSError, ValueError):
         return
     # Ours (not a later container's lease of the same range); the init is stopped
-    # (maybe an unreaped zombie still, which owner_alive() would count as alive).
+    # (maybe an unreaped zombie still; owner_alive() counts a zombie as dead).
     if isinstance(owner, dict) and (owner.get("pid"), owner.get("starttime")) == (
             rec.pid, rec.data.get("pid_start")):
         try:
