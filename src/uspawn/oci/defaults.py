@@ -176,7 +176,7 @@ def default_spec(rootless: bool = False) -> S.Spec:
                                           size=TEMPLATE_SIZE)]
         linux.gid_mappings = [S.IDMapping(container_id=0, host_id=TEMPLATE_HOST_ID,
                                           size=TEMPLATE_SIZE)]
-        linux.resources = S.Resources(devices=[{"allow": False, "access": "rwm"}])
+        linux.resources = S.Resources(devices=[S.DeviceRule(allow=False, access="rwm")])
     linux.namespaces = [S.Namespace(type=t) for t in ns_types]
     return S.Spec(
         oci_version=S.OCI_VERSION,
