@@ -1324,6 +1324,16 @@ FOUND_IN_PROCESS: dict[str, Callable[[dict[str, Path]], object]] = {
         "uspawn", ("records", [("web", "json", True, {"name": "web", "pid": 2**70,
                                                        "pid_start": None})],
                    ["kill", "web"], 1), d["sandbox"]),
+    # oci._run_recorded_hooks: a recorded hook that is not [path, args, env, timeout]
+    # (TypeError: cannot unpack non-iterable int object), found by the long run.
+    "malformed-recorded-hook": lambda d: check_state_case(
+        "uspawn-runc", ("records", [("c1", "json", False, {
+            "pid": 0, "pid_start": None, "cgroup": None, "poststop": [1]})],
+            ["delete", "c1"], 0), d["sandbox"]),
+    "malformed-recorded-hook-args": lambda d: check_state_case(
+        "uspawn-runc", ("records", [("c1", "json", False, {
+            "pid": 0, "poststop": [["/nonexistent-hook", 5, None, 1]]})],
+            ["delete", "c1"], 0), d["sandbox"]),
     # oci.IdLock: ENAMETOOLONG for ids of 256..1024 characters (check_id allows 1024).
     "long-id-start": lambda d: check_runc(["start", "a" * 300], str(d["sandbox"])),
 }

@@ -425,6 +425,12 @@ def _run_recorded_hooks(rec: Record, which: str, pid: int, status: str,
                    "bundle": rec.data.get("bundle"),
                    "annotations": rec.data.get("annotations") or {}})
     for h in hooks:
+        # What create() recorded: [path, args, env, timeout]; anything else is a
+        # corrupted record, skipped (it raised TypeError here; issue 15 fuzz).
+        if not (isinstance(h, list) and len(h) == 4 and isinstance(h[1], list)
+                and isinstance(h[2], list)):
+            log(f"warning: {which} hook in the state of {rec.id!r} is malformed: skipped")
+            continue
         path, args, env, tmo = h
         try:
             run_hook(str(path), list(args), list(env), tmo if isinstance(tmo, int) else None,
