@@ -94,3 +94,19 @@ def test_host_ranges_are_avoided(tmp_path: Path) -> None:
     base, lease = alloc.pick()
     assert not state._overlaps(base, state.RANGE_SIZE, used)
     lease.release()
+
+
+def test_a_corrupted_cgroup_record_names_no_host_directory() -> None:
+    """delete and the guardian kill what a record's cgroup directories hold and remove
+    them: only the record's own path strictly below a cgroup hierarchy survives."""
+    from uspawn.kernel.cgroups import Cgroup, detect_layout
+
+    _layout, unified = detect_layout()
+    hier = unified or "/sys/fs/cgroup"
+    for dirs, rel in (([hier], ""), ([hier], "."), (["/etc"], "etc"),
+                      ([f"{hier}/x/../.."], "x/../.."), ([f"{hier}/system.slice"], "uspawn/a")):
+        assert Cgroup.from_json({"name": "a", "layout": "unified", "dirs": dirs, "rel": rel,
+                                 "made": [hier, "/etc"]}).dirs == []
+    ok = Cgroup.from_json({"name": "a", "layout": "unified", "dirs": [f"{hier}/uspawn/a"],
+                           "rel": "uspawn/a", "made": [hier, f"{hier}/uspawn"]})
+    assert ok.dirs == [f"{hier}/uspawn/a"] and ok.made == [f"{hier}/uspawn"]

@@ -106,11 +106,17 @@ class Cgroup:
         unified = data.get("unified")
         rel = data.get("rel")
         made = data.get("made")
+        rel = rel if isinstance(rel, str) else None
+        # A record is read back by delete/guardian cleanups that kill what the
+        # directories hold and remove them: keep only directories that are the
+        # record's own path strictly below a cgroup hierarchy (a corrupted record
+        # must not name a hierarchy's root or any other host directory).
+        keep = [d for d in dirs if isinstance(d, str) and _plausible(d, rel)] \
+            if isinstance(dirs, list) else []
         return cls(str(data.get("name")), str(data.get("layout")),
-                   unified if isinstance(unified, str) else None,
-                   [d for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else [],
-                   rel if isinstance(rel, str) else None,
-                   [d for d in made if isinstance(d, str)] if isinstance(made, list) else [])
+                   unified if isinstance(unified, str) else None, keep, rel,
+                   [d for d in made if isinstance(d, str) and _plausible_parent(d, keep)]
+                   if isinstance(made, list) else [])
 
     def add(self, pid: int, skip_v2: bool = False) -> None:
         v2 = self.v2_dir
@@ -350,6 +356,37 @@ def oci_cgroup_path(cgroups_path: str, container_id: str) -> str:
         rel = "/".join(components) or f"{PARENT}/{container_id}"
     under("/", rel)  # the rule create() enforces, checked before anything exists
     return rel
+
+
+def _hierarchies() -> set[str]:
+    """Mount points of every cgroup filesystem (v1 and v2), from mountinfo."""
+    found = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] in ("cgroup", "cgroup2"):
+                    found.add(fields[4])
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _plausible(d: str, rel: str | None) -> bool:
+    if not rel or not d.endswith("/" + rel.strip("/")):
+        return False
+    hier = d[: len(d) - len(rel.strip("/")) - 1]
+    try:
+        return hier in _hierarchies() and under(hier, rel.strip("/")) == d
+    except CgroupPathError:
+        return False
+
+
+def _plausible_parent(d: str, dirs: list[str]) -> bool:
+    """A parent created for an OCI path: strictly between a hierarchy and one of dirs."""
+    return any(x.startswith(d.rstrip("/") + "/") for x in dirs) and any(
+        d.startswith(h.rstrip("/") + "/") for h in _hierarchies())
 
 
 def under(hier: str, rel: str) -> str:
