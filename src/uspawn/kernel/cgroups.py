@@ -378,15 +378,18 @@ def _plausible(d: str, rel: str | None) -> bool:
         return False
     hier = d[: len(d) - len(rel.strip("/")) - 1]
     try:
-        return hier in _hierarchies() and under(hier, rel.strip("/")) == d
+        # realpath: /sys/fs/cgroup/cpu is often a symlink to the cpu,cpuacct mount.
+        return (os.path.realpath(hier) in _hierarchies()
+                and under(hier, rel.strip("/")) == d)
     except CgroupPathError:
         return False
 
 
 def _plausible_parent(d: str, dirs: list[str]) -> bool:
     """A parent created for an OCI path: strictly between a hierarchy and one of dirs."""
+    real = os.path.realpath(d)
     return any(x.startswith(d.rstrip("/") + "/") for x in dirs) and any(
-        d.startswith(h.rstrip("/") + "/") for h in _hierarchies())
+        real.startswith(h.rstrip("/") + "/") for h in _hierarchies())
 
 
 def under(hier: str, rel: str) -> str:
