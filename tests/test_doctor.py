@@ -138,7 +138,13 @@ def _userns_fd() -> int:
     """A user namespace mapped 0 -> 2147352576 by this test itself."""
     p = subprocess.Popen(["unshare", "--user", "sleep", "30"])
     try:
-        time.sleep(0.2)
+        # The maps can be written once unshare has made the namespace: wait for
+        # that (the child's user namespace differs from ours), not a fixed time.
+        ours = os.stat("/proc/self/ns/user").st_ino
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{p.pid}/ns/user").st_ino == ours:
+            assert time.monotonic() < deadline, "unshare --user did not unshare"
+            time.sleep(0.005)
         for name in ("uid_map", "gid_map"):
             Path(f"/proc/{p.pid}/{name}").write_text("0 2147352576 65536\n")
         return os.open(f"/proc/{p.pid}/ns/user", os.O_RDONLY)
