@@ -28,19 +28,23 @@ class CgroupError(Exception):
     pass
 
 
-def _cgroup2_mounts() -> set[str]:
-    """Mount points of cgroup2 filesystems, from one read of mountinfo."""
+def _mounts_of(fstypes: tuple[str, ...]) -> set[str]:
+    """Mount points of filesystems of these types, from one read of mountinfo."""
     found = set()
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                if fields[sep + 1] == "cgroup2":
+                if fields[sep + 1] in fstypes:
                     found.add(fields[4])
     except (OSError, ValueError):
         pass
     return found
+
+
+def _cgroup2_mounts() -> set[str]:
+    return _mounts_of(("cgroup2",))
 
 
 def detect_layout(cgroup2: set[str] | None = None) -> tuple[str, str | None]:
@@ -359,18 +363,8 @@ def oci_cgroup_path(cgroups_path: str, container_id: str) -> str:
 
 
 def _hierarchies() -> set[str]:
-    """Mount points of every cgroup filesystem (v1 and v2), from mountinfo."""
-    found = set()
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[sep + 1] in ("cgroup", "cgroup2"):
-                    found.add(fields[4])
-    except (OSError, ValueError):
-        pass
-    return found
+    """Mount points of every cgroup filesystem (v1 and v2)."""
+    return _mounts_of(("cgroup", "cgroup2"))
 
 
 def _plausible(d: str, rel: str | None) -> bool:
