@@ -40,12 +40,14 @@ RUN_OPTS = [
     Opt("-D", "--directory", metavar="DIR", help="root directory of the container"),
     Opt("-M", "--machine", "--name", dest="name", metavar="NAME", help="container name"),
     Opt("--hostname", metavar="NAME", help="hostname (default: the container name)"),
-    Opt("-U", "--private-users", default="pick", metavar="pick|no|BASE[:SIZE]",
-        help="user namespace ID range"),
-    Opt("--private-users-ownership", default="auto", choices=("auto", "map", "chown", "off"),
-        help="make rootfs ownership match the range"),
+    # No defaults here for the options a settings file may set: settings.apply tells
+    # "given" from "not given" (the command line wins), then fills in the default.
+    Opt("-U", "--private-users", metavar="pick|no|BASE[:SIZE]",
+        help="user namespace ID range (default pick)"),
+    Opt("--private-users-ownership", choices=("auto", "map", "chown", "off"),
+        help="make rootfs ownership match the range (default auto)"),
     Opt("-u", "--user", metavar="NAME|UID[:GID]", help="user inside the container"),
-    Opt("--chdir", default="/", metavar="DIR", help="working directory inside"),
+    Opt("--chdir", metavar="DIR", help="working directory inside (default /)"),
     Opt("-E", "--setenv", kind="append", metavar="KEY=VALUE", help="set an environment variable"),
     Opt("--capability", kind="append", metavar="CAP[,CAP...]", help="add capabilities"),
     Opt("--drop-capability", kind="append", metavar="CAP[,CAP...]", help="drop capabilities"),
@@ -53,8 +55,8 @@ RUN_OPTS = [
     Opt("--bind", kind="append", metavar="SRC[:DST[:OPTS]]",
         help="bind mount (OPTS: ro, norbind, idmap)"),
     Opt("--bind-ro", kind="append", metavar="SRC[:DST[:OPTS]]", help="read-only bind mount"),
-    Opt("--network", default="private", metavar="private|host|veth|bridge:BR|netns:PATH",
-        help="network: own namespace (lo only), the host's, a veth to the host, a bridge"),
+    Opt("--network", metavar="private|host|veth|bridge:BR|netns:PATH",
+        help="network: own namespace (lo only, the default), the host's, a veth, a bridge"),
     Opt("-p", "--port", kind="append", metavar="[tcp|udp:]HOST:CONT",
         help="publish a port (with veth or bridge)"),
     Opt("--tmpfs", kind="append", metavar="PATH[:OPTS]",
@@ -65,13 +67,15 @@ RUN_OPTS = [
         help="SIGKILL this long after SIGTERM/SIGINT or `uspawn stop` (default 10)"),
     Opt("--kill-signal", metavar="SIG",
         help="signal sent first on SIGTERM/SIGINT or `uspawn stop` (default: the one received)"),
+    Opt("--settings", choices=("yes", "no", "trusted", "override"),
+        help="read NAME.nspawn (docs/MIGRATING.md; default yes)"),
     Opt("-v", "--verbose", kind="flag", help="say what uspawn decided"),
     Opt("--debug", kind="flag", help="print the mount plan"),
 ]
 
 _BOOT_ONLY = {"--hostname", "-D", "-M", "-U", "--private-users-ownership", "--capability",
               "--drop-capability", "--bind", "--bind-ro", "--tmpfs", "--network", "-p", "-v",
-              "--debug"}
+              "--debug", "--settings"}
 BOOT_OPTS = [o for o in RUN_OPTS if o.names[0] in _BOOT_ONLY] + [
     Opt("-d", "--detach", kind="flag", help="return once the machine is ready"),
     Opt("--ready-timeout", default="90", metavar="SECONDS", help="with --detach (default 90)"),
@@ -81,7 +85,8 @@ BOOT_OPTS = [o for o in RUN_OPTS if o.names[0] in _BOOT_ONLY] + [
 
 COMMANDS = [
     Command("run", "run a command in a new container", RUN_OPTS, rest="cmd"),
-    Command("boot", "boot the tree's init (systemd) as a system container", BOOT_OPTS),
+    Command("boot", "boot the tree's init (systemd) as a system container", BOOT_OPTS,
+            positionals=["machine"], optional_positionals=1),
     Command("list", "list running containers", [Opt("--json", kind="flag")]),
     Command("status", "show a running container", positionals=["name"]),
     Command("stop", "power a container off (SIGRTMIN+3, SIGKILL after the timeout)",
@@ -133,15 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(h.text)
             return 0
         if command == "run":
-            if not ns.directory:
-                raise UsageError("run: -D/--directory is required",
-                                 "uspawn run -D ROOTFS -- CMD [ARGS...]")
+            from uspawn.machine import settings
             from uspawn.machine.launch import run_command
+
+            settings.apply(command, ns, _log)  # -D or /var/lib/machines/NAME, NAME.nspawn
 
             return run_command(ns, _log)
         if command == "boot":
-            if not ns.directory:
-                raise UsageError("boot: -D/--directory is required", "uspawn boot -D ROOTFS")
+            from uspawn.machine import settings
+
+            settings.apply(command, ns, _log)  # NAME, -D or -M; NAME.nspawn
             # Normalised: boot reads it with float(), which takes "inf" and "nan".
             ns.ready_timeout = str(duration(ns.ready_timeout, "--ready-timeout", positive=True))
             if ns.console_log_size is not None:

@@ -18,7 +18,7 @@ from uspawn.base.errors import SpecError, UsageError
 from uspawn.engine import console
 from uspawn.engine.request import START_AUTO, Request
 from uspawn.kernel import sig
-from uspawn.machine import presets
+from uspawn.machine import presets, settings
 from uspawn.machine.claims import Launch, prepare
 
 TYPE_CHECKING = False
@@ -154,6 +154,7 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
             console_size=_console_size() if ns.tty else None, read_only=ns.read_only,
             tmpfs=ns.tmpfs,
         )
+        settings.add_rlimits(spec, ns)  # Limit*= of NAME.nspawn
         if not ns.tty:
             from uspawn.engine.console import StdioRelay
 
@@ -205,12 +206,17 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
         host_dir = boot.make_host_dir(la.claim.dir, la.base if la.userns else 0, notify)
         machine_uuid = boot.new_uuid()
         spec = presets.run_spec(
-            la.rootfs, [init], hostname=ns.hostname or la.claim.name, base=la.base,
+            la.rootfs, [init, *getattr(ns, "parameters", [])],  # Parameters= of NAME.nspawn
+            hostname=ns.hostname or la.claim.name, base=la.base,
             size=la.size, userns=la.userns, network_host=net.host, netns_path=net.netns_path,
             add_caps=_split_caps(ns.capability), drop_caps=_split_caps(ns.drop_capability),
             binds=binds, boot=True, host_dir=host_dir, machine_uuid=machine_uuid,
             tty=True, console_size=_console_size(), tmpfs=ns.tmpfs,  # the console is a pty
+            # NAME.nspawn's Environment=, NoNewPrivileges=, ReadOnly= (machine/settings.py)
+            setenv=getattr(ns, "setenv", None), read_only=bool(getattr(ns, "read_only", False)),
+            no_new_privileges=bool(getattr(ns, "no_new_privileges", False)),
         )
+        settings.add_rlimits(spec, ns)
         # INT/TERM to uspawn mean "power the machine off cleanly", as for nspawn.
         req = _request(ns, la, net, log, delegate_cgroup=True,
                        signal_map={sig.SIGINT: boot.SIGRTMIN_3, sig.SIGTERM: boot.SIGRTMIN_3})
