@@ -67,6 +67,14 @@ RUN_OPTS = [
         help="SIGKILL this long after SIGTERM/SIGINT or `uspawn stop` (default 10)"),
     Opt("--kill-signal", metavar="SIG",
         help="signal sent first on SIGTERM/SIGINT or `uspawn stop` (default: the one received)"),
+    Opt("--memory", metavar="SIZE", help="memory limit (MemoryMax=; 256M, 2G, infinity)"),
+    Opt("--cpus", metavar="N", help="CPU time limit in CPUs (CPUQuota=N*100%; 0.5, 2)"),
+    Opt("--pids", metavar="N", help="task limit (TasksMax=)"),
+    Opt("--property", kind="append", metavar="KEY=VALUE",
+        help="a systemd resource-control limit: MemoryMax, MemoryHigh, MemorySwapMax, "
+             "CPUQuota, CPUWeight, AllowedCPUs, TasksMax, IOWeight (docs/LIMITS.md)"),
+    Opt("--lxcfs", choices=("yes", "no"), metavar="yes|no",
+        help="lxcfs /proc views that match the limits (default: yes for boot, no for run)"),
     Opt("--settings", choices=("yes", "no", "trusted", "override"),
         help="read NAME.nspawn (docs/MIGRATING.md; default yes)"),
     Opt("-v", "--verbose", kind="flag", help="say what uspawn decided"),
@@ -75,7 +83,7 @@ RUN_OPTS = [
 
 _BOOT_ONLY = {"--hostname", "-D", "-M", "-U", "--private-users-ownership", "--capability",
               "--drop-capability", "--bind", "--bind-ro", "--tmpfs", "--network", "-p", "-v",
-              "--debug", "--settings"}
+              "--debug", "--settings", "--memory", "--cpus", "--pids", "--property", "--lxcfs"}
 BOOT_OPTS = [o for o in RUN_OPTS if o.names[0] in _BOOT_ONLY] + [
     Opt("-d", "--detach", kind="flag", help="return once the machine is ready"),
     Opt("--ready-timeout", default="90", metavar="SECONDS", help="with --detach (default 90)"),
@@ -89,6 +97,8 @@ COMMANDS = [
             positionals=["machine"], optional_positionals=1),
     Command("list", "list running containers", [Opt("--json", kind="flag")]),
     Command("status", "show a running container", positionals=["name"]),
+    Command("set", "change a running container's limits: uspawn set NAME KEY=VALUE...",
+            positionals=["name"], rest="assignments"),
     Command("stop", "power a container off (SIGRTMIN+3, SIGKILL after the timeout)",
             [Opt("--timeout", default="30", metavar="SECONDS")], positionals=["name"]),
     Command("kill", "send a signal to a container's init", positionals=["name", "signal"],
@@ -168,6 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exec_command(ns.root, ns.name, ns.cmd if command == "exec" else None,
                                 getattr(ns, "tty", False) or command == "shell",
                                 getattr(ns, "setenv", []), getattr(ns, "chdir", "/"))
+        if command == "set":
+            from uspawn.machine import control as machines
+            from uspawn.state.store import state_root
+
+            return machines.set_command(state_root(ns.root), ns.name, ns.assignments)
         if command in ("list", "status", "stop", "kill", "logs"):
             from uspawn.machine import control as machines
             from uspawn.state.store import state_root

@@ -708,11 +708,73 @@ def probe_trees_dir(ctx: Ctx) -> list[Row]:
                   f"chmod 0700 {path}"), blocker or found or "world-traversable")]
 
 
+def probe_limits(ctx: Ctx) -> list[Row]:
+    """Which resource limits (--memory, --cpus, --pids, --property) this host can apply."""
+    missing = {prop: why for prop, key in cgroups.SYSTEMD_KEYS.items()
+               if (why := cgroups.why_not(key)) is not None}
+    places = {prop: cgroups.placement(key) for prop, key in cgroups.SYSTEMD_KEYS.items()}
+    detail = " ".join(f"{p}={w[0] if w else '-'}" for p, w in places.items())
+    core = [p for p in ("MemoryMax", "CPUQuota", "TasksMax") if p in missing]
+    if core:
+        return [row("limits", DEGRADED, f"{', '.join(core)} cannot be applied here "
+                    f"({missing[core[0]]}): --memory/--cpus/--pids are refused",
+                    "enable the memory, cpu and pids controllers (cgroup_enable=memory, "
+                    "or a cgroup2 host)", detail)]
+    if missing:
+        return [row("limits", DEGRADED, "--memory, --cpus and --pids work; refused here: "
+                    + "; ".join(f"{p} ({why})" for p, why in missing.items()),
+                    "a pure cgroup v2 host (systemd.unified_cgroup_hierarchy=1) applies every "
+                    "property", detail)]
+    return [row("limits", OK, "every resource property uspawn takes (MemoryMax, MemoryHigh, "
+                "MemorySwapMax, CPUQuota, CPUWeight, AllowedCPUs, TasksMax, IOWeight) has a "
+                "cgroup controller here", "", detail)]
+
+
+def probe_lxcfs(ctx: Ctx) -> list[Row]:
+    """lxcfs: /proc views inside machines that match their limits."""
+    from uspawn.kernel import lxcfs
+
+    lost = ("inside machines free, top, uptime and /proc/cpuinfo show the host's memory, "
+            "CPUs and uptime, not the machine's limits (nginx's worker_processes auto, "
+            "JVM heap sizing and the like size themselves for the whole host)")
+    exe = lxcfs.binary()
+    mnt = lxcfs.find()
+    if mnt is None:
+        if exe is None:
+            return [row("lxcfs", DEGRADED, f"lxcfs is not installed: {lost}",
+                        "apt install lxcfs", "not installed")]
+        return [row("lxcfs", OK, f"{exe} is installed, not running: `uspawn boot` starts it on "
+                    f"{lxcfs.MOUNTPOINT} (with --enable-cfs) and bind-mounts its files", "",
+                    "installed")]
+    args = _lxcfs_args()
+    if args is not None and "--enable-cfs" not in args:
+        return [row("lxcfs", DEGRADED, f"lxcfs runs on {mnt} without --enable-cfs: memory and "
+                    "uptime views follow the limits, but cpuinfo and cpu/online show the "
+                    "cpuset only, not --cpus/CPUQuota", "restart lxcfs with --enable-cfs "
+                    "(Debian: a drop-in for lxcfs.service)", " ".join(args))]
+    return [row("lxcfs", OK, f"lxcfs runs on {mnt}: machines see their own memory, CPUs and "
+                "uptime in /proc", "", " ".join(args or []))]
+
+
+def _lxcfs_args() -> list[str] | None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        if (_read(f"/proc/{entry}/comm") or "").strip() == "lxcfs":
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                continue
+    return None
+
+
 PROBES: list[tuple[str, Callable[[Ctx], list[Row]]]] = [
     ("kernel", probe_kernel), ("userns", probe_userns), ("mknod", probe_mknod),
     ("dev-nodes", probe_dev_nodes), ("idmap", probe_idmap), ("overlay", probe_overlay),
     ("seccomp", probe_seccomp), ("apis", probe_apis), ("cgroups", probe_cgroups),
     ("rootless", probe_rootless), ("nesting", probe_nesting), ("trees-dir", probe_trees_dir),
+    ("limits", probe_limits), ("lxcfs", probe_lxcfs),
 ]
 
 

@@ -80,6 +80,17 @@ def _v2_value(value: int) -> str:
     return "max" if value < 0 else str(value)
 
 
+# set_limits keys beyond OCI's linux.resources fields (systemd's MemoryHigh and
+# IOWeight): "memory.high" is cgroup2's memory.high, "io.weight" 1..10000 is
+# cgroup2's io.weight (or io.bfq.weight) and v1's blkio.weight / blkio.bfq.weight.
+V1_NAMES = {"io": "blkio"}
+
+
+def controller_of(key: str) -> str:
+    """The cgroup2 controller name of a set_limits key ("cpu.cpus" -> "cpuset")."""
+    return "cpuset" if key in ("cpu.cpus", "cpu.mems") else key.split(".")[0]
+
+
 class Cgroup:
     """The cgroup directories of one container (one per hierarchy)."""
 
@@ -134,14 +145,13 @@ class Cgroup:
         its v1 hierarchy. A limit with nowhere to go raises CgroupError naming
         the field; never silently dropped. Returns warnings (none yet)."""
         for key, value in limits.items():
-            ctrl = key.split(".")[0]
-            ctrl = "cpuset" if key in ("cpu.cpus", "cpu.mems") else ctrl
+            ctrl = controller_of(key)
             v2 = self.v2_dir
             try:
                 if v2 is not None and ctrl in _controllers_of(v2):
                     _set_v2(v2, key, value, limits)
                     continue
-                d = self.v1_dir(ctrl)
+                d = self.v1_dir(V1_NAMES.get(ctrl, ctrl))
                 if d is None:
                     raise CgroupError(f"linux.resources.{key}: no {ctrl} controller for this "
                                       "container (neither cgroup2 nor a v1 hierarchy has it)")
@@ -150,6 +160,14 @@ class Cgroup:
                 raise CgroupError(f"linux.resources.{key}: the kernel refuses {value!r}: "
                                   f"{exc.strerror}") from None
         return []
+
+    def dir_for(self, key: str) -> str | None:
+        """The directory a set_limits key is written to (as set_limits picks), or None."""
+        ctrl = controller_of(key)
+        v2 = self.v2_dir
+        if v2 is not None and ctrl in _controllers_of(v2):
+            return v2
+        return self.v1_dir(V1_NAMES.get(ctrl, ctrl))
 
     def v1_dir(self, ctrl: str) -> str | None:
         """This container's directory in the v1 hierarchy of ctrl (whatever depth
@@ -293,6 +311,20 @@ def _set_v2(d: str, key: str, value: int | str | bool,
         _write(os.path.join(d, "cpu.max"), text + (f" {period}" if period else ""))
     elif key in ("cpu.cpus", "cpu.mems"):
         _write(os.path.join(d, "cpuset." + key[4:]), str(value))
+    elif key == "memory.high":
+        _write(os.path.join(d, "memory.high"), _v2_value(int(value)))
+    elif key == "io.weight":
+        _set_io_weight(d, int(value))
+
+
+def _set_io_weight(d: str, weight: int) -> None:
+    """cgroup2 io.weight (blk-iocost) or, with the BFQ scheduler, io.bfq.weight."""
+    for name, text in (("io.weight", f"default {weight}"), ("io.bfq.weight", str(weight))):
+        if os.path.exists(os.path.join(d, name)):
+            _write(os.path.join(d, name), text)
+            return
+    raise CgroupError("linux.resources.io.weight: the kernel offers neither io.weight nor "
+                      "io.bfq.weight here (no blk-iocost, no BFQ I/O scheduler)")
 
 
 def _set_v1(d: str, key: str, value: int | str | bool,
@@ -305,6 +337,17 @@ def _set_v1(d: str, key: str, value: int | str | bool,
              "pids.limit": "pids.max", "cpu.shares": "cpu.shares",
              "cpu.period": "cpu.cfs_period_us", "cpu.quota": "cpu.cfs_quota_us",
              "cpu.cpus": "cpuset.cpus", "cpu.mems": "cpuset.mems"}
+    if key == "memory.high":
+        raise CgroupError("linux.resources.memory.high: cgroup v1 has no memory.high "
+                          "(the memory controller is a v1 hierarchy on this host)")
+    if key == "io.weight":
+        # v1 blkio weights are 10..1000; systemd scales IOWeight's 1..10000 the same way.
+        for name in ("blkio.weight", "blkio.bfq.weight"):
+            if os.path.exists(os.path.join(d, name)):
+                _write(os.path.join(d, name), str(min(max(int(value) // 10, 10), 1000)))
+                return
+        raise CgroupError("linux.resources.io.weight: the v1 blkio hierarchy has neither "
+                          "blkio.weight nor blkio.bfq.weight (no BFQ I/O scheduler)")
     path = os.path.join(d, files[key])
     if key == "pids.limit":
         text = _v2_value(int(value))
@@ -556,3 +599,178 @@ def _move_all(cg: Cgroup, d: str) -> None:
             except ProcessLookupError:
                 pass  # exited meanwhile
     raise CgroupError(f"{d}: the container's processes kept forking; not all moved")
+
+
+def placement(key: str) -> tuple[str, str] | None:
+    """Where a set_limits key would go on this host, before any cgroup exists:
+    ("v2", controller) when cgroup2 offers the controller, ("v1", hierarchy
+    path) when a v1 hierarchy has it, None when neither does."""
+    ctrl = controller_of(key)
+    layout, unified = detect_layout()
+    if unified is not None and ctrl in _controllers(unified):
+        return ("v2", ctrl)
+    if layout != "unified":
+        base = os.path.join(CGROUP_ROOT, V1_NAMES.get(ctrl, ctrl))
+        if os.path.isdir(base) and base not in _cgroup2_mounts():
+            return ("v1", base)
+    return None
+
+
+# systemd's resource-control properties (systemd.resource-control(5)) -> the
+# set_limits key each one becomes (machine/limits.py converts the values).
+SYSTEMD_KEYS = {"MemoryMax": "memory.limit", "MemoryHigh": "memory.high",
+                "MemorySwapMax": "memory.swap", "CPUQuota": "cpu.quota",
+                "CPUWeight": "cpu.shares", "AllowedCPUs": "cpu.cpus", "TasksMax": "pids.limit",
+                "IOWeight": "io.weight"}
+# v1 files that exist only with a kernel option (swap accounting, CFS bandwidth).
+_V1_OPTIONAL = {"memory.swap": "memory.memsw.limit_in_bytes", "cpu.quota": "cpu.cfs_quota_us"}
+
+
+def why_not(key: str) -> str | None:
+    """Why this host cannot apply a set_limits key (None: it can), checked on the
+    hierarchy roots before any cgroup exists."""
+    where = placement(key)
+    ctrl = controller_of(key)
+    if where is None:
+        return f"no cgroup {ctrl} controller on this host (neither cgroup2 nor a v1 hierarchy)"
+    kind, path = where
+    if kind == "v1" and key == "memory.high":
+        return "memory is a cgroup v1 hierarchy on this host and v1 has no memory.high"
+    if kind == "v1" and key == "io.weight" and not any(
+            os.path.exists(os.path.join(path, n)) for n in ("blkio.weight", "blkio.bfq.weight")):
+        return ("the v1 blkio hierarchy has neither blkio.weight nor blkio.bfq.weight "
+                "(no BFQ I/O scheduler)")
+    need = _V1_OPTIONAL.get(key)
+    if kind == "v1" and need and not os.path.exists(os.path.join(path, need)):
+        return f"{path}/{need} does not exist (swap accounting off, or no CFS bandwidth control)"
+    return None
+
+
+def of_process(pid: int, rel: str) -> Cgroup:
+    """The cgroup rel of a running container, in every hierarchy where pid (its
+    init) is at rel or below it (a booted systemd moves itself into
+    rel/init.scope on cgroup2). /proc/PID/cgroup read from the host's cgroup
+    namespace is the proof that the directories are the container's."""
+    layout, unified = detect_layout()
+    rel = rel.strip("/")
+    v1 = {os.path.basename(m): m for m in _mounts_of(("cgroup",))}
+    dirs: list[str] = []
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise CgroupError(f"/proc/{pid}/cgroup: {exc.strerror}") from None
+    for line in lines:
+        _hid, ctrls, path = line.split(":", 2)
+        if path.strip("/") != rel and not path.startswith("/" + rel + "/"):
+            continue
+        hier = unified if not ctrls else v1.get(ctrls)
+        if hier is None and ctrls:
+            # A v1 hierarchy's mount point carries its controllers in its name
+            # (/sys/fs/cgroup/cpu,cpuacct; name=systemd: /sys/fs/cgroup/systemd).
+            hier = v1.get(ctrls.removeprefix("name="))
+        if hier is not None:
+            dirs.append(under(hier, rel))
+    if not dirs:
+        raise CgroupError(f"process {pid} is not in a cgroup {rel}")
+    return Cgroup(os.path.basename(rel), layout, unified if any(
+        unified and d.startswith(unified + "/") for d in dirs) else None, dirs, rel)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _number(text: str | None, unlimited_above: int = 2**62) -> int | None:
+    """A cgroup file's number; "max" and v1's huge "unlimited" values are -1."""
+    if text is None:
+        return None
+    if text == "max":
+        return -1
+    try:
+        n = int(text.split()[0])
+    except (ValueError, IndexError):
+        return None
+    return -1 if n >= unlimited_above else n
+
+
+def usage(cg: Cgroup) -> dict[str, tuple[int | None, int | None]]:
+    """Current use and limit per resource, from whichever hierarchy holds it:
+    "memory" (bytes), "tasks" (count), "cpu" (CPU time in microseconds; the
+    limit is the quota per period as microseconds per second). -1 = no limit;
+    None = unknown (no hierarchy to read it from)."""
+    out: dict[str, tuple[int | None, int | None]] = {}
+    v2 = cg.v2_dir if cg.v2_dir and os.path.isdir(cg.v2_dir) else None
+    have = _controllers_of(v2) if v2 else set()
+
+    def pick(ctrl: str, v2_files: tuple[str, str], v1_files: tuple[str, str],
+             ) -> tuple[int | None, int | None]:
+        if v2 is not None and ctrl in have:
+            return (_number(_read(os.path.join(v2, v2_files[0]))),
+                    _number(_read(os.path.join(v2, v2_files[1]))))
+        d = cg.v1_dir(ctrl)
+        if d is None:
+            return (None, None)
+        return (_number(_read(os.path.join(d, v1_files[0]))),
+                _number(_read(os.path.join(d, v1_files[1]))))
+
+    out["memory"] = pick("memory", ("memory.current", "memory.max"),
+                         ("memory.usage_in_bytes", "memory.limit_in_bytes"))
+    out["tasks"] = pick("pids", ("pids.current", "pids.max"), ("pids.current", "pids.max"))
+    out["cpu"] = (_cpu_time(cg, v2), _cpu_limit(cg, v2, "cpu" in have))
+    return out
+
+
+def _cpu_time(cg: Cgroup, v2: str | None) -> int | None:
+    """cgroup2's cpu.stat usage_usec (there without the cpu controller too), else
+    v1 cpuacct.usage (ns) when the container is in that hierarchy."""
+    if v2 is not None:
+        for line in (_read(os.path.join(v2, "cpu.stat")) or "").splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1])
+    d = cg.v1_dir("cpuacct")
+    ns = _number(_read(os.path.join(d, "cpuacct.usage"))) if d else None
+    return ns // 1000 if ns is not None and ns >= 0 else None
+
+
+def _cpu_limit(cg: Cgroup, v2: str | None, on_v2: bool) -> int | None:
+    if v2 is not None and on_v2:
+        text = _read(os.path.join(v2, "cpu.max"))
+        if text is None:
+            return None
+        quota, _, period = text.partition(" ")
+        if quota == "max":
+            return -1
+        return int(quota) * 1_000_000 // int(period or "100000")
+    d = cg.v1_dir("cpu")
+    if d is None:
+        return None
+    quota_n = _number(_read(os.path.join(d, "cpu.cfs_quota_us")))
+    period_n = _number(_read(os.path.join(d, "cpu.cfs_period_us")))
+    if quota_n is None or period_n is None:
+        return None
+    return -1 if quota_n < 0 else quota_n * 1_000_000 // max(period_n, 1)
+
+
+def apply_in_order(cg: Cgroup, limits: dict[str, int | str | bool]) -> None:
+    """Live changes (`uspawn set`): one set_limits call per controller, in the
+    order the kernel needs (a new memory limit before memory+swap). Where
+    cgroup2 limits swap alone, memory.swap without memory.limit takes the
+    current memory.max as the base (as `uspawn-runc update` does)."""
+    groups: dict[str, dict[str, int | str | bool]] = {}
+    for key, value in limits.items():
+        groups.setdefault(controller_of(key), {})[key] = value
+    mem = groups.get("memory", {})
+    if "memory.swap" in mem and "memory.limit" not in mem:
+        v2 = cg.v2_dir
+        if v2 is not None and "memory" in _controllers_of(v2):
+            current = _number(_read(os.path.join(v2, "memory.max")))
+            if current is not None:
+                groups["memory"] = {"memory.limit": current, **mem}
+    for ctrl in ("memory", "cpu", "cpuset", "pids", "io"):
+        if ctrl in groups:
+            cg.set_limits(groups[ctrl])

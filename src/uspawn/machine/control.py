@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from uspawn.base.errors import StateError
+from uspawn.base.errors import StateError, UsageError
 from uspawn.base.textsafe import STATUS_LIMIT, clip, field
 from uspawn.kernel import sig
 from uspawn.kernel.pidwait import wait_gone
@@ -21,6 +21,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import BinaryIO, TextIO
+
+    from uspawn.kernel import cgroups
 
 
 def find(root: str, name: str) -> dict[str, object]:
@@ -132,8 +134,76 @@ def status_command(root: str, name: str, out: TextIO = sys.stdout) -> int:
         ("Status", field(st.get("status_text"), STATUS_LIMIT)),
         ("Console log", field(st.get("console_log"))),
     ]
+    lines += _usage_lines(st)
     for key, value in lines:
         out.write(f"{key + ':':<13}{value}\n")
+    return 0
+
+
+def _cgroup_of(st: dict[str, object]) -> cgroups.Cgroup:
+    """The machine's cgroup, proven by its live init being in it."""
+    from uspawn.kernel import cgroups
+
+    try:
+        return cgroups.of_process(_pid(st), f"{cgroups.PARENT}/{st.get('name')}")
+    except cgroups.CgroupError as exc:
+        raise StateError(f"container {field(st.get('name'))}: {exc}") from None
+
+
+def _usage_lines(st: dict[str, object]) -> list[tuple[str, str]]:
+    """Memory, tasks and CPU time against their limits (what `uspawn set` changes)."""
+    from uspawn.kernel import cgroups
+
+    try:
+        use = cgroups.usage(_cgroup_of(st))
+    except StateError:
+        return []
+
+    def show(value: int | None, unit: str) -> str:
+        if value is None:
+            return "?"
+        if value < 0:
+            return "no limit"
+        if unit == "bytes":
+            return _size(value)
+        return str(value)
+
+    lines: list[tuple[str, str]] = []
+    mem, mem_max = use["memory"]
+    lines.append(("Memory", f"{show(mem, 'bytes')} of {show(mem_max, 'bytes')}"))
+    tasks, tasks_max = use["tasks"]
+    lines.append(("Tasks", f"{show(tasks, '')} of {show(tasks_max, '')}"))
+    cpu, cpu_max = use["cpu"]
+    time_s = "?" if cpu is None else f"{cpu / 1e6:.3f}s"
+    limit = "?" if cpu_max is None else "no limit" if cpu_max < 0 else \
+        f"{cpu_max / 1e6:g} CPUs"
+    lines.append(("CPU time", f"{time_s}, limit {limit}"))
+    return lines
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"
+
+
+def set_command(root: str, name: str, assignments: list[str]) -> int:
+    """`uspawn set NAME KEY=VALUE...`: new limits for a running container, written
+    to its cgroup by the code that applies them at start (machine/limits.py)."""
+    from uspawn.machine import limits
+
+    if not assignments:
+        raise UsageError("set: no KEY=VALUE given", "uspawn set NAME MemoryMax=1G")
+    given: dict[str, tuple[str, str]] = {}
+    for kv in assignments:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            raise UsageError(f"set: {kv!r} is not KEY=VALUE", "uspawn set NAME MemoryMax=1G")
+        given[key] = (value, key)
+    lim = limits.settings_of(given)
+    st = find(root, name)
+    limits.apply(_cgroup_of(st), lim.settings, lim)
     return 0
 
 

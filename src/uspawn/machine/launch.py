@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 
 from uspawn.base import cmdline
-from uspawn.base.errors import SpecError, UsageError
+from uspawn.base.errors import SpecError, UsageError, UspawnError
 from uspawn.engine import console
 from uspawn.engine.request import START_AUTO, Request
 from uspawn.kernel import sig
-from uspawn.machine import presets, settings
+from uspawn.machine import limits, presets, settings
 from uspawn.machine.claims import Launch, prepare
 
 TYPE_CHECKING = False
@@ -138,10 +138,46 @@ def _console_size() -> tuple[int, int] | None:
     return (sz.lines, sz.columns)
 
 
+def _limits(ns: types.SimpleNamespace) -> limits.Limits:
+    """--memory/--cpus/--pids/--property and a settings file's limit keys
+    (ns.resource_properties: systemd property -> value, from ns.settings_file),
+    validated and checked against the host before anything is claimed."""
+    given = limits.from_flags(getattr(ns, "memory", None), getattr(ns, "cpus", None),
+                              getattr(ns, "pids", None), getattr(ns, "property", None) or (),
+                              getattr(ns, "resource_properties", None),
+                              str(getattr(ns, "settings_file", None) or "settings file"))
+    return limits.parse(given)
+
+
+def _proc_views(ns: types.SimpleNamespace, boot: bool, log: Callable[[str], None],
+                ) -> list[tuple[str, str]]:
+    """lxcfs's files for the container (--lxcfs, default yes for boot, no for run);
+    without lxcfs a warning says what the machine loses, and it starts anyway."""
+    mode = getattr(ns, "lxcfs", None) or ("yes" if boot else "no")
+    if mode not in ("yes", "no"):
+        raise UsageError(f"--lxcfs={mode}: not yes or no")
+    if mode == "no":
+        return []
+    from uspawn.kernel import lxcfs
+
+    try:
+        mnt, started = lxcfs.find_or_start()
+    except lxcfs.LxcfsError as exc:
+        log(f"warning: lxcfs: {exc}; free, top, uptime, nproc and /proc/cpuinfo inside show "
+            "the host's memory, CPUs and uptime, not the machine's limits (--lxcfs=no "
+            "silences this)")
+        return []
+    if started and (ns.verbose or ns.debug):
+        log(f"lxcfs: started on {mnt} (left running for other machines)")
+    return lxcfs.files(mnt)
+
+
 def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     """`uspawn run`: the Spec and the engine request, built here, then the engine."""
     binds = _binds(ns, log)
     net = NetworkChoice(ns.network, ns.port)
+    lim = _limits(ns)
+    views = _proc_views(ns, False, log)
     la = prepare(ns, log=log)
     relay: StdioRelay | None = None
     try:
@@ -152,7 +188,8 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
             drop_caps=_split_caps(ns.drop_capability),
             no_new_privileges=ns.no_new_privileges, tty=ns.tty, binds=binds,
             console_size=_console_size() if ns.tty else None, read_only=ns.read_only,
-            tmpfs=ns.tmpfs,
+            tmpfs=ns.tmpfs, proc_views=views,
+            resources=limits.for_lxcfs(lim.resources()) if views else lim.resources(),
         )
         settings.add_rlimits(spec, ns)  # Limit*= of NAME.nspawn
         if not ns.tty:
@@ -171,16 +208,20 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
         raise
     # From here on the container owns (and releases) the claim and the lease.
     def record(c: Container) -> None:  # `uspawn stop` uses the same first signal and grace
+        limits.apply_after_start(c.cgroup, lim)
         la.record(c, kill_signal=req.kill_signal or sig.SIGTERM, stop_timeout=req.stop_timeout)
 
-    if relay is None:
-        return console.run(spec, req, on_start=record)
-    from uspawn.engine.console import ConsoleIO
-
     try:
-        return console.run(spec, req, on_start=record, io=ConsoleIO(relay=relay))
-    finally:
-        relay.finish()  # after a failed start: what the child wrote, then close
+        if relay is None:
+            return console.run(spec, req, on_start=record)
+        from uspawn.engine.console import ConsoleIO
+
+        try:
+            return console.run(spec, req, on_start=record, io=ConsoleIO(relay=relay))
+        finally:
+            relay.finish()  # after a failed start: what the child wrote, then close
+    except UspawnError as exc:
+        raise limits.renamed(exc, lim) from None
 
 
 def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
@@ -188,17 +229,29 @@ def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
 
     binds = _binds(ns, log)
     NetworkChoice(ns.network, ns.port)  # bad --network/--port: fail before forking
+    lim = _limits(ns)  # bad limits too
     if ns.detach:
-        return boot.detach(ns, log, lambda: _boot_machine(ns, log, binds))
-    machine = _boot_machine(ns, log, binds)
-    return machine.run_foreground()
+        return boot.detach(ns, log, lambda: _boot_machine(ns, log, binds, lim))
+    machine = _boot_machine(ns, log, binds, lim)
+    try:
+        return machine.run_foreground()
+    except UspawnError as exc:
+        raise limits.renamed(exc, lim) from None
 
 
 def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
-                  binds: list[tuple[str, str, list[str]]]) -> Machine:
+                  binds: list[tuple[str, str, list[str]]], lim: limits.Limits) -> Machine:
     from uspawn.machine import boot
 
+    class LimitedMachine(boot.Machine):
+        """MemoryHigh/IOWeight once the machine's cgroup holds its init."""
+
+        def _started(self, c: Container) -> None:
+            limits.apply_after_start(c.cgroup, lim)
+            super()._started(c)
+
     net = NetworkChoice(ns.network, ns.port)
+    views = _proc_views(ns, True, log)
     la = prepare(ns, exact_name=True, log=log)
     try:
         init = presets.find_init(la.rootfs)
@@ -212,6 +265,8 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
             add_caps=_split_caps(ns.capability), drop_caps=_split_caps(ns.drop_capability),
             binds=binds, boot=True, host_dir=host_dir, machine_uuid=machine_uuid,
             tty=True, console_size=_console_size(), tmpfs=ns.tmpfs,  # the console is a pty
+            resources=limits.for_lxcfs(limits.boot_defaults(lim.resources())) if views
+            else limits.boot_defaults(lim.resources()), proc_views=views,
             # NAME.nspawn's Environment=, NoNewPrivileges=, ReadOnly= (machine/settings.py)
             setenv=getattr(ns, "setenv", None), read_only=bool(getattr(ns, "read_only", False)),
             no_new_privileges=bool(getattr(ns, "no_new_privileges", False)),
@@ -223,4 +278,4 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
     except BaseException:
         la.release()
         raise
-    return boot.Machine(spec, req, la, notify, machine_uuid, ns)
+    return LimitedMachine(spec, req, la, notify, machine_uuid, ns)

@@ -262,6 +262,7 @@ def run_spec(
     console_size: tuple[int, int] | None = None, read_only: bool = False,
     boot: bool = False, host_dir: str | None = None, machine_uuid: str | None = None,
     netns_path: str | None = None, tmpfs: list[str] | None = None,
+    resources: S.Resources | None = None, proc_views: list[tuple[str, str]] | None = None,
 ) -> S.Spec:
     """The Spec for `uspawn run` (rootfs must be check_rootfs()'d already).
 
@@ -283,6 +284,7 @@ def run_spec(
                     for t in namespaces],
         masked_paths=list(MASKED_PATHS),
         readonly_paths=list(READONLY_PATHS),
+        resources=resources,  # machine/limits.py: --memory, --cpus, --pids, --property
     )
     if userns:
         linux.uid_mappings = [S.IDMapping(container_id=0, host_id=base, size=size)]
@@ -320,6 +322,9 @@ def run_spec(
     # the sort is stable, so equal depths keep the command line's order.
     extra.sort(key=lambda m: len([p for p in m.destination.split("/") if p]))
     mounts += extra
+    # lxcfs's /proc and /sys files over the container's (after /proc and /sys).
+    mounts += [_mount(dst, "bind", src, ["bind", "ro", "nosuid", "nodev", "noexec"])
+               for src, dst in proc_views or []]
 
     env = [f"PATH={DEFAULT_PATH}", "container=uspawn", "HOME=/root"]
     if boot:

@@ -1,0 +1,134 @@
+"""lxcfs (Debian's package): /proc and /sys files that show a container its own
+limits (meminfo from its memory limit, cpuinfo/stat/online from its CPU quota
+and cpuset, uptime from its init's start).
+
+lxcfs is one FUSE daemon per host that answers each read with the view of the
+reader's cgroup. uspawn finds the host's (a fuse.lxcfs mount, wherever it is:
+/var/lib/lxcfs is Debian's) or starts one there, and bind-mounts its files
+read-only over the container's. It never stops an lxcfs: other containers on
+the host may read through it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+MOUNTPOINT = "/var/lib/lxcfs"
+# The files uspawn shows through lxcfs (below its mount point -> in the container).
+FILES = ("proc/meminfo", "proc/cpuinfo", "proc/stat", "proc/uptime", "proc/loadavg",
+         "proc/diskstats", "proc/swaps", "sys/devices/system/cpu/online")
+# --enable-cfs: CPU views follow the CFS quota (CPUQuota/--cpus), not only the
+# cpuset; --enable-loadavg: a per-container loadavg. Debian's unit passes
+# neither; an lxcfs uspawn starts gets both.
+START_ARGS = ("--enable-cfs", "--enable-loadavg")
+PIDFILE = "/run/uspawn-lxcfs.pid"
+
+
+class LxcfsError(Exception):
+    pass
+
+
+def find() -> str | None:
+    """The mount point of a live lxcfs (a fuse.lxcfs mount whose files answer)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+        except ValueError:
+            continue
+        if fields[sep + 1] == "fuse.lxcfs" or (fields[sep + 1].startswith("fuse")
+                                               and fields[sep + 2] == "lxcfs"):
+            mnt = fields[4].replace("\\040", " ")
+            if _answers(mnt):
+                return mnt
+    return None
+
+
+def _answers(mnt: str) -> bool:
+    """A daemon that died leaves its mount behind (ENOTCONN on every access)."""
+    try:
+        with open(os.path.join(mnt, "proc/uptime")) as f:
+            f.read(64)
+        return True
+    except OSError:
+        return False
+
+
+def binary() -> str | None:
+    return shutil.which("lxcfs", path="/usr/bin:/usr/sbin:/usr/local/bin:/bin:/sbin")
+
+
+def start(mountpoint: str = MOUNTPOINT, timeout: float = 5.0) -> str:
+    """Start lxcfs on mountpoint (it daemonizes once its mount is up); return it."""
+    exe = binary()
+    if exe is None:
+        raise LxcfsError("lxcfs is not installed (Debian: apt install lxcfs)")
+    try:
+        os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+    except OSError as exc:  # ENOTCONN/EEXIST: a dead lxcfs left its mount there
+        raise LxcfsError(f"{mountpoint}: {exc.strerror} (a dead lxcfs mount? "
+                         f"umount {mountpoint})") from None
+    import tempfile
+
+    # stderr to a file, not a pipe: the daemon keeps its stderr open for its life.
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen([exe, *START_ARGS, "-p", PIDFILE, mountpoint],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True, close_fds=True)
+        except OSError as exc:
+            raise LxcfsError(f"start {exe}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = find()
+            if found is not None:
+                if proc.poll() is None:
+                    _reap_later(proc)
+                return found
+            if proc.poll() not in (None, 0):
+                break  # the launcher failed (a daemonized lxcfs exits 0 first)
+            time.sleep(0.05)
+        err.seek(0)
+        lines = err.read().decode(errors="replace").strip().splitlines()
+    raise LxcfsError(f"{exe} {mountpoint}: no lxcfs mount appeared"
+                     + (f" (exit status {proc.returncode})" if proc.returncode else "")
+                     + (f": {lines[-1]}" if lines else ""))
+
+
+def _reap_later(proc: subprocess.Popen[bytes]) -> None:
+    """lxcfs in the foreground of our process (it did not fork): leave it running;
+    it is the host's daemon now, in its own session."""
+    proc.returncode = 0  # never waited for or killed by Popen's finaliser
+
+
+def find_or_start(mountpoint: str = MOUNTPOINT) -> tuple[str, bool]:
+    """(mount point, True if started now)."""
+    found = find()
+    if found is not None:
+        return found, False
+    return start(mountpoint), True
+
+
+def files(mountpoint: str) -> list[tuple[str, str]]:
+    """(source below the lxcfs mount, destination in the container) for each file it has."""
+    return [(os.path.join(mountpoint, rel), "/" + rel) for rel in FILES
+            if os.path.exists(os.path.join(mountpoint, rel))]
+
+
+def pid_of_started() -> int | None:
+    """The pid of an lxcfs uspawn started (its pidfile), if it still runs."""
+    try:
+        with open(PIDFILE) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/comm") as f:
+            return pid if f.read().strip() == "lxcfs" else None
+    except (OSError, ValueError, IndexError):
+        return None
