@@ -315,3 +315,105 @@ def test_boot_has_lxcfs_by_default_and_set_works(uspawn: Runner, rootfs: Path,
         uspawn.run("stop", "limboot", "--timeout", "3")
         p.wait(timeout=30)
     assert cgroup_dirs("limboot") == []
+
+
+def test_exec_joins_the_limits(uspawn: Runner, rootfs: Path) -> None:
+    """`uspawn exec` joins every hierarchy the init is in: on a hybrid host the v1
+    memory/pids/cpu cgroups too (it joined only cgroup2, and escaped the limits)."""
+    p = start(uspawn, rootfs, "lim3", "--memory", "64M", "--pids", "50", "--cpus", "1")
+    try:
+        r = uspawn.run("exec", "lim3", "--", "cat", "/proc/self/cgroup")
+        assert r.returncode == 0, r.stderr
+        for line in r.stdout.splitlines():
+            _hid, ctrls, path = line.split(":", 2)
+            if ctrls in ("memory", "pids", "cpu"):
+                assert path == "/", r.stdout  # the container's cgroup namespace root
+        r = uspawn.run("exec", "lim3", "--", "sh", "-c",
+                       "dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo hog=$?")
+        assert "hog=137" in r.stdout, r.stdout + r.stderr
+    finally:
+        stop(uspawn, p, "lim3")
+
+
+# --- the Debian fixture: systemd, procps's free, nginx ----------------------------------
+
+DEB = "limdeb"
+
+
+@pytest.fixture(scope="module")
+def debian_machine(tmp_path_factory: pytest.TempPathFactory, need_root: None,
+                   lxcfs_mount: str | None) -> Iterator[Runner]:
+    try:
+        from fixtures.debian_tree import copy_debian_tree
+    except ImportError as exc:
+        pytest.skip(f"fixture module missing: {exc}")
+    base = tmp_path_factory.mktemp("limmachines")
+    base.chmod(0o700)
+    tree = base / DEB
+    try:
+        copy_debian_tree(tree)
+    except Exception as exc:  # debootstrap needs the Debian mirror
+        pytest.skip(f"cannot build the Debian fixture: {exc}")
+    runner = Runner(tmp_path_factory.mktemp("limstate"))
+    r = runner.run("boot", "-D", str(tree), "-M", DEB, "--memory", "256M", "--cpus", "1",
+                   "--pids", "200", "--detach", timeout=150)
+    assert r.returncode == 0, r.stderr
+    yield runner
+    runner.run("stop", DEB, "--timeout", "10", timeout=60)
+    assert cgroup_dirs(DEB) == []
+
+
+def dsh(m: Runner, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return m.run("exec", DEB, "--", "sh", "-c", script, timeout=timeout)
+
+
+def test_debian_free_and_cpus_follow_the_limits(debian_machine: Runner,
+                                                lxcfs_mount: str | None) -> None:
+    if lxcfs_mount is None:
+        pytest.skip("lxcfs is not installed")
+    out = dsh(debian_machine, "free -m").stdout
+    assert out.splitlines()[1].split()[:2] == ["Mem:", "256"], out
+    assert dsh(debian_machine, "getconf _NPROCESSORS_ONLN").stdout.strip() == "1"
+    assert dsh(debian_machine, "grep -c ^processor /proc/cpuinfo").stdout.strip() == "1"
+    # nginx's worker_processes auto counts online CPUs (sysconf): one for --cpus 1.
+    r = dsh(debian_machine, "systemctl is-active nginx >/dev/null || systemctl start nginx; "
+            "grep -c '^worker_processes auto' /etc/nginx/nginx.conf; sleep 0.5; "
+            "ps -C nginx -o args= | grep -c 'worker process'")
+    assert r.stdout.split() == ["1", "1"], r.stdout + r.stderr
+
+
+def test_debian_memory_hog_killed_and_systemd_stays_up(debian_machine: Runner) -> None:
+    r = dsh(debian_machine, "dd if=/dev/zero of=/dev/null bs=400M count=1 2>/dev/null; "
+            "echo hog=$?")
+    assert "hog=137" in r.stdout, r.stdout + r.stderr
+    r = debian_machine.run("exec", DEB, "--", "systemctl", "is-system-running")
+    assert r.stdout.strip() == "running", r.stdout + r.stderr
+
+
+def test_debian_fork_bomb_stops_at_tasks_max(debian_machine: Runner) -> None:
+    dsh(debian_machine, "for i in $(seq 400); do sleep 3 & done 2>/dev/null; true")
+    tasks = int(cgroup_file(DEB, "pids.current", "pids.current"))
+    assert tasks <= 200
+    events = cgroup_file(DEB, "pids.events", "pids.events")
+    assert int(events.split()[-1]) > 0, events
+    child = os.fork()  # the host still forks
+    if child == 0:
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    deadline = time.monotonic() + 30
+    while int(cgroup_file(DEB, "pids.current", "pids.current")) > 150:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = debian_machine.run("exec", DEB, "--", "systemctl", "is-system-running")
+    assert r.stdout.strip() == "running", r.stdout + r.stderr
+
+
+def test_debian_set_raises_memory_and_free_follows(debian_machine: Runner,
+                                                  lxcfs_mount: str | None) -> None:
+    r = debian_machine.run("set", DEB, "MemoryMax=512M")
+    assert r.returncode == 0, r.stderr
+    out = debian_machine.run("status", DEB).stdout
+    assert "of 512.0M" in out and "Tasks:" in out and "limit 1 CPUs" in out, out
+    if lxcfs_mount is not None:
+        out = dsh(debian_machine, "free -m").stdout
+        assert out.splitlines()[1].split()[:2] == ["Mem:", "512"], out

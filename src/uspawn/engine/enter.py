@@ -24,7 +24,7 @@ from uspawn.engine.defaults import DEFAULT_PATH
 from uspawn.engine.request import FrozenModel
 from uspawn.kernel import sig
 from uspawn.kernel import syscalls as sc
-from uspawn.kernel.cgroups import detect_layout
+from uspawn.kernel.cgroups import CGROUP_ROOT, detect_layout
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -50,19 +50,27 @@ def _open_namespaces(pid: int) -> list[tuple[int, int]]:
     return out
 
 
-def _cgroup_procs(pid: int) -> str | None:
-    """The cgroup.procs file of the init's cgroup2 directory, seen from the host."""
+def _cgroup_procs(pid: int) -> list[str]:
+    """The cgroup.procs files of the init's cgroups, seen from the host: its
+    cgroup2 directory and, on hybrid/v1 hosts, each v1 hierarchy it was moved
+    into (memory, pids, cpu limits live there: a joiner left in the caller's
+    v1 cgroups would escape them)."""
     _layout, mount = detect_layout()
-    if mount is None:
-        return None
+    found: list[str] = []
     try:
         with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return os.path.join(mount, line[3:].strip().lstrip("/"), "cgroup.procs")
+            lines = f.read().splitlines()
     except OSError:
-        return None
-    return None
+        return found
+    for line in lines:
+        _hid, ctrls, path = line.split(":", 2)
+        if not ctrls and mount is not None:
+            found.append(os.path.join(mount, path.strip().lstrip("/"), "cgroup.procs"))
+        elif ctrls and path.strip("/") and not ctrls.startswith("name="):
+            hier = os.path.join(CGROUP_ROOT, ctrls)
+            if os.path.isdir(hier):
+                found.append(os.path.join(hier, path.strip().lstrip("/"), "cgroup.procs"))
+    return found
 
 
 class Joined:
@@ -226,18 +234,18 @@ def _wait(joined: Joined, master: int, relay: StdioRelay | None = None) -> int:
             sig.set_handler(s, h)
 
 
-def _child(nsfds: list[tuple[int, int]], procs: str | None, ch: chan.Channel,
+def _child(nsfds: list[tuple[int, int]], procs: list[str], ch: chan.Channel,
            req: JoinRequest, env: dict[str, str], bounding: int, no_new_privs: bool) -> None:
     # Before anything of the container can see us (CVE-2019-5736).
     sc.prctl(sc.PR_SET_DUMPABLE, 0)
     sc.prctl(sc.PR_SET_PDEATHSIG, sig.SIGKILL)
-    if procs is not None:
+    for path in procs:
         try:
-            with open(procs, "w") as f:
+            with open(path, "w") as f:
                 f.write("0")
         except OSError as exc:
             if exc.errno not in (errno.EBUSY, errno.EOPNOTSUPP):
-                raise SetupError(f"exec: join cgroup {os.path.dirname(procs)}: "
+                raise SetupError(f"exec: join cgroup {os.path.dirname(path)}: "
                                  f"{exc.strerror}") from None
     for fd, flag in nsfds:
         try:
