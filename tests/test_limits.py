@@ -335,6 +335,31 @@ def test_exec_joins_the_limits(uspawn: Runner, rootfs: Path) -> None:
         stop(uspawn, p, "lim3")
 
 
+def test_exec_at_the_task_limit_is_one_line(uspawn: Runner, rootfs: Path) -> None:
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "full", "--pids", "3", "--", "sh", "-c",
+                     "sleep 60 & sleep 60 & wait", stdin=subprocess.DEVNULL,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while cgroup_file_or("full", "pids.current") != "3":
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        r = uspawn.run("exec", "full", "--", "true")
+        assert r.returncode == 126
+        assert r.stderr.strip() == ("uspawn: exec: fork in the container: EAGAIN (its task "
+                                    "limit, TasksMax or --pids, is reached; see `uspawn "
+                                    "status`)"), r.stderr
+    finally:
+        stop(uspawn, p, "full")
+
+
+def cgroup_file_or(name: str, f: str) -> str | None:
+    try:
+        return cgroup_file(name, f, f)
+    except AssertionError:
+        return None
+
+
 # --- the Debian fixture: systemd, procps's free, nginx ----------------------------------
 
 DEB = "limdeb"

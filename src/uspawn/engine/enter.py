@@ -254,7 +254,11 @@ def _child(nsfds: list[tuple[int, int]], procs: list[str], ch: chan.Channel,
             raise SetupError(f"exec: setns: {exc}") from None
         os.close(fd)
     os.chdir("/")
-    pid = os.fork()  # the pid namespace applies to children only
+    try:
+        pid = os.fork()  # the pid namespace applies to children only
+    except BlockingIOError:  # EAGAIN: the container's pids.max (TasksMax) is reached
+        raise SetupError("exec: fork in the container: EAGAIN (its task limit, TasksMax or "
+                         "--pids, is reached; see `uspawn status`)") from None
     if pid:
         ch.init_pid(pid)
         os._exit(0)
