@@ -162,9 +162,13 @@ class Cgroup:
         return []
 
     def dir_for(self, key: str) -> str | None:
-        """The directory a set_limits key is written to (as set_limits picks), or None."""
+        """The directory a set_limits key is written to (as set_limits picks), or None.
+        A controller cgroup2 offers but the directory lacks is enabled for it first."""
         ctrl = controller_of(key)
         v2 = self.v2_dir
+        if v2 is not None and self.unified is not None and ctrl not in _controllers_of(v2) \
+                and ctrl in _controllers(self.unified):
+            enable_v2(self.unified, v2, [ctrl])
         if v2 is not None and ctrl in _controllers_of(v2):
             return v2
         return self.v1_dir(V1_NAMES.get(ctrl, ctrl))
@@ -470,6 +474,8 @@ def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = No
                 for new in _makedirs(hier, parent, cg.made):
                     if hier == unified:  # top-down: each level delegates to the next
                         _enable_controllers(hier, new)
+            if hier == unified and controllers_v1:
+                enable_v2(unified, d, controllers_v1)  # the limits' controllers reach d
             try:
                 os.mkdir(d)
                 _cpuset_inherit(hier, d)
@@ -485,6 +491,33 @@ def create(name: str, controllers_v1: tuple[str, ...] = (), rel: str | None = No
         cg.destroy()
         raise
     return cg
+
+
+def enable_v2(unified: str, d: str, ctrls: tuple[str, ...] | list[str]) -> None:
+    """Make the cgroup2 controllers ctrls (those the root offers) available in d:
+    "+ctrl" in cgroup.subtree_control of every level from the root down to d's
+    parent, as runc does. Without it a host whose root enables nothing (no
+    systemd) gives the container's directory no memory/pids/cpu files at all."""
+    offered = _controllers(unified)
+    want = [c for c in dict.fromkeys(ctrls) if c in offered]
+    if not want:
+        return
+    parent = os.path.dirname(d)
+    levels = [unified]
+    for part in os.path.relpath(parent, unified).split("/"):
+        if part not in (".", ""):
+            levels.append(os.path.join(levels[-1], part))
+    for level in levels:
+        try:
+            with open(os.path.join(level, "cgroup.subtree_control")) as f:
+                have = f.read().split()
+            missing = [c for c in want if c not in have]
+            if missing:
+                _write(os.path.join(level, "cgroup.subtree_control"),
+                       " ".join("+" + c for c in missing))
+        except OSError as exc:
+            raise CgroupError(f"enable the cgroup2 {'/'.join(want)} controller in {level}: "
+                              f"{exc.strerror}") from None
 
 
 def _makedirs(hier: str, parent: str, made: list[str]) -> list[str]:

@@ -289,7 +289,11 @@ def apply(cg: cgroups.Cgroup, settings: dict[str, int | str | bool], lim: Limits
     """Write limits to a running container's cgroup; errors name the property."""
     for key in settings:
         ctrl = cgroups.controller_of(key)
-        if cg.dir_for(key) is None:
+        try:
+            where = cg.dir_for(key)
+        except cgroups.CgroupError as exc:
+            raise SpecError(f"{lim.name(key)}: {exc}") from None
+        if where is None:
             # cgroups.join_v1 could move it, but the directory it makes would
             # outlive the machine (its runtime removes only what it created).
             raise SpecError(f"{lim.name(key)}: the machine is not in a cgroup v1 "
