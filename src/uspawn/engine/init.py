@@ -4,12 +4,13 @@ Two forked processes run this code (no exec, so no second interpreter start):
 
   stage A (real root, host user namespace): unshares a mount namespace of its
       own (owned by the host user namespace), clones the init into the new
-      user/pid/net/... namespaces, attaches the rootfs and the host-side mounts
-      the parent made (/dev, binds, tmpfs) onto the tree, hands the rest to the
-      init and exits.
+      user/pid/net/... namespaces, attaches the rootfs and the spec's mounts in
+      config order (the parent's /dev, binds and rootfs; proc, sysfs, mqueue,
+      devpts and cgroup2 made by a short-lived helper in the init's
+      namespaces), hands the rootfs to the init and exits.
   stage B ("container init", pid 1 inside): unshares its mount namespace from
-      A's, which locks every mount A made; mounts proc/sys/devpts/... (only its
-      namespaces can), pivots, masks, verifies /dev, waits for START, drops
+      A's, which locks every mount A made; mounts what lies below proc and
+      sysfs, pivots, sysctls, masks, verifies /dev, waits for START, drops
       privileges, applies seccomp last, and execve()s.
 
 After execve nothing of Python remains in the container. Constraints: stdlib +
@@ -140,10 +141,11 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
         fds = _labelled_fds(msg)
         remount = msg.data.get("remount")
         remount = remount if isinstance(remount, dict) else {}
+        fds.update(ns_bound_mounts(plan, pid))
         rootfd = build_host_side(plan, fds, remount)
         faults.kill_point("child-forked")
         # Hand the rest to the init; our exit tells it we are done.
-        labels = ["rootfs", *fds]
+        labels = ["rootfs", *fds]  # what is left: the exec FIFO, binds below proc/sysfs
         link.send(chan.MOUNTS, fds=[rootfd, *fds.values()], labels=labels,
                   state=msg.data.get("state"),
                   remount={k: v for k, v in remount.items() if k in fds})
@@ -160,9 +162,9 @@ def _labelled_fds(msg: chan.Message) -> dict[str, int]:
 
 
 def build_host_side(plan: InitPlan, fds: dict[str, int], remount: dict[str, int]) -> int:
-    """Stage A: attach the rootfs on the tree's directory and the host-side mounts
-    onto it; create the init's mount targets; make the root read-only last.
-    Returns the rootfs fd (it names the attached mount)."""
+    """Stage A: attach the rootfs on the tree's directory and the mounts onto it
+    in config order; make the root read-only last. Returns the rootfs fd (it
+    names the attached mount)."""
     rootfd = fds.pop("rootfs")
     try:
         here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -189,11 +191,6 @@ def build_host_side(plan: InitPlan, fds: dict[str, int], remount: dict[str, int]
             op.execute(rootfd, fds, remount)
         except OSError as exc:
             raise _step(f"mount {op.describe()}", exc) from None
-    for dest, kind in plan.precreate:
-        try:
-            os.close(mounts.ensure_in_root(rootfd, dest, kind))
-        except OSError as exc:
-            raise _step(f"create mount point {dest}", exc) from None
     if plan.rootfs_readonly:
         # Last, so that missing mount points could still be created (runc's order).
         try:
@@ -204,6 +201,77 @@ def build_host_side(plan: InitPlan, fds: dict[str, int], remount: dict[str, int]
         except OSError as exc:
             raise _step("make the rootfs read-only", exc) from None
     return rootfd
+
+
+def ns_bound_mounts(plan: InitPlan, init_pid: int) -> dict[str, int]:
+    """proc, sysfs, mqueue, devpts and cgroup2 instances of the init's namespaces,
+    by label, made by a helper.
+
+    Each of these filesystems takes its namespace from the process that creates
+    it (proc: its pid namespace, which only a child forked after setns has;
+    sysfs: its network namespace; ...), and the superblock belongs to that
+    namespace's user namespace whoever makes it. The helper stays real root in
+    the host user namespace, so stage A can attach its mounts in config order
+    with the others and they are locked with them.
+    """
+    ops = [op for op in plan.host_mounts if isinstance(op, planmod.FsMount) and op.label]
+    if not ops:
+        return {}
+    ns = {name: os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+          for name in ("pid", "net", "ipc", "cgroup")}
+    here, there = chan.Channel.pair()
+    try:
+        try:
+            sc.setns(ns["pid"], sc.CLONE_NEWPID)  # for children: the helper is born there
+        except OSError as exc:
+            raise _step("join the container's pid namespace", exc) from None
+        helper = os.fork()
+        if helper == 0:
+            here.close()
+            _ns_helper(ops, ns, there)
+        there.close()
+        try:
+            fds = _labelled_fds(here.expect(chan.MOUNTS, timeout=chan.DEFAULT_TIMEOUT))
+        except chan.ChildError as exc:
+            raise InitError(str(exc), exc.errno, exc.exit_code) from None
+        finally:
+            _reap(helper)
+        return fds
+    finally:
+        here.close()
+        for fd in ns.values():
+            os.close(fd)
+
+
+def _ns_helper(ops: list[planmod.FsMount], ns: dict[str, int], ch: chan.Channel) -> None:
+    try:
+        for name, flag in (("net", sc.CLONE_NEWNET), ("ipc", sc.CLONE_NEWIPC),
+                           ("cgroup", sc.CLONE_NEWCGROUP)):
+            try:
+                sc.setns(ns[name], flag)
+            except OSError as exc:
+                raise _step(f"join the container's {name} namespace", exc) from None
+        made: dict[str, int] = {}
+        for op in ops:
+            try:
+                made[op.label] = op.make()
+            except OSError as exc:
+                raise _step(f"mount {op.describe()}", exc) from None
+        ch.send(chan.MOUNTS, fds=list(made.values()), labels=list(made))
+        os._exit(0)
+    except BaseException as exc:
+        _report_and_exit(ch, exc)
+
+
+def _reap(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
 
 
 # --- stage B ---------------------------------------------------------------
@@ -303,7 +371,8 @@ def join_session_keyring() -> None:
 
 def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
                  state_json: str = "") -> None:
-    """Our own mount namespace, the init-side mounts, createContainer hooks, pivot_root.
+    """Our own mount namespace (stage A's mounts, locked), the mounts below proc
+    and sysfs, createContainer hooks, pivot_root.
 
     The hooks run here, as runc runs them: in the container's namespaces with
     every mount in place, before pivot_root, so their path resolves in the
@@ -338,6 +407,11 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
     except OSError as exc:
         raise _step(f"clone rootfs {plan.root_path}", exc) from None
     try:
+        for dest, attrs in plan.readonly_later:
+            try:
+                _make_mount_readonly(rootfd, dest, attrs)
+            except OSError as exc:
+                raise _step(f"make {dest} read-only", exc) from None
         for op in plan.mounts:
             try:
                 op.execute(rootfd, fds, remount)
@@ -361,7 +435,26 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
         raise _step("set the propagation of /", exc) from None
 
 
+def _make_mount_readonly(rootfd: int, dest: str, attrs: int) -> None:
+    """The mount at dest (stage A's, locked but writable) becomes read-only: ours
+    to lift again, as when the init mounted proc and sysfs itself."""
+    target = mounts.open_in_root(rootfd, dest)
+    try:
+        deferred = mounts.set_attrs_or_defer(target, sc.MOUNT_ATTR_RDONLY)
+        if deferred:
+            # A classic remount must repeat the flags the lock keeps.
+            mounts.remount_attached(target, deferred | mounts.attrs_to_ms(attrs))
+    finally:
+        os.close(target)
+
+
 def finish_in_root(plan: InitPlan, ch: chan.Channel) -> None:
+    """Sysctls, masks and read-only paths are the init's, in its own mount
+    namespace: a proc or sysfs instance can be mounted again inside (nested
+    containers, systemd's ProtectProc=) only while every locked mount on the
+    visible one covers an empty directory (the kernel's mount_too_revealing),
+    so these stay unlocked, as with runc, crun and systemd-nspawn. What they
+    hide belongs to host root either way."""
     for key, value in plan.sysctl.items():
         path = "/proc/sys/" + key.replace(".", "/")
         try:
@@ -369,20 +462,22 @@ def finish_in_root(plan: InitPlan, ch: chan.Channel) -> None:
                 f.write(value)
         except OSError as exc:
             raise _step(f"sysctl {key}", exc) from None
+    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     null_fd = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
     try:
         for path in plan.masked_paths:
             try:
-                mounts.mask_path(path, null_fd)
+                mounts.mask_path(root, path, null_fd)
             except OSError as exc:
                 raise _step(f"mask {path}", exc) from None
+        for path in plan.readonly_paths:
+            try:
+                mounts.make_readonly(root, path)
+            except OSError as exc:
+                raise _step(f"make {path} read-only", exc) from None
     finally:
         os.close(null_fd)
-    for path in plan.readonly_paths:
-        try:
-            mounts.make_readonly(path)
-        except OSError as exc:
-            raise _step(f"make {path} read-only", exc) from None
+        os.close(root)
     if plan.hostname is not None:
         sc.sethostname(plan.hostname)
     if plan.domainname is not None:

@@ -33,10 +33,18 @@ _FS_DEFAULT_ATTRS = {
 }
 SUPPORTED_FS = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "bind",
                 "none", "overlay")
-# Filesystems that only the container's own namespaces can mount (proc of its pid
-# namespace, sysfs of its network namespace, ...): the init mounts them, in its
-# own mount namespace. Everything else is mounted on the host side (see build()).
-INIT_ONLY_FS = ("proc", "sysfs", "mqueue", "devpts", "cgroup2")
+# Filesystems tied to the container's namespaces (proc of its pid namespace,
+# sysfs of its network namespace, mqueue of its IPC namespace, cgroup2 of its
+# cgroup namespace): stage A gets them from a short-lived helper that joins
+# those namespaces (engine/init.py), then attaches them in config order like
+# every other mount, so they are locked as well. devpts is made the same way
+# (a new instance; its uid=/gid= options name host IDs, as for a tmpfs).
+NS_BOUND_FS = ("proc", "sysfs", "mqueue", "devpts", "cgroup2")
+# A proc or sysfs can be mounted again inside the container (nested
+# containers, systemd's ProtectProc=) only while no locked mount covers a file
+# of the visible one (mount_too_revealing): whatever lies below them is mounted
+# by the init, unlocked, as runc and systemd-nspawn do.
+VISIBILITY_CHECKED_FS = ("proc", "sysfs")
 
 
 # Namespaces that cannot be joined by path, and why (said in the error).
@@ -68,6 +76,13 @@ class FsMount:
         self.params = params
         self.attrs = attrs
         self.source = source
+        # Set for NS_BOUND_FS: the fd label under which stage A's helper hands
+        # over the instance it made in the container's namespaces.
+        self.label = ""
+
+    def make(self) -> int:
+        """The new instance as a detached mount fd (made by whoever runs this)."""
+        return mounts.make_fs(self.fstype, self.params, self.attrs, self.source)
 
     def describe(self) -> str:
         opts = ",".join(k if v is None else f"{k}={v}" for k, v in self.params)
@@ -77,7 +92,7 @@ class FsMount:
                 remount: dict[str, int] | None = None) -> None:
         target = mounts.ensure_in_root(rootfd, self.dest, "dir")
         try:
-            mnt = mounts.make_fs(self.fstype, self.params, self.attrs, self.source)
+            mnt = fds.pop(self.label) if self.label else self.make()
             try:
                 mounts.attach(mnt, target)
             finally:
@@ -144,13 +159,15 @@ class InitPlan:
 
     Stage A stays real root in the host user namespace, in a mount namespace
     of its own (owned by the host user namespace): it attaches the rootfs and
-    `host_mounts` there, then clones the init into the new user namespace.
-    When the init unshares its mount namespace, the kernel copies A's mounts
-    into a namespace owned by the container's user namespace and locks them:
-    their read-only/nosuid/nodev/noexec flags cannot be changed and they
-    cannot be unmounted by container root (systemd-nspawn's split). `mounts`
-    are what only the init can mount (proc of its pid namespace, sysfs of its
-    network namespace, ...) and whatever lies below them.
+    every mount of the spec there, in config order (`host_mounts`; the
+    namespace-bound filesystems come from a helper in the container's
+    namespaces), sysctls, masks and read-only paths included, then exits. The
+    init, cloned into the new user namespace, unshares its mount namespace: the
+    kernel copies A's mounts into a namespace owned by the container's user
+    namespace and locks them: their read-only/nosuid/nodev/noexec flags cannot
+    be changed and they cannot be unmounted by container root (systemd-nspawn's
+    split), and /proc/self/mountinfo lists them in config order (runtimetest
+    checks it).
     """
 
     def __init__(self) -> None:
@@ -165,9 +182,12 @@ class InitPlan:
         # Host IDs of container root: stage A creates mount targets as them.
         self.root_ids = (0, 0)
         self.host_mounts: list[FsMount | FdMount] = []
+        # Below a proc or sysfs mount: by the init (see VISIBILITY_CHECKED_FS).
         self.mounts: list[FsMount | FdMount] = []
-        # Targets of `mounts` that stage A creates before the rootfs turns read-only.
-        self.precreate: list[tuple[str, str]] = []
+        # proc/sysfs mounts stage A attaches writable and the init makes
+        # read-only: a read-only flag set by stage A would be locked, and a
+        # locked read-only sysfs lets nothing inside mount a writable one.
+        self.readonly_later: list[tuple[str, int]] = []  # (dest, its other MOUNT_ATTR_*)
         self.sysctl: dict[str, str] = {}
         self.masked_paths: list[str] = []
         self.readonly_paths: list[str] = []
@@ -207,12 +227,10 @@ class InitPlan:
         self.container_hooks: list[tuple[str, list[str], list[str], int | None]] = []
 
     def describe(self) -> list[str]:
-        return ([f"{op.describe()} (host side, locked)" for op in self.host_mounts]
-                + [f"{op.describe()} (by the init)" for op in self.mounts])
-
-    def labels_for_init(self) -> list[str]:
-        """Host-made mounts stage A hands on to the init (they lie below init-only mounts)."""
-        return [op.label for op in self.mounts if isinstance(op, FdMount)]
+        return ([f"{op.describe()} (by stage A, locked)" for op in self.host_mounts]
+                + [f"{op.describe()} (by the init)" for op in self.mounts]
+                + [f"mask {p} (by the init)" for p in self.masked_paths]
+                + [f"read-only {p} (by the init)" for p in self.readonly_paths])
 
 
 def _caps(names: list[str], field: str) -> int:
@@ -258,14 +276,6 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
         raise SpecError("linux.namespaces: a mount namespace is required (uspawn pivots "
                         "into the rootfs, which would change the host's root)",
                         "add {\"type\": \"mount\"}")
-    if init.userns and any(t == "pid" for t, _ in init.join_namespaces) and any(
-            (m.type == "proc") for m in spec.mounts):
-        # proc is mounted by the init, root of the new user namespace; a pid
-        # namespace made elsewhere belongs to another user namespace, and the
-        # kernel lets only its owner mount its proc.
-        raise SpecError("linux.namespaces: joining a pid namespace by path with a new user "
-                        "namespace cannot mount /proc (the pid namespace's owner must)",
-                        "join the user namespace that owns it too, or drop the proc mount")
     for name, flag in NS_FLAGS.items():
         if name in ns:
             init.unshare_flags |= flag
@@ -320,7 +330,7 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
         init.unshare_flags |= sc.CLONE_NEWCGROUP
     for i, m in enumerate(spec.mounts):
         _plan_mount(i, m, host, init, linux)
-    _split_phases(init, linux)
+    _finish_mounts(init, linux)
 
     init.sysctl = dict(linux.sysctl)
     init.masked_paths = list(linux.masked_paths)
@@ -405,48 +415,84 @@ def _to_host(cid: int, maps: list[S.IDMapping], field: str) -> int:
                     "map container root (0) to a host range")
 
 
+def _norm(dest: str) -> str:
+    # "/" + "/sys" would keep POSIX's special leading "//".
+    return os.path.normpath("/" + dest.lstrip("/"))
+
+
 def _under(path: str, top: str) -> bool:
     return top == "/" or path == top or path.startswith(top + "/")
 
 
-def _split_phases(init: InitPlan, linux: S.Linux) -> None:
-    """Host side or init side, keeping the spec's order where it matters.
-
-    An init-only filesystem (proc, sysfs, ...) and every mount at or below the
-    destination of an earlier init-side mount go to the init: a bind onto
-    /proc/meminfo must land on the container's proc, not under it. The rest
-    is mounted by stage A and ends up locked in the container.
-    """
-    ops = init.mounts
-    init.mounts = []
-    init_tops: list[str] = []
-    for op in ops:
-        dest = os.path.normpath("/" + op.dest)
-        below = any(_under(dest, top) for top in init_tops)
-        if below or (isinstance(op, FsMount) and op.fstype in INIT_ONLY_FS):
-            if not below:
-                kind = "dir" if not isinstance(op, FdMount) or op.is_dir else "file"
-                init.precreate.append((op.dest, kind))
+def _finish_mounts(init: InitPlan, linux: S.Linux) -> None:
+    """Stage A mounts everything but what lies below a proc or sysfs mount, in
+    the host user namespace: a tmpfs or devpts made there names its owner in
+    host IDs; the namespace-bound filesystems get the label their helper-made
+    fd arrives under."""
+    ops = parents_first(init.host_mounts)
+    init.host_mounts = []
+    checked: list[tuple[str, str]] = []
+    for i, op in enumerate(ops):
+        dest = _norm(op.dest)
+        if _below_checked(dest, checked):
             init.mounts.append(op)
-            init_tops.append(dest)
-        else:
-            if isinstance(op, FsMount) and op.fstype == "tmpfs" and init.userns:
-                op.params = _host_tmpfs_params(op.params, linux, f"mount {op.dest}")
-            init.host_mounts.append(op)
+            continue
+        init.host_mounts.append(op)
+        if not isinstance(op, FsMount):
+            continue
+        if op.fstype in VISIBILITY_CHECKED_FS:
+            checked.append((dest, op.fstype))
+            if op.attrs & sc.MOUNT_ATTR_RDONLY:
+                op.attrs &= ~sc.MOUNT_ATTR_RDONLY
+                init.readonly_later.append((dest, op.attrs))
+        if op.fstype in NS_BOUND_FS:
+            op.label = f"fs{i}"
+        if init.userns and op.fstype in ("tmpfs", "devpts"):
+            # devpts: only the IDs given (a default uid= would own every pty).
+            op.params = _host_tmpfs_params(op.params, linux, f"mount {op.dest}",
+                                           defaults=op.fstype == "tmpfs")
+
+
+def _below_checked(dest: str, checked: list[tuple[str, str]]) -> bool:
+    """At or below a proc/sysfs mount, except sysfs's fs/cgroup: a permanently
+    empty directory there, which the kernel lets a locked mount cover (so
+    /sys/fs/cgroup keeps its config position in mountinfo)."""
+    for top, fstype in checked:
+        if _under(dest, top) and not (fstype == "sysfs"
+                                      and _under(dest, os.path.join(top, "fs/cgroup"))):
+            return True
+    return False
+
+
+def parents_first(ops: list[FsMount | FdMount]) -> list[FsMount | FdMount]:
+    """Config order, except that a mount never goes before one listed later at
+    a parent directory, which would cover it (a /dev listed after /dev/pts);
+    systemd-nspawn sorts its mounts by path for the same reason."""
+    todo = list(ops)
+    out: list[FsMount | FdMount] = []
+    while todo:
+        dests = [_norm(op.dest) for op in todo]
+        for i, dest in enumerate(dests):
+            if not any(d != dest and _under(dest, d) for d in dests):
+                out.append(todo.pop(i))
+                break
+    return out
 
 
 def _host_tmpfs_params(params: list[tuple[str, str | None]], linux: S.Linux,
-                       field: str) -> list[tuple[str, str | None]]:
+                       field: str, defaults: bool = True) -> list[tuple[str, str | None]]:
     """A tmpfs made in the host user namespace names its owner in host IDs."""
     out: list[tuple[str, str | None]] = []
-    ids = {"uid": "0", "gid": "0"}
+    ids = {"uid": "0", "gid": "0"} if defaults else {}
     for k, v in params:
-        if k in ids:
+        if k in ("uid", "gid"):
             ids[k] = v or ""
         else:
             out.append((k, v))
     for key, maps, name in (("uid", linux.uid_mappings, "linux.uidMappings"),
                             ("gid", linux.gid_mappings, "linux.gidMappings")):
+        if key not in ids:
+            continue
         value = ids[key]
         if not value.isascii() or not value.isdigit():
             raise SpecError(f"{field}.options: {key}={value} is not a number")
@@ -482,7 +528,7 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan, linux: S.Lin
             raise SpecError(f"{field}.options: idmap needs a user namespace")
         host.binds.append(HostBind(label, m.source, opts.recursive, opts.attr_set,
                                    opts.attr_clr, idmap, opts.propagation))
-        init.mounts.append(FdMount(m.destination, label, is_dir))
+        init.host_mounts.append(FdMount(m.destination, label, is_dir))
         return
     if fstype == "overlay":
         raise SpecError(f"{field}.type: overlay mounts are not supported yet",
@@ -499,10 +545,10 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan, linux: S.Lin
         host.dev_attrs = (opts.attr_set | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC
                           ) & ~opts.attr_clr
         host.dev_source = m.source
-        init.mounts.append(FdMount("/dev", "dev", True))
+        init.host_mounts.append(FdMount("/dev", "dev", True))
         return
     if fstype == "tmpfs" and init.userns and not opts.attr_clr & sc.MOUNT_ATTR_NODEV:
-        # Made on the host side (see _split_phases), so not SB_I_NODEV as one
+        # Made on the host side (see _finish_mounts), so not SB_I_NODEV as one
         # made inside the user namespace is: nodev unless asked for.
         attrs |= sc.MOUNT_ATTR_NODEV
     if fstype == "devpts":
@@ -514,4 +560,4 @@ def _plan_mount(i: int, m: S.Mount, host: HostPlan, init: InitPlan, linux: S.Lin
         init.verify_ptmx = True
     # The source names the instance in /proc/mounts ("proc", "shm", ...); every
     # filesystem takes it (fs_context's generic "source" parameter).
-    init.mounts.append(FsMount(m.destination, fstype, params, attrs, m.source or None))
+    init.host_mounts.append(FsMount(m.destination, fstype, params, attrs, m.source or None))

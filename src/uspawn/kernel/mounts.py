@@ -288,20 +288,17 @@ def attach_at(mnt: int, path: str) -> None:
         os.close(mnt)
 
 
-def _existing_in_root(path: str) -> int | None:
-    """O_PATH fd of path resolved inside `/` (after pivot), or None if it is missing."""
-    rootfd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+def _existing_in_root(rootfd: int, path: str) -> int | None:
+    """O_PATH fd of path resolved inside rootfd, or None if it is missing."""
     try:
         return open_in_root(rootfd, path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    finally:
-        os.close(rootfd)
 
 
-def mask_path(path: str, null_fd: int) -> None:
+def mask_path(rootfd: int, path: str, null_fd: int) -> None:
     """Hide path: /dev/null over a file, an empty read-only tmpfs over a directory."""
-    target = _existing_in_root(path)
+    target = _existing_in_root(rootfd, path)
     if target is None:
         return
     try:
@@ -319,9 +316,9 @@ def mask_path(path: str, null_fd: int) -> None:
         os.close(target)
 
 
-def make_readonly(path: str) -> None:
+def make_readonly(rootfd: int, path: str) -> None:
     """Re-attach path read-only on top of itself (recursively)."""
-    target = _existing_in_root(path)
+    target = _existing_in_root(rootfd, path)
     if target is None:
         return
     try:
