@@ -187,6 +187,55 @@ def check_ownership(ctx: Ctx, state: dict[str, str]) -> tuple[str, str]:
     return "pass", f"{state['ownership_line'].strip()}; {on_disk}"
 
 
+def check_limits(ctx: Ctx) -> tuple[str, str]:
+    """--memory/--pids/--cpus (docs/LIMITS.md): a memory hog is OOM-killed inside
+    while the init goes on, a fork bomb stops below TasksMax, `uspawn set` changes a
+    running container; on cgroup2 also the files the container sees and MemoryHigh."""
+    v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    script = ("dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo hog=$?; "
+              "(n=0; while [ $n -lt 100 ]; do sleep 3 & n=$((n+1)); echo $n > /tmp/n; done)"
+              " 2>/dev/null; read n < /tmp/n; echo bomb=$n")
+    extra: list[str] = []
+    if v2:
+        extra = ["--property", "MemoryHigh=48M"]
+        script += ("; read a < /sys/fs/cgroup/memory.max; read b < /sys/fs/cgroup/pids.max; "
+                   "read c < /sys/fs/cgroup/cpu.max; read d < /sys/fs/cgroup/memory.high; "
+                   "echo files=$a,$b,$c,$d")
+    r = ctx.run("run", "-D", _run_tree(ctx), "--memory", "64M", "--pids", "50", "--cpus", "1",
+                *extra, "--", "sh", "-c", script)
+    out = dict(ln.split("=", 1) for ln in r.stdout.splitlines() if "=" in ln)
+    problems = []
+    if out.get("hog") != "137":
+        problems.append("the memory hog was not OOM-killed")
+    bomb = int(out.get("bomb", "0") or 0)
+    if not 30 <= bomb < 50:
+        problems.append(f"fork bomb: {bomb} background tasks (limit 50)")
+    if v2 and out.get("files") != "67108864,50,100000 100000,50331648":
+        problems.append(f"cgroup files: {out.get('files')}")
+    if problems:
+        return "fail", "; ".join(problems) + "; " + _describe(r)
+    p = subprocess.Popen([*ctx.uspawn, "run", "-D", _run_tree(ctx), "-M", "limset",
+                          "--memory", "64M", "--pids", "40", "--", "sleep", "60"],
+                         stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while ctx.run("status", "limset").returncode != 0:
+            if p.poll() is not None or time.monotonic() > deadline:
+                return "fail", f"limset did not start: {p.communicate()[1]!r}"
+            time.sleep(0.1)
+        r = ctx.run("set", "limset", "MemoryMax=96M", "TasksMax=80")
+        st = ctx.run("status", "limset").stdout
+        if r.returncode != 0 or "of 96.0M" not in st or "of 80" not in st:
+            return "fail", f"uspawn set: {_describe(r)}; status: {st!r}"
+    finally:
+        ctx.run("stop", "limset", "--timeout", "2")
+        p.wait(timeout=30)
+    return "pass", (f"OOM kill inside (hog=137), fork bomb stopped at {bomb} of 50, "
+                    "uspawn set live" + (", cgroup2 files and MemoryHigh" if v2 else
+                                         " (v1 hierarchies: files not checked inside)"))
+
+
 def phase_main(ctx: Ctx, rep: Reporter) -> None:
     state: dict[str, str] = {}
     rep.check("selftest", lambda: check_selftest(ctx))
@@ -194,6 +243,7 @@ def phase_main(ctx: Ctx, rep: Reporter) -> None:
     rep.check("run-devnull-nonroot", lambda: check_devnull_nonroot(ctx, state))
     rep.check("run-mknod-eperm", lambda: check_mknod(ctx))
     rep.check("ownership-path", lambda: check_ownership(ctx, state))
+    rep.check("limits", lambda: check_limits(ctx))
 
 
 # ------------------------------------------------------------------ shift phases

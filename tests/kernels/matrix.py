@@ -93,6 +93,7 @@ COLUMNS = (
     ("run-devnull-nonroot", "run: non-root /dev/null"),
     ("run-mknod-eperm", "run: mknod EPERM"),
     ("ownership-path", "ownership path"),
+    ("limits", "limits"),
     ("shift-kill-resume", "chown shift killed + resumed"),
 )
 SHIFT_CHECKS = ("shift-started", "shift-unfinished-after-kill", "shift-resumed",
@@ -893,7 +894,8 @@ def _record(res: KernelResult, b: Boot, expected: tuple[str, ...]) -> None:
             res.checks[name] = ("fail", f"not reported: guest {b.exit}, see {res.console_log}")
 
 
-MAIN_CHECKS = ("selftest", "doctor", "run-devnull-nonroot", "run-mknod-eperm", "ownership-path")
+MAIN_CHECKS = ("selftest", "doctor", "run-devnull-nonroot", "run-mknod-eperm", "ownership-path",
+               "limits")
 
 
 def run_vm_kernel(kern: Kernel, root_img: Path, kfiles: KernelFiles,
@@ -1168,6 +1170,10 @@ CHECK_DOCS = (
      "nothing; mkfifo works"),
     ("ownership path", "`uspawn run -v` prints `rootfs ownership: map` (idmapped, tree "
      "untouched) from 5.12 and `chown` (tree shifted into the container's range) before"),
+    ("limits", "`uspawn run --memory 64M --pids 50 --cpus 1`: a 100M `dd` is OOM-killed "
+     "while the init goes on, a fork bomb stops below 50 tasks, `uspawn set` raises "
+     "MemoryMax and TasksMax of a running container (`status` shows them); on cgroup2 "
+     "memory.max, pids.max, cpu.max and MemoryHigh's memory.high inside (docs/LIMITS.md)"),
     ("chown shift killed + resumed", "kernels where uspawn takes the chown path: the VM is "
      "SIGKILLed in the middle of a `--private-users-ownership=chown` shift of a {files}-file "
      "tree (after a `sync`, so a half-shifted tree is on disk) and booted again: "
