@@ -360,6 +360,39 @@ def cgroup_file_or(name: str, f: str) -> str | None:
         return None
 
 
+def test_limits_from_a_settings_file(uspawn: Runner, rootfs: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """[X-Uspawn-Resources] of NAME.nspawn goes through the same path as the flags;
+    the command line wins per key; a bad value names the file."""
+    from uspawn.machine import settings
+
+    machines = tmp_path / "machines"
+    machines.mkdir(mode=0o700)
+    os.rename(rootfs, machines / "bb")
+    trusted = tmp_path / "nspawn"
+    trusted.mkdir()
+    monkeypatch.setenv(settings.ENV_MACHINES_DIR, str(machines))
+    monkeypatch.setenv(settings.ENV_TRUSTED_DIRS, str(trusted))
+    nspawn = trusted / "bb.nspawn"
+    nspawn.write_text("[X-Uspawn-Resources]\nMemoryMax=200M\nTasksMax=77\n")
+    p = uspawn.popen("run", "-M", "bb", "--memory", "300M", "--", "sleep", "300",
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while uspawn.run("status", "bb").returncode != 0:
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        assert cgroup_file("bb", "memory.limit_in_bytes", "memory.max") == str(300 * MiB)
+        assert cgroup_file("bb", "pids.max", "pids.max") == "77"
+    finally:
+        stop(uspawn, p, "bb")
+    nspawn.write_text("[X-Uspawn-Resources]\nCPUQuota=lots\n")
+    r = uspawn.run("run", "-M", "bb", "--", "true")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"uspawn: CPUQuota=lots ({nspawn}): 'lots' is not a percentage (N%)"), r.stderr
+
+
 # --- the Debian fixture: systemd, procps's free, nginx ----------------------------------
 
 DEB = "limdeb"
