@@ -82,10 +82,6 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != plan.parent_pid:
             os._exit(125)
-        try:
-            os.chdir(plan.root_path)
-        except OSError as exc:
-            raise _step(f"enter rootfs {plan.root_path}", exc) from None
         # Namespaces given by path (OCI linux.namespaces[].path, e.g. a netns
         # podman prepared) belong to the host: join them while still real root;
         # the init inherits them.
@@ -102,17 +98,24 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
                 raise _step(f"join {nstype} namespace {path}", exc) from None
             finally:
                 os.close(fd)
+        try:  # after the joins: a joined mount namespace has its own root
+            os.chdir(plan.root_path)
+        except OSError as exc:
+            raise _step(f"enter rootfs {plan.root_path}", exc) from None
         if wait_cgroup:
             # 1-2: the parent moves us into the (v1) cgroups; the init is born there.
             ch.userns_ready()
             ch.expect(chan.MAPPED, timeout=None)
-        try:
-            sc.unshare(sc.CLONE_NEWNS)
-            # Before anything is mounted: nothing may propagate back to the host
-            # (on a systemd host / is shared).
-            mounts.make_rslave_root(sc.MS_SLAVE)
-        except OSError as exc:
-            raise _step("unshare the setup mount namespace", exc) from None
+        if plan.mount_ns:
+            try:
+                sc.unshare(sc.CLONE_NEWNS)
+                # Before anything is mounted: nothing may propagate back to the
+                # host (on a systemd host / is shared).
+                mounts.make_rslave_root(sc.MS_SLAVE)
+            except OSError as exc:
+                raise _step("unshare the setup mount namespace", exc) from None
+        # else the spec asked for the host's mount namespace (no "mount" entry)
+        # or joined one by path: the mounts go there, as with runc.
         if plan.time_ns:
             # Takes effect for children only (the init is born in it); its clocks
             # start with no offsets.
@@ -330,7 +333,7 @@ def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
 # cloned right after, is born in it (not as its pid 1).
 _NS_JOIN_FLAGS = {"network": sc.CLONE_NEWNET, "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS,
                   "cgroup": sc.CLONE_NEWCGROUP, "time": sc.CLONE_NEWTIME,
-                  "pid": sc.CLONE_NEWPID}
+                  "pid": sc.CLONE_NEWPID, "mount": sc.CLONE_NEWNS}
 
 
 class _FifoReporter(chan.Channel):
@@ -384,6 +387,9 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
     no host path above the tree (often 0700) is walked with our IDs.
     """
     rootfd = fds.pop("rootfs")
+    if not plan.mount_ns:
+        _enter_rootfs_shared(plan, rootfd, fds, remount, state_json)
+        return
     try:
         os.fchdir(rootfd)
     except OSError as exc:
@@ -407,21 +413,7 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
     except OSError as exc:
         raise _step(f"clone rootfs {plan.root_path}", exc) from None
     try:
-        for dest, attrs in plan.readonly_later:
-            try:
-                _make_mount_readonly(rootfd, dest, attrs)
-            except OSError as exc:
-                raise _step(f"make {dest} read-only", exc) from None
-        for op in plan.mounts:
-            try:
-                op.execute(rootfd, fds, remount)
-            except OSError as exc:
-                raise _step(f"mount {op.describe()}", exc) from None
-        for path, args, env, timeout in plan.container_hooks:
-            try:
-                run_hook(path, args, env, timeout, state_json, "createContainer")
-            except HookError as exc:
-                raise InitError(str(exc)) from None
+        _init_mounts_and_hooks(plan, rootfd, fds, remount, state_json)
         try:
             mounts.pivot_into(rootfd)
         except OSError as exc:
@@ -433,6 +425,43 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
         mounts.make_rslave_root(plan.root_propagation)
     except OSError as exc:
         raise _step("set the propagation of /", exc) from None
+
+
+def _init_mounts_and_hooks(plan: InitPlan, rootfd: int, fds: dict[str, int],
+                           remount: dict[str, int], state_json: str) -> None:
+    for dest, attrs in plan.readonly_later:
+        try:
+            _make_mount_readonly(rootfd, dest, attrs)
+        except OSError as exc:
+            raise _step(f"make {dest} read-only", exc) from None
+    for op in plan.mounts:
+        try:
+            op.execute(rootfd, fds, remount)
+        except OSError as exc:
+            raise _step(f"mount {op.describe()}", exc) from None
+    for path, args, env, timeout in plan.container_hooks:
+        try:
+            run_hook(path, args, env, timeout, state_json, "createContainer")
+        except HookError as exc:
+            raise InitError(str(exc)) from None
+
+
+def _enter_rootfs_shared(plan: InitPlan, rootfd: int, fds: dict[str, int],
+                         remount: dict[str, int], state_json: str) -> None:
+    """No mount namespace of our own (the host's, or one joined by path): the
+    mounts stay where stage A made them and the init enters the rootfs with
+    chroot, as runc does; pivot_root would move the root of every process in
+    that namespace. Only without a user namespace (plan.build refuses it with one)."""
+    try:
+        _init_mounts_and_hooks(plan, rootfd, fds, remount, state_json)
+        try:
+            os.fchdir(rootfd)
+            os.chroot(".")
+            os.chdir("/")
+        except OSError as exc:
+            raise _step(f"chroot into {plan.root_path}", exc) from None
+    finally:
+        os.close(rootfd)
 
 
 def _make_mount_readonly(rootfd: int, dest: str, attrs: int) -> None:

@@ -50,10 +50,6 @@ VISIBILITY_CHECKED_FS = ("proc", "sysfs")
 # Namespaces that cannot be joined by path, and why (said in the error).
 _UNJOINABLE = {
     "user": "the container's user namespace is made with its ID maps and owns the others",
-    "mount": "the container's mounts are built and locked in a mount namespace of uspawn's "
-             "own (stage A), then pivoted into; a joined namespace has its own root and "
-             "cannot take the rootfs, /dev and locked binds without changing whoever "
-             "else uses it",
 }
 
 
@@ -269,13 +265,14 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
         init.join_namespaces.append((n.type, n.path))
     init.userns = "user" in ns
     init.mount_ns = "mount" in ns
-    if not init.mount_ns:
-        # The rootfs is entered with pivot_root and /dev, binds and masks are
-        # mounted on it: in the caller's mount namespace that would replace
-        # the host's root and stack the container's mounts on the host.
-        raise SpecError("linux.namespaces: a mount namespace is required (uspawn pivots "
-                        "into the rootfs, which would change the host's root)",
-                        "add {\"type\": \"mount\"}")
+    # The other namespace paths are resolved before the mount namespace is joined.
+    init.join_namespaces.sort(key=lambda j: j[0] == "mount")
+    if not init.mount_ns and init.userns:
+        # Locked mounts need a mount namespace of the container's own (stage
+        # B's unshare), and container root cannot mount in one it does not own.
+        raise SpecError("linux.namespaces: a user namespace needs a mount namespace of its "
+                        "own (the host's or a joined one cannot take the container's mounts)",
+                        "add {\"type\": \"mount\"} without a path")
     for name, flag in NS_FLAGS.items():
         if name in ns:
             init.unshare_flags |= flag

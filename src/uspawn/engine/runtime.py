@@ -171,6 +171,10 @@ class Container:
         self.exit_status: int | None = None
         # label -> MS_* flags the init applies by classic remount (Linux < 5.12).
         self.deferred_remounts: dict[str, int] = {}
+        # Without a mount namespace of its own the container's mounts land on
+        # the host's rootfs directory: the mount ID found there before, so
+        # destroy (or `uspawn-runc delete`) detaches exactly what was added.
+        self.host_root_mnt = 0
 
     # --- create ------------------------------------------------------------
 
@@ -187,6 +191,13 @@ class Container:
                     for m in (linux.gid_mappings if linux else [])]
         root_uid, root_gid = init.root_ids
 
+        if not init.mount_ns and not any(t == "mount" for t, _ in init.join_namespaces):
+            root = init.root_path
+            try:
+                self.host_root_mnt = before = mounts.mount_id(root)
+            except OSError as exc:
+                raise SetupError(f"root.path: {root}: {exc.strerror}") from None
+            self.undo.append(lambda: (mounts.detach_if_covered(root, before), None)[1])
         # The container's processes become our children when stage A exits.
         sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
         self.guardian.spawn(self.claim, self.range_lease)

@@ -65,6 +65,15 @@ def mask(names: list[str]) -> int:
     return bits
 
 
+def bounding_set() -> int:
+    """This process's capability bounding set (what any child can ever hold)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapBnd:"):
+                return int(line.split()[1], 16)
+    return (1 << (last_cap() + 1)) - 1
+
+
 def drop_bounding(keep: int) -> None:
     for cap in range(last_cap() + 1):
         if not keep & (1 << cap):

@@ -339,3 +339,28 @@ def make_readonly(rootfd: int, path: str) -> None:
 def idmap_supported_error(exc: OSError) -> bool:
     """True when mount_setattr failed because idmapping is unsupported here."""
     return exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP)
+
+
+def mount_id(path: str) -> int:
+    """The ID of the topmost mount at path (/proc/self/fdinfo's mnt_id)."""
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    finally:
+        os.close(fd)
+    return 0
+
+
+def detach_if_covered(path: str, mnt_id_before: int) -> bool:
+    """Lazily detach what was stacked on path since its top mount was
+    mnt_id_before (with everything mounted on it); False if nothing was."""
+    try:
+        if mount_id(path) == mnt_id_before:
+            return False
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    sc.umount2(path, sc.MNT_DETACH)
+    return True

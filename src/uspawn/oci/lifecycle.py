@@ -22,7 +22,7 @@ import time
 
 from uspawn.base.errors import SpecError, UspawnError
 from uspawn.engine import spec as S
-from uspawn.kernel import cgroups
+from uspawn.kernel import cgroups, mounts
 from uspawn.state import store as statemod
 from uspawn.state.store import dumps, loads, proc_running, proc_starttime, write_atomic
 
@@ -53,6 +53,42 @@ def check_id(cid: str) -> str:
 # --- loading a bundle -----------------------------------------------------------
 
 
+# linux.resources sections uspawn-runc has no controller code for (net_cls and
+# net_prio, blkio): a config that sets them is refused, as runc refuses one it
+# cannot apply, instead of running without the limit.
+_UNAPPLIED_RESOURCES = ("linux.resources.network", "linux.resources.blockIO")
+
+
+def _resource_set(raw: object, field: str) -> bool:
+    """Whether linux.resources.X carries a value (an empty object asks for nothing)."""
+    node = raw
+    for key in field.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node not in (None, {}, [])
+
+
+def _check_capabilities_held(spec: S.Spec) -> None:
+    """A capability the host withholds from us (not in our bounding set) cannot
+    be given to the container: name it instead of starting without it (runc
+    fails the same config with EPERM from capset)."""
+    c = spec.process.capabilities if spec.process else None
+    if c is None:
+        return
+    from uspawn.kernel import caps
+
+    held = caps.bounding_set()
+    for field in ("bounding", "effective", "permitted", "inheritable", "ambient"):
+        for name in getattr(c, field):
+            try:
+                n = caps.CAP_NUMBERS[caps.normalize(name)]
+            except caps.CapabilityError:
+                continue  # plan.build names unknown ones
+            if n <= caps.last_cap() and not held >> n & 1:
+                raise SpecError(f"process.capabilities.{field}: {caps.normalize(name)} is not "
+                                "in uspawn-runc's bounding set (the host withholds it)",
+                                "remove it from the config")
+
+
 def load_bundle(bundle: str, log: Callable[[str], None]) -> S.Spec:
     path = os.path.join(bundle, "config.json")
     try:
@@ -66,6 +102,10 @@ def load_bundle(bundle: str, log: Callable[[str], None]) -> S.Spec:
     spec = S.decode(S.Spec, raw, unknown=unknown)
     # Fields we do not implement: warn (none of them weakens what uspawn enforces).
     for field in unknown:
+        if field in _UNAPPLIED_RESOURCES and _resource_set(raw, field):
+            # A limit the config asks for and uspawn cannot apply: never dropped.
+            raise SpecError(f"{path}: {field}: not supported by uspawn-runc",
+                            "remove it from the config (the limit would not be applied)")
         log(f"warning: {path}: field {field} is not supported and was ignored")
     if spec.process and (spec.process.apparmor_profile or spec.process.selinux_label):
         log("warning: process.apparmorProfile/selinuxLabel ignored: no LSM support in uspawn")
@@ -73,6 +113,7 @@ def load_bundle(bundle: str, log: Callable[[str], None]) -> S.Spec:
         spec.root.path = os.path.join(os.path.abspath(bundle), spec.root.path)
     S.resolve_bind_sources(spec, bundle)
     S.validate(spec)
+    _check_capabilities_held(spec)
     if spec.root is not None and not os.path.isdir(spec.root.path):
         raise SpecError(f"root.path: {spec.root.path} is not a directory")
     return spec
@@ -305,6 +346,9 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             "poststart": [list(h) for h in _hooks(hooks.poststart)],
             "poststop": [list(h) for h in _hooks(hooks.poststop)],
         }
+        if c.host_root_mnt:
+            # No mount namespace of its own: delete detaches its mounts on the host.
+            record["host_root_mnt"] = c.host_root_mnt
         if lease is not None:
             # Handed over to the init: held while it lives (state.owner_alive).
             lease.record(name=cid, pid=c.init_pid, starttime=record["pid_start"])
@@ -505,9 +549,23 @@ def _delete(root: str, cid: str, force: bool, log: Callable[[str], None]) -> Non
             cg.destroy()
         except cgroups.CgroupError as exc:
             raise OciError(str(exc)) from None
+    _detach_host_mounts(rec)
     _drop_range_lease(rec)
     _remove_dir(rec.dir)
     _run_recorded_hooks(rec, "poststop", 0, "stopped", log)
+
+
+def _detach_host_mounts(rec: Record) -> None:
+    """A container created without a mount namespace of its own left its mounts
+    on the host's rootfs directory (as runc's do): detach them."""
+    mnt, rootfs = rec.data.get("host_root_mnt"), rec.data.get("rootfs")
+    if type(mnt) is not int or mnt <= 0 or not isinstance(rootfs, str) \
+            or not os.path.isabs(rootfs):
+        return
+    try:
+        mounts.detach_if_covered(rootfs, mnt)
+    except OSError as exc:
+        raise OciError(f"detach the container's mounts on {rootfs}: {exc.strerror}") from None
 
 
 def list_ids(root: str) -> list[Record]:
