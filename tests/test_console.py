@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from waits import tty_pending
 
 from uspawn.engine.console import _host_file
 
@@ -141,10 +143,13 @@ def test_a_payload_that_leaves_a_daemon_behind_does_not_hold_us(tmp_path: Path,
         pid = int(pid_text)
         assert (code, shape, word) == (4, "pipe pipe pipe shared", "started")
         assert elapsed < 10, elapsed  # the daemon still holds stdout: bounded drain
+        # The daemon (if still there: `cat` ends at EOF) holds pipes, not our tty, else
+        # it could read what comes next ...
+        assert _tty_holders(pid, os.fstat(slave).st_rdev) == []
         os.write(master, b"after\n")
-        time.sleep(0.2)
-        os.set_blocking(slave, False)
-        assert os.read(slave, 100) == b"after\n"  # nobody else took it
+        # ... and the line is there for us (a non-blocking tty read flushes the pty's
+        # buffer work first: no time window decides).
+        assert tty_pending(slave) == b"after\n"  # nobody else took it
     finally:
         os.close(master)
         os.close(slave)
@@ -153,6 +158,23 @@ def test_a_payload_that_leaves_a_daemon_behind_does_not_hold_us(tmp_path: Path,
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def _tty_holders(pid: int, rdev: int) -> list[str]:
+    """pid's fds that are the tty rdev ([] once pid is gone)."""
+    found = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return []
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev:
+            found.append(fd)
+    return found
 
 
 def test_a_payload_that_never_reads_a_big_stdin(tmp_path: Path) -> None:

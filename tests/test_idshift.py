@@ -17,13 +17,13 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import skip_or_fail
+from waits import IN_ATTRIB, tty_pending, wait_until
 
 from uspawn.kernel import idshift, syscalls
 from uspawn.kernel.idshift import (
@@ -161,8 +161,9 @@ def _kill_mid_shift(root: Path, target: int, journal_exists: Callable[[], bool],
     shifted = (int(uid) + target, int(gid) + target)
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)])
     try:
-        while not (journal_exists() and _owner(root / first) == shifted):
-            assert proc.poll() is None, "shift finished before the kill: enlarge the tree"
+        # chown of an entry is an IN_ATTRIB event on its directory: woken per change.
+        wait_until(lambda: journal_exists() and _owner(root / first) == shifted, [root],
+                   "the shift to start", proc=proc, mask=IN_ATTRIB)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
@@ -423,8 +424,9 @@ def test_progress_reports_to_the_total_and_draws_only_on_a_tty(tmp_path: Path) -
         bar(2, 4)  # within the interval: not drawn
         bar(4, 4)
         bar(4, 4)  # finished: nothing more
-    time.sleep(0.05)
-    out = os.read(master, 4096).decode()
+    # The slave is closed: everything written to it is for the master (a non-blocking
+    # read flushes the pty's buffer work), no wait for it to arrive.
+    out = tty_pending(master).decode()
     os.close(master)
     # Two draws (2/4 fell within the interval), then the newline (the tty adds a \r).
     assert out.count("/4") == 2 and "1/4" in out and out.endswith("4/4\r\n")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import IO
 
 import pytest
 from conftest import cgroup_dirs, mounts_under
+from waits import has_signal, read_until, running, signal_masks, wait_exit
 
 
 def runtime_cmd() -> list[str]:
@@ -93,13 +94,25 @@ def make_bundle(tmp_path: Path, rootfs: Path, args: list[str], terminal: bool = 
     return b
 
 
-def wait_status(oci: Oci, cid: str, want: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if oci.status(cid) == want:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{cid} never became {want}: {oci.status(cid)}")
+def wait_stopped(oci: Oci, cid: str, timeout: float = 30) -> None:
+    """Block until the container's init has exited (its pidfd), then check the
+    runtime says "stopped": no polling of `state`."""
+    st = json.loads(oci("state", cid).stdout)
+    if st["status"] == "stopped":
+        return
+    try:
+        pidfd = os.pidfd_open(st["pid"])
+    except ProcessLookupError:  # exited and reaped since
+        assert oci.status(cid) == "stopped"
+        return
+    try:
+        # Asked again with the pidfd held: still running means the pidfd is the
+        # init's (the runtime checks the pid's start time), not a recycled pid's.
+        if oci.status(cid) != "stopped":
+            assert select.select([pidfd], [], [], timeout)[0], f"{cid} never stopped"
+    finally:
+        os.close(pidfd)
+    assert oci.status(cid) == "stopped"
 
 
 def test_lifecycle_create_start_state_delete(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
@@ -114,7 +127,7 @@ def test_lifecycle_create_start_state_delete(oci: Oci, rootfs: Path, tmp_path: P
     oci("start", "c1")
     assert oci.status("c1") in ("running", "stopped")
     assert oci("start", "c1", check=False).returncode != 0  # only once
-    wait_status(oci, "c1", "stopped")
+    wait_stopped(oci, "c1")
     assert out.read_text().split() == ["0", "200000", "65536"]
     oci("delete", "c1")
     assert oci("state", "c1", check=False).returncode != 0
@@ -135,11 +148,20 @@ def test_list_ps_pause_resume_kill(oci: Oci, rootfs: Path, tmp_path: Path) -> No
     assert oci.status("c2") == "paused"
     oci("resume", "c2")
     assert oci.status("c2") == "running"
-    oci("kill", "c2", "TERM")  # pid 1 without a handler ignores it
-    time.sleep(0.2)
+    # A pid-namespace init gets only the signals it has a handler for (SIGKILL and
+    # SIGSTOP aside): sleep has none for TERM, so the kernel drops it at kill(2).
+    init = json.loads(oci("state", "c2").stdout)["pid"]
+    assert not has_signal(signal_masks(init)["SigCgt"], signal.SIGTERM)
+    oci("kill", "c2", "TERM")
+    # kill(2) returned: the TERM was dropped, or queued (and, being fatal, a SIGKILL
+    # queued beside it). Nothing is pending and the init is not exiting: dropped.
+    masks = signal_masks(init)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        assert not has_signal(masks["SigPnd"] | masks["ShdPnd"], sig), masks
+    assert running(init)
     assert oci.status("c2") == "running"
     oci("kill", "c2", "9")
-    wait_status(oci, "c2", "stopped")
+    wait_stopped(oci, "c2")
     assert oci("kill", "c2", "KILL", check=False).returncode != 0
     oci("delete", "c2")
 
@@ -155,13 +177,8 @@ def test_delete_force_in_every_state(oci: Oci, rootfs: Path, tmp_path: Path) -> 
     pids = [json.loads(oci("state", c).stdout)["pid"] for c in ("created", "running", "paused")]
     for cid in ("created", "running", "paused"):
         oci("delete", "--force", cid)
-    for pid in pids:
-        deadline = time.monotonic() + 5
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ")[1].startswith("Z"):
-                    break  # dead; its reaper (our pytest's pid 1) reaps it later
-            time.sleep(0.02)
+    # Dead (a zombie until its reaper, the host's pid 1, reaps it) or reaped.
+    wait_exit(pids, 5, "the inits after delete --force")
     for pid in pids:
         if os.path.exists(f"/proc/{pid}/stat"):
             with open(f"/proc/{pid}/stat") as f:
@@ -215,7 +232,7 @@ def test_hooks(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
     with open(out, "w") as f:
         oci("create", "--bundle", str(b), "h1", stdout=f)
     oci("start", "h1")
-    wait_status(oci, "h1", "stopped")
+    wait_stopped(oci, "h1")
     oci("delete", "h1")
     lines = log.read_text().splitlines()
     assert [ln.split()[0] for ln in lines] == ["createRuntime", "poststart", "poststop"]
@@ -254,21 +271,6 @@ def _recv_fd(listener: socket.socket) -> int:
     raise AssertionError("no fd received on the console socket")
 
 
-def _read_until(fd: int, needle: bytes, timeout: float = 10) -> bytes:
-    out = b""
-    deadline = time.monotonic() + timeout
-    while needle not in out and time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
-
-
 def test_console_socket_and_exec(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
     b = make_bundle(tmp_path, rootfs, ["sh", "-c", "tty; echo ready; exec sleep 100"],
                     terminal=True)
@@ -281,7 +283,7 @@ def test_console_socket_and_exec(oci: Oci, rootfs: Path, tmp_path: Path) -> None
     master = box[0]
     assert stat.S_ISCHR(os.fstat(master).st_mode)
     oci("start", "t1")
-    out = _read_until(master, b"ready")
+    out = read_until(master, b"ready")
     assert b"/dev/pts/" in out and b"ready" in out
     # exec without a tty: output through our pipes
     r = oci("exec", "t1", "sh", "-c", "echo exec-$((40+2)); cat /proc/self/uid_map")
@@ -298,7 +300,7 @@ def test_console_socket_and_exec(oci: Oci, rootfs: Path, tmp_path: Path) -> None
         "--console-socket", str(tmp_path / "c2.sock"), "--pid-file", str(tmp_path / "xpid"),
         "t1")
     t2.join(10)
-    got = _read_until(box2[0], b"detached-ok")
+    got = read_until(box2[0], b"detached-ok")
     assert b"detached-ok" in got and b"/dev/pts/" in got
     xpid = int((tmp_path / "xpid").read_text())
     with open(f"/proc/{xpid}/status") as f:

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +20,12 @@ import pytest
 from test_oci import (
     Oci,
     _console_listener,
-    _read_until,
     _recv_fd,
     make_bundle,
     runtime_cmd,
-    wait_status,
+    wait_stopped,
 )
+from waits import read_until, wait_file
 
 
 @pytest.fixture
@@ -63,11 +62,12 @@ def _one_line(r: subprocess.CompletedProcess[str]) -> None:
 
 def test_kill_signal_0_checks_existence(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
     cid = _cid("k0")
-    _running(oci, tmp_path, rootfs, cid, args=["sh", "-c", "sleep 2"])
+    _running(oci, tmp_path, rootfs, cid)
     oci("kill", cid, "0")
     oci("kill", cid, "SIG0")
     assert oci.status(cid) == "running"  # signal 0 delivered nothing
-    wait_status(oci, cid, "stopped")
+    oci("kill", cid, "KILL")
+    wait_stopped(oci, cid)
     r = oci("kill", cid, "0", check=False)
     assert r.returncode == 1 and "container not running" in r.stderr, r.stderr
     _one_line(r)
@@ -159,16 +159,13 @@ def test_exec_into_created_container(oci: Oci, rootfs: Path, tmp_path: Path) -> 
     assert oci.status("cr") == "created"  # exec does not start the container
     assert not (b / "rootfs" / "tmp" / "started").exists()
     oci("start", "cr")
-    deadline = time.monotonic() + 10
-    while not (b / "rootfs" / "tmp" / "started").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (b / "rootfs" / "tmp" / "started").exists()
+    wait_file(b / "rootfs" / "tmp" / "started")  # the init ran its command
 
 
 def test_exec_stopped_container_says_not_running(oci: Oci, rootfs: Path,
                                                  tmp_path: Path) -> None:
     _running(oci, tmp_path, rootfs, "xs", args=["true"])
-    wait_status(oci, "xs", "stopped")
+    wait_stopped(oci, "xs")
     r = oci("exec", "xs", "true", check=False)
     assert r.returncode == 1 and "container not running" in r.stderr
     _one_line(r)
@@ -220,7 +217,7 @@ def test_exec_tty_owned_by_process_user_with_console_size(oci: Oci, rootfs: Path
         "--console-socket", str(tmp_path / "c.sock"), cid)
     t.join(10)
     try:
-        out = _read_until(box[0], b"done").decode()
+        out = read_until(box[0], b"done").decode()
     finally:
         os.close(box[0])
     assert "owner=1000" in out and "33 111" in out, out
@@ -320,7 +317,7 @@ def test_update_errors_name_the_flag(oci: Oci, rootfs: Path, tmp_path: Path) -> 
     assert p.returncode == 1 and "missing.json" in p.stderr
     assert _cgroup_file(pid, "pids", "pids.max") == "100"  # nothing half-applied
     oci("kill", cid, "KILL")
-    wait_status(oci, cid, "stopped")
+    wait_stopped(oci, cid)
     p = _rt(oci, "update", "--pids-limit", "5", cid)
     assert p.returncode == 1 and "container not running" in p.stderr
 
@@ -344,15 +341,43 @@ def test_events_stream_until_exit_with_oom(oci: Oci, rootfs: Path, tmp_path: Pat
     """Stats every --interval and an oom event when the kernel OOM-kills inside;
     the stream ends when the container stops."""
     cid = _cid("evo")
+    os.mkfifo(rootfs / "tmp" / "go")  # the payload waits on it before the OOM
+    os.chmod(rootfs / "tmp" / "go", 0o666)
     _running(oci, tmp_path, rootfs, cid,
-             args=["sh", "-c", "sleep 1; dd if=/dev/zero of=/dev/null bs=64M count=1; sleep 1"],
+             args=["sh", "-c", "read x < /tmp/go; dd if=/dev/zero of=/dev/null bs=64M count=1;"
+                   " exec sleep 100"],
              resources={"memory": {"limit": 16 << 20, "swap": 16 << 20}})
-    t0 = time.monotonic()
-    p = _rt(oci, "events", "--interval", "300ms", cid)
-    assert p.returncode == 0, p.stderr
-    kinds = [json.loads(ln)["type"] for ln in p.stdout.splitlines()]
+    go = tmp_path / "bundle" / "rootfs" / "tmp" / "go"  # make_bundle moved the rootfs
+    gofd = -1
+    ev = subprocess.Popen([*runtime_cmd(), "--root", str(oci.root), "events", "--interval",
+                           "300ms", cid], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        assert ev.stdout is not None
+        kinds = [json.loads(ev.stdout.readline())["type"]]
+        # The first stats line comes after events read the OOM counter: the kill
+        # below is counted from here, whenever events polls next.
+        assert kinds == ["stats"]
+        # O_RDWR never blocks on a FIFO; the line waits in it until the payload reads.
+        # (Not `exec dd`: on this hybrid host an exec'd process is not in the
+        # container's v1 memory cgroup.)
+        gofd = os.open(go, os.O_RDWR)
+        os.write(gofd, b"go\n")
+        while "oom" not in kinds or kinds.count("stats") < 3:
+            line = ev.stdout.readline()
+            assert line and len(kinds) < 60, kinds  # 60 stats lines: 18 s without an oom
+            kinds.append(json.loads(line)["type"])
+        oci("kill", cid, "KILL")
+        out, err = ev.communicate(timeout=20)  # the stream ends with the container
+    finally:
+        if gofd >= 0:
+            os.close(gofd)
+        if ev.poll() is None:
+            ev.kill()
+            ev.wait()
+    assert ev.returncode == 0, err
+    kinds += [json.loads(ln)["type"] for ln in out.splitlines()]
     assert kinds.count("stats") >= 3 and kinds.count("oom") == 1, kinds
-    assert time.monotonic() - t0 < 20
     p = _rt(oci, "events", "--interval", "nope", cid)
     assert p.returncode in (1, 2) and "--interval" in p.stderr
 
@@ -372,7 +397,7 @@ def test_init_console_owned_by_process_user(oci: Oci, rootfs: Path, tmp_path: Pa
     t.join(10)
     oci("start", cid)
     try:
-        out = _read_until(box[0], b"done").decode()
+        out = read_until(box[0], b"done").decode()
     finally:
         os.close(box[0])
     assert "owner=1000" in out, out

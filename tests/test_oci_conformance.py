@@ -305,18 +305,15 @@ def test_create_container_hook_runs_in_the_container_mount_namespace(
 
 def test_join_pid_namespace_by_path(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
     import subprocess
-    import time
 
-    holder = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "100"])
+    # The forked child is the one in the new pid namespace: its line says it runs.
+    holder = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c",
+                               "echo up; exec sleep 100"], stdout=subprocess.PIPE, text=True)
     try:
-        path = ""
-        for _ in range(100):  # the forked sleep is the one in the new pid namespace
-            kids = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()
-            if kids:
-                path = f"/proc/{kids[0]}/ns/pid"
-                break
-            time.sleep(0.02)
-        assert path and os.readlink(path) != os.readlink("/proc/self/ns/pid")
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        [kid] = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()
+        path = f"/proc/{kid}/ns/pid"
+        assert os.readlink(path) != os.readlink("/proc/self/ns/pid")
 
         def edit(cfg: Cfg) -> None:
             linux = cfg["linux"]

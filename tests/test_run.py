@@ -7,13 +7,24 @@ probe in /bin/probe) and asserts what the payload saw and what the host kept.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from conftest import Runner, cgroup_dirs, drain_pty, mounts_under
+from waits import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_MODIFY,
+    Inotify,
+    children,
+    open_pidfds,
+    running,
+    wait_pidfds,
+    wait_until,
+)
 
 
 def run_ok(uspawn: Runner, rootfs: Path, *cmd: str, extra: tuple[str, ...] = ()) -> str:
@@ -130,26 +141,35 @@ def test_chown_killed_mid_shift_is_finished_next_start(uspawn: Runner, rootfs: P
     proc = uspawn.popen("run", "-D", str(rootfs), f"--private-users={base}",
                         "--private-users-ownership=chown", "--", "true",
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
+    # The shift has begun once one of these directories is chowned: an IN_ATTRIB
+    # event on it (a watch per directory, set up before anything could change).
+    watched = [big / f"d{i}" for i in range(0, 200, 20)]
     killed = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any((big / f"d{i}").lstat().st_uid == base for i in range(0, 200, 20)):
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.002)
+    kids: list[int] = []
+    with Inotify(watched, IN_ATTRIB) as ino:
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            while not killed:
+                ready = select.select([ino.fd, pidfd], [], [], 30)[0]
+                assert ready, "no chown and no exit within 30 s"
+                if any(d.lstat().st_uid == base for d in watched):
+                    kids = open_pidfds(children(proc.pid))  # its guardian, if any yet
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+                elif pidfd in ready:
+                    break
+                ino.drain()
+        finally:
+            os.close(pidfd)
     proc.wait()
     if not killed:
         pytest.skip("the shift finished before it could be interrupted")
     shifted = sum(1 for p in originals if p.lstat().st_uid >= base)
     assert 0 < shifted < len(originals), "expected a half-shifted tree after SIGKILL"
-    # Give the guardian a moment to release the range, then start again.
-    for _ in range(100):
-        r = uspawn.run("run", "-D", str(rootfs), f"--private-users={base}",
-                       "--private-users-ownership=chown", "--", "true")
-        if "already used" not in r.stderr:
-            break
-        time.sleep(0.05)
+    # Once the runtime's children are gone nothing holds the range: start again.
+    wait_pidfds(kids, 30, "the killed runtime's children")
+    r = uspawn.run("run", "-D", str(rootfs), f"--private-users={base}",
+                   "--private-users-ownership=chown", "--", "true")
     assert r.returncode == 0, r.stderr
     for p, (uid, gid) in originals.items():
         st = p.lstat()
@@ -198,12 +218,17 @@ def test_network_host_shares_interfaces(uspawn: Runner, rootfs: Path) -> None:
 
 
 def test_two_concurrent_containers_get_distinct_ranges(uspawn: Runner, rootfs: Path) -> None:
+    # Each runs until its stdin closes: both hold their range while the other starts.
     a = uspawn.popen("run", "-D", str(rootfs), "--", "sh", "-c",
-                     "cat /proc/self/uid_map; sleep 1", stdout=subprocess.PIPE)
+                     "cat /proc/self/uid_map; read x || :", stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE)
     b = uspawn.popen("run", "-D", str(rootfs), "--", "sh", "-c",
-                     "cat /proc/self/uid_map; sleep 1", stdout=subprocess.PIPE)
-    out_a, _ = a.communicate(timeout=30)
-    out_b, _ = b.communicate(timeout=30)
+                     "cat /proc/self/uid_map; read x || :", stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE)
+    assert a.stdout is not None and b.stdout is not None
+    line_a, line_b = a.stdout.readline(), b.stdout.readline()
+    out_a = line_a + a.communicate(timeout=30)[0]
+    out_b = line_b + b.communicate(timeout=30)[0]
     assert a.returncode == 0 and b.returncode == 0
     assert out_a.split()[1] != out_b.split()[1]
 
@@ -306,16 +331,13 @@ def test_no_leftovers_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -> N
     with open(os.path.join(cg[0], "cgroup.procs")) as f:
         pids = [int(x) for x in f.read().split()]
     assert pids
+    # The guardian (a child of uspawn) cleans up after a killed uspawn, then exits:
+    # once it and the container's processes are gone, the cleanup is over.
+    fds = open_pidfds(children(p.pid) + pids)
     p.kill()
     p.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (cgroup_dirs("killme") or
-                                           any(os.path.exists(f"/proc/{x}") for x in pids)):
-        time.sleep(0.05)
-    assert not any(os.path.exists(f"/proc/{x}") for x in pids)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (uspawn.state / "containers" / "killme").exists():
-        time.sleep(0.05)
+    wait_pidfds(fds, 10, "the guardian and the container")
+    assert not any(running(x) for x in pids)
     assert_no_leftovers(uspawn, "killme", rootfs)
 
 
@@ -354,7 +376,7 @@ def test_bad_input_one_line_error(uspawn: Runner, rootfs: Path, args: tuple[str,
 def test_range_in_use_is_refused(uspawn: Runner, rootfs: Path) -> None:
     base = "0x31000000"
     p = uspawn.popen("run", "-D", str(rootfs), f"--private-users={base}", "--", "sh", "-c",
-                     "echo up; sleep 5", stdout=subprocess.PIPE)
+                     "echo up; sleep 1000", stdout=subprocess.PIPE)
     assert p.stdout is not None and p.stdout.readline().strip() == "up"
     try:
         r = uspawn.run("run", "-D", str(rootfs), f"--private-users={base}", "--", "true")
@@ -462,10 +484,8 @@ def test_signals_are_forwarded_with_relayed_stdio(uspawn: Runner, rootfs: Path,
                          "trap 'echo got-term; exit 7' TERM; echo ready; "
                          "while :; do sleep 0.05; done",
                          stdin=subprocess.DEVNULL, stdout=o, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while out.read_text() != "ready\n":
-        assert time.monotonic() < deadline and p.poll() is None, out.read_text()
-        time.sleep(0.05)
+    wait_until(lambda: out.read_text() == "ready\n", [tmp_path], "ready in the output",
+               proc=p, mask=IN_MODIFY | IN_CLOSE_WRITE)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=20)
     assert p.returncode == 7, err

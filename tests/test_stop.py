@@ -9,60 +9,22 @@ does the same. Every wait here is on a pipe, inotify or a pidfd, never a sleep.
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
 import select
 import signal
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from conftest import Runner, cgroup_dirs, mounts_under, processes_in_cgroup_named
-
-_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_NONBLOCK = 0x08, 0x80, 0o4000
+from waits import wait_state
 
 
 def _wait_state(uspawn: Runner, name: str, p: subprocess.Popen[str],
                 timeout: float = 30) -> dict[str, object]:
-    """The container's state.json, once written (after the payload's execve).
-
-    inotify on the container's directory (made here first: claim_name accepts an
-    existing one) plus the runtime's pidfd, so an early exit fails at once.
-    """
-    cdir = uspawn.state / "containers" / name
-    cdir.mkdir(parents=True, exist_ok=True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    ino = libc.inotify_init1(_IN_NONBLOCK | os.O_CLOEXEC)
-    assert ino >= 0
-    pidfd = os.pidfd_open(p.pid)
-    try:
-        assert libc.inotify_add_watch(ino, bytes(cdir), _IN_CLOSE_WRITE | _IN_MOVED_TO) >= 0
-        deadline = time.monotonic() + timeout
-        while not (cdir / "state.json").exists():
-            left = deadline - time.monotonic()
-            assert left > 0, "no state.json in time"
-            ready = select.select([ino, pidfd], [], [], left)[0]
-            assert pidfd not in ready, f"uspawn exited early: {p.wait()}"
-            if ino in ready:
-                _drain(ino)
-        record = json.loads((cdir / "state.json").read_text())
-        assert isinstance(record, dict)
-        return record
-    finally:
-        os.close(ino)
-        os.close(pidfd)
-
-
-def _drain(ino: int) -> None:
-    while select.select([ino], [], [], 0)[0]:
-        buf = os.read(ino, 4096)
-        off = 0
-        while off < len(buf):
-            n = struct.unpack_from("iIII", buf, off)[3]
-            off += 16 + n
+    """The container's state.json, once written (after the payload's execve)."""
+    return wait_state(uspawn.state, name, p, timeout)
 
 
 def _assert_nothing_left(uspawn: Runner, name: str, rootfs: Path,
