@@ -110,10 +110,23 @@ def _reap_later(proc: subprocess.Popen[bytes]) -> None:
 
 
 def find_or_start(mountpoint: str = MOUNTPOINT) -> tuple[str, bool]:
-    """(mount point, True if started now)."""
+    """(mount point, True if started now). On a systemd host the package's unit
+    is started: an lxcfs forked by uspawn would live in the caller's cgroup
+    (uspawn@NAME.service) and die with it, under every other machine's views."""
     found = find()
     if found is not None:
         return found, False
+    if os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
+        r = subprocess.run(["systemctl", "start", "lxcfs.service"], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=30, check=False)
+        deadline = time.monotonic() + 5
+        while r.returncode == 0 and time.monotonic() < deadline:
+            found = find()
+            if found is not None:
+                return found, True
+            time.sleep(0.05)
+        err = (r.stderr.strip().splitlines() or ["no lxcfs mount appeared"])[-1]
+        raise LxcfsError(f"systemctl start lxcfs.service: {err}")
     return start(mountpoint), True
 
 
