@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 from conftest import cgroup_dirs, mounts_under, processes_in_cgroup_named, uspawn_cmd
 from test_oci import make_bundle, runtime_cmd
+from waits import running, wait_all_gone, wait_state
 
 PARENT_POINTS = ["parent-cgroup", "parent-forked", "parent-mapped", "parent-init-pid",
                  "parent-mounts-sent", "parent-created"]
@@ -129,15 +129,26 @@ def range_leases_of(name: str) -> list[str]:
     return found
 
 
-def leftovers(checks: dict[str, Callable[[], object]], timeout: float = CLEANUP_S,
-              ) -> dict[str, object]:
-    """Poll until every check comes back empty (bounded); return what is still there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = {k: v for k, f in checks.items() if (v := f())}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
+def _pids(rows: list[str]) -> list[int]:
+    """The pids of tagged_processes()/processes_in() rows ("PID ...")."""
+    return [int(r.split()[0]) for r in rows]
+
+
+def leftovers(checks: dict[str, Callable[[], object]], processes: Callable[[], list[int]],
+              timeout: float = CLEANUP_S) -> dict[str, object]:
+    """What the checks still find once every process of the run has exited.
+
+    The guardian's cleanup is over before it exits, and nothing else is left to
+    change anything: wait on the pidfds of every process processes() names (asked
+    again until none runs), then look once. The timeout only bounds a failure."""
+    wait_all_gone(processes, timeout, "processes of the run")
+    return {k: v for k, f in checks.items() if (v := f())}
+
+
+def live_in_cgroup(name: str) -> list[int]:
+    """Processes in the cgroup that still run (an exited one is a zombie until the
+    host's pid 1 reaps it: dead, not a leak)."""
+    return [p for p in processes_in_cgroup_named(name) if running(p)]
 
 
 def assert_one_line_error(stderr: str, prog: str) -> None:
@@ -176,12 +187,13 @@ def test_oci_create_killed_then_delete_force(point: str, rootfs: Path, tmp_path:
     left = leftovers({
         "state dir": lambda: (root / cid).exists(),
         "cgroup dirs": lambda: cgroup_dirs(cid),  # uspawn/<id> in every hierarchy
-        "processes in the cgroup": lambda: processes_in_cgroup_named(cid),
+        "processes in the cgroup": lambda: live_in_cgroup(cid),
         "processes of the run": lambda: tagged_processes(tag),
         "processes in the tree": lambda: processes_in(tree),
         "init": lambda: pid and alive(pid),
         "mounts": lambda: mounts_under(tmp_path),
-    })
+    }, lambda: (processes_in_cgroup_named(cid) + _pids(tagged_processes(tag))
+                + _pids(processes_in(tree)) + ([pid] if pid else [])))
     check_outcome(point, code, stderr, "uspawn-runc", 1)
     assert d.returncode == 0, f"delete --force: {d.stderr}"
     assert "Traceback" not in d.stderr
@@ -195,8 +207,9 @@ def test_oci_create_killed_then_delete_force(point: str, rootfs: Path, tmp_path:
     finally:
         subprocess.run([*runtime_cmd(), "--root", str(root), "delete", "--force", cid],
                        capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert leftovers({"processes": lambda: tagged_processes(tag) + processes_in_cgroup_named(cid),
-                      "cgroup": lambda: cgroup_dirs(cid)}) == {}
+    assert leftovers({"processes": lambda: tagged_processes(tag) + live_in_cgroup(cid),
+                      "cgroup": lambda: cgroup_dirs(cid)},
+                     lambda: _pids(tagged_processes(tag)) + processes_in_cgroup_named(cid)) == {}
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -211,12 +224,13 @@ def test_run_killed(point: str, rootfs: Path, tmp_path: Path, need_root: None) -
         "state entries": lambda: [str(p) for p in (state / "containers").glob("*")]
         if (state / "containers").exists() else [],
         "cgroup dirs": lambda: cgroup_dirs(name),
-        "processes in the cgroup": lambda: processes_in_cgroup_named(name),
+        "processes in the cgroup": lambda: live_in_cgroup(name),
         "processes of the run": lambda: tagged_processes(tag),
         "processes in the tree": lambda: processes_in(rootfs),
         "UID-range leases": lambda: range_leases_of(name),
         "mounts": lambda: mounts_under(tmp_path),
-    })
+    }, lambda: (processes_in_cgroup_named(name) + _pids(tagged_processes(tag))
+                + _pids(processes_in(rootfs))))
     check_outcome(point, code, stderr, "uspawn", 125)
     assert left == {}, f"killed at {point}, after {CLEANUP_S}s: {left}"
     # The name, its cgroup and a UID range are free again.
@@ -252,7 +266,8 @@ def test_leak_checks_see_a_live_container(rootfs: Path, tmp_path: Path,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
-        assert leftovers({"cgroup": lambda: not processes_in_cgroup_named(name)}, 10) == {}
+        wait_state(state, name, p)  # written once the payload runs
+        assert processes_in_cgroup_named(name)
         assert tagged_processes(tag), "the runtime and its guardian carry the tag"
         assert cgroup_dirs(name)
         assert range_leases_of(name), "a running container holds a UID-range lease"
@@ -266,5 +281,6 @@ def test_leak_checks_see_a_live_container(rootfs: Path, tmp_path: Path,
         "cgroup": lambda: cgroup_dirs(name),
         "processes": lambda: tagged_processes(tag) + processes_in(rootfs),
         "leases": lambda: range_leases_of(name),
-    })
+    }, lambda: (processes_in_cgroup_named(name) + _pids(tagged_processes(tag))
+                + _pids(processes_in(rootfs))))
     assert left == {}, left
