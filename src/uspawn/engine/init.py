@@ -420,11 +420,6 @@ def setup_rootfs(plan: InitPlan, fds: dict[str, int], remount: dict[str, int],
             raise _step(f"pivot_root into {plan.root_path}", exc) from None
     finally:
         os.close(rootfd)
-    try:
-        # After pivot_root: a shared new root would make it fail (EINVAL).
-        mounts.make_rslave_root(plan.root_propagation)
-    except OSError as exc:
-        raise _step("set the propagation of /", exc) from None
 
 
 def _init_mounts_and_hooks(plan: InitPlan, rootfd: int, fds: dict[str, int],
@@ -528,6 +523,14 @@ def finish_in_root(plan: InitPlan, ch: chan.Channel) -> None:
                         exc.errno or 0) from None
     if plan.terminal:
         setup_console(plan, ch)
+    try:
+        if plan.mount_ns:  # else / is the host's rootfs directory, not ours to change
+            # The last mount change: after pivot_root (a shared new root makes it
+            # fail with EINVAL) and after every clone of a mount (masks, the
+            # console), which an unbindable / would refuse.
+            mounts.make_rslave_root(plan.root_propagation)
+    except OSError as exc:
+        raise _step("set the propagation of /", exc) from None
     for name, soft, hard in plan.rlimits:
         try:
             resource.setrlimit(planmod.RLIMITS[name], (soft, hard))

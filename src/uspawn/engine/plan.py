@@ -291,7 +291,8 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
     init.root_propagation = {"private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE,
                              "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE,
                              "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED,
-                             "unbindable": sc.MS_PRIVATE}.get(prop, 0)
+                             "unbindable": sc.MS_UNBINDABLE,
+                             "runbindable": sc.MS_UNBINDABLE}.get(prop, 0)
     if not init.root_propagation:
         raise SpecError(f"linux.rootfsPropagation: unknown value {prop!r}")
 
