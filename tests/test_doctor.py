@@ -136,15 +136,13 @@ def test_dev_nodes_verdict_matches_each_way(report: Rows) -> None:
 
 def _userns_fd() -> int:
     """A user namespace mapped 0 -> 2147352576 by this test itself."""
-    p = subprocess.Popen(["unshare", "--user", "sleep", "30"])
+    # The maps can be written once unshare has made the namespace: its shell's
+    # line says so (it runs in the new namespace).
+    p = subprocess.Popen(["unshare", "--user", "sh", "-c", "echo in; exec sleep 30"],
+                         stdout=subprocess.PIPE, text=True)
     try:
-        # The maps can be written once unshare has made the namespace: wait for
-        # that (the child's user namespace differs from ours), not a fixed time.
-        ours = os.stat("/proc/self/ns/user").st_ino
-        deadline = time.monotonic() + 10
-        while os.stat(f"/proc/{p.pid}/ns/user").st_ino == ours:
-            assert time.monotonic() < deadline, "unshare --user did not unshare"
-            time.sleep(0.005)
+        assert p.stdout is not None and p.stdout.readline() == "in\n"
+        assert os.stat(f"/proc/{p.pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
         for name in ("uid_map", "gid_map"):
             Path(f"/proc/{p.pid}/{name}").write_text("0 2147352576 65536\n")
         return os.open(f"/proc/{p.pid}/ns/user", os.O_RDONLY)
@@ -320,7 +318,7 @@ def test_the_4_18_mknod_behaviour_is_broken(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_hanging_probe_is_killed_and_reported() -> None:
     def hang(ctx: doctor.Ctx) -> list[Row]:
-        time.sleep(60)
+        signal.pause()  # until killed: no handler will ever run
         return []
 
     t0 = time.monotonic()

@@ -47,7 +47,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +62,7 @@ from conftest import (
 )
 from hypothesis import HealthCheck, Phase, given, settings  # the `test` extra
 from hypothesis import strategies as st
+from waits import running, wait_all_gone
 
 from uspawn import cli
 from uspawn.base.errors import SpecError, UspawnError
@@ -1188,24 +1188,6 @@ def sanitize_for_host(cfg: object, rootfs: str, bundle: Path, cid: str) -> objec
     return cfg
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return not f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
-
-
-def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def e2e(fuzz_dirs: dict[str, Path], need_root: None) -> Iterator[dict[str, Path]]:
     d = dict(fuzz_dirs)
@@ -1252,9 +1234,15 @@ def e2e_case(d: dict[str, Path], cfg: object, outcomes: dict[str, int],
         f"delete --force: {dr.stderr!r}; {what}"
     assert not d["state"].exists() or os.listdir(d["state"]) == [], what
     assert cgroup_dirs(cid) == [], what
-    assert _wait_until(lambda: processes_in_cgroup_named(cid) == [], 5), what
+    # Every process of the container exited (pidfds, asked again until none runs);
+    # an exited one may stay a zombie until the host's pid 1 reaps it.
+    try:
+        wait_all_gone(lambda: processes_in_cgroup_named(cid) + ([pid] if pid else []), 5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {what}") from None
+    assert not [p for p in processes_in_cgroup_named(cid) if running(p)], what
     if pid:
-        assert _wait_until(lambda: not _alive(pid), 5), f"init {pid} alive; {what}"
+        assert not running(pid), f"init {pid} alive; {what}"
     assert mounts_under(d["base"]) == [], what
     shutil.rmtree(bundle)
 
