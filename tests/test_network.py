@@ -11,13 +11,13 @@ import os
 import select
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Runner
+from waits import children, open_pidfds, wait_pidfds
 
 BRIDGE = "usptestbr1"
 
@@ -79,31 +79,6 @@ def test_veth_and_published_port(uspawn: Runner, rootfs: Path) -> None:
     _assert_net_gone("webv", 18181)
 
 
-def _children_pidfds(pid: int) -> list[int]:
-    """pidfds of pid's children (its guardian and the container's init)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        kids = [int(k) for k in f.read().split()]
-    fds = []
-    for k in kids:
-        try:
-            fds.append(os.pidfd_open(k))
-        except ProcessLookupError:
-            pass
-    return fds
-
-
-def _wait_all_gone(pidfds: list[int], timeout: float = 30) -> None:
-    """Block (bounded) until every process behind pidfds has exited; close them."""
-    deadline = time.monotonic() + timeout
-    try:
-        for fd in pidfds:
-            left = deadline - time.monotonic()
-            assert left > 0 and select.select([fd], [], [], left)[0], "still running"
-    finally:
-        for fd in pidfds:
-            os.close(fd)
-
-
 def _sigkill_serving(uspawn: Runner, rootfs: Path, name: str, port: int,
                      ) -> tuple[subprocess.Popen[str], list[int]]:
     """A container publishing port, its uspawn killed -9 (not reaped: the caller
@@ -114,7 +89,7 @@ def _sigkill_serving(uspawn: Runner, rootfs: Path, name: str, port: int,
     assert p.stdout.readline().strip() == "up"
     assert f"uspawn:{name}" in _nft_rules()
     assert list(Path("/run/uspawn/net/ports").glob(f"tcp-{port}.lock"))
-    kids = _children_pidfds(p.pid)
+    kids = open_pidfds(children(p.pid))
     p.kill()
     return p, kids
 
@@ -130,7 +105,7 @@ def test_network_cleanup_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -
     p.wait()
     # The guardian removes the stale rules and leases once the runtime and the init are
     # gone, then exits: waiting for it (pidfd) is waiting for the cleanup, no polling.
-    _wait_all_gone(kids)
+    wait_pidfds(kids)
     _assert_net_gone("webk", 18383)
     assert not list(Path("/run/uspawn/net/addr").glob("*.lock"))
 
@@ -153,7 +128,7 @@ def test_port_of_a_dead_unreaped_uspawn_is_taken_over(uspawn: Runner, rootfs: Pa
         assert r.returncode == 0, r.stderr
         with open(f"/proc/{p.pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] == "Z"  # still unreaped
-        _wait_all_gone(kids)
+        wait_pidfds(kids)
     finally:
         p.wait()
     _assert_net_gone("webz", 18484)
@@ -173,7 +148,7 @@ def test_lease_of_a_zombie_owner_is_reclaimed(tmp_path: Path) -> None:
             os._exit(0)
     try:
         pidfd = os.pidfd_open(pid)
-        _wait_all_gone([pidfd])  # exited, not reaped: a zombie
+        wait_pidfds([pidfd])  # exited, not reaped: a zombie
         lock = tmp_path / "ports" / f"tcp-{port}.lock"
         assert json.loads(lock.read_text())["pid"] == pid
         with open(f"/proc/{pid}/stat") as f:
@@ -187,7 +162,8 @@ def test_lease_of_a_zombie_owner_is_reclaimed(tmp_path: Path) -> None:
         os.waitpid(pid, 0)
 
 
-_SYS_EXIT = {"x86_64": 60, "aarch64": 93}  # exit(2): this thread only, not the group
+# exit(2) (this thread only, not the group), set_tid_address(2), futex(2)
+_SYSCALLS = {"x86_64": (60, 218, 202), "aarch64": (93, 96, 98)}
 
 
 def test_lease_flock_of_an_exiting_owner_is_waited_for(tmp_path: Path) -> None:
@@ -201,47 +177,62 @@ def test_lease_flock_of_an_exiting_owner_is_waited_for(tmp_path: Path) -> None:
 
     from uspawn.net.pool import NetPool
 
-    nr = _SYS_EXIT.get(platform.machine())
-    if nr is None:
-        pytest.skip(f"exit(2) number unknown on {platform.machine()}")
+    nrs = _SYSCALLS.get(platform.machine())
+    if nrs is None:
+        pytest.skip(f"syscall numbers unknown on {platform.machine()}")
+    nr_exit, nr_set_tid_address, nr_futex = nrs
     port = _free_port()
     gate_r, gate_w = os.pipe()
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
+            libc = ctypes.CDLL(None, use_errno=True)
             NetPool(str(tmp_path)).reserve_ports("dying", [("tcp", port, 80)])
-            threading.Thread(target=os.read, args=(gate_r, 1)).start()
-            os.write(ready_w, b"1")
-            ctypes.CDLL(None).syscall(nr, 0)  # the main thread exits; the other one waits
+            # No pidfd tells a thread-group leader's exit apart (it waits for the
+            # group), but the kernel clears and futex-wakes the leader's
+            # clear_child_tid word in its exit, after marking it exiting: the
+            # other thread waits on that, then says so.
+            word = ctypes.c_int(1)
+            libc.syscall(nr_set_tid_address, ctypes.byref(word))
+
+            def watch() -> None:
+                while word.value:
+                    libc.syscall(nr_futex, ctypes.byref(word), 0, 1, None)  # FUTEX_WAIT
+                os.write(ready_w, b"1")
+                os.read(gate_r, 1)
+
+            threading.Thread(target=watch).start()
+            libc.syscall(nr_exit, 0)  # the main thread exits; the other one waits
         finally:
             os._exit(0)
     os.close(ready_w)
+    owner = os.pidfd_open(pid)
     try:
         assert os.read(ready_r, 1) == b"1"
-        deadline = time.monotonic() + 10
-        # No event tells the main thread's exit apart (the pidfd waits for the group):
-        # a bounded poll of its state, which changes within microseconds.
-        while _proc_state(pid) != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        fields = _proc_stat(pid)
+        assert fields[0] == "Z" or int(fields[6]) & 0x4, fields  # zombie or PF_EXITING
         result: list[object] = []
+
+        owner_gone: list[bool] = []
 
         def take() -> None:
             try:
                 result.extend(NetPool(str(tmp_path)).reserve_ports("new", [("tcp", port, 80)]))
             except Exception as exc:
                 result.append(exc)
+            # Taken only after the owner's last thread exited (its flock dropped):
+            # the owner lives until the gate below opens, whenever this runs.
+            owner_gone.append(bool(select.select([owner], [], [], 0)[0]))
 
         taker = threading.Thread(target=take)
         taker.start()
-        # The taker is blocked on the owner (nothing decided while its flock is held) ...
-        taker.join(0.3)
-        assert taker.is_alive() and result == []
+        assert result == []  # nothing decided while the owner's flock is held ...
         os.write(gate_w, b"x")  # ... until its last thread exits
         taker.join(10)
         assert not taker.is_alive()
         assert [getattr(t, "port", t) for t in result] == [port]
+        assert owner_gone == [True]  # waited for the owner, no refusal, no break-in
         lock = tmp_path / "ports" / f"tcp-{port}.lock"
         assert json.loads(lock.read_text())["name"] == "new"
         for t in result:
@@ -249,13 +240,13 @@ def test_lease_flock_of_an_exiting_owner_is_waited_for(tmp_path: Path) -> None:
     finally:
         os.write(gate_w, b"x")
         os.waitpid(pid, 0)
-        for fd in (gate_r, gate_w, ready_r):
+        for fd in (gate_r, gate_w, ready_r, owner):
             os.close(fd)
 
 
-def _proc_state(pid: int) -> str:
+def _proc_stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+        return f.read().rsplit(")", 1)[1].split()
 
 
 def test_lease_of_a_live_owner_is_refused(tmp_path: Path) -> None:
