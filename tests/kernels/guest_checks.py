@@ -236,6 +236,87 @@ def check_limits(ctx: Ctx) -> tuple[str, str]:
                                          " (v1 hierarchies: files not checked inside)"))
 
 
+def _cgroup_value(pid: int, ctrl: str, v2_name: str, v1_name: str) -> str:
+    """A cgroup file of pid as the host sees it: its v1 hierarchy of ctrl, else cgroup2."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        rows = [ln.rstrip("\n").split(":", 2) for ln in f]
+    for _, ctrls, path in rows:
+        if ctrl in ctrls.split(","):
+            with open(f"/sys/fs/cgroup/{ctrl}{path}/{v1_name}") as f:
+                return f.read().strip()
+    for _, ctrls, path in rows:
+        if ctrls == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            with open(f"/sys/fs/cgroup{path}/{v2_name}") as f:
+                return f.read().strip()
+    raise LookupError(f"no {ctrl} cgroup for {pid}")
+
+
+def check_oci_cgroups(ctx: Ctx) -> tuple[str, str]:
+    """uspawn-runc applies linux.resources for every cgroupsPath shape (absolute,
+    relative, slice:prefix:name): pids.max and the memory limit of the container's
+    cgroup, and the cgroup gone after delete (issue 13)."""
+    import tempfile
+
+    runc = [ctx.uspawn[0], "-c", "from uspawn.oci.cli import entry; entry()"]
+    shapes = {"absolute": "/uspawn-matrix-abs", "relative": "uspawn-matrix/rel",
+              "slice": "uspawnmatrix.slice:uspawn:sl"}
+    seen = []
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        state = os.path.join(tmp, "state")
+
+        def oci(*args: str) -> subprocess.CompletedProcess[str]:
+            # Files, not pipes: a created container keeps the runtime's stdio open.
+            with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+                p = subprocess.run([*runc, "--root", state, *args], stdout=out, stderr=err,
+                                   stdin=subprocess.DEVNULL, timeout=ctx.timeout)
+                out.seek(0)
+                err.seek(0)
+                return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())
+
+        r = oci("spec", "--bundle", tmp)
+        if r.returncode != 0:
+            return "fail", f"uspawn-runc spec: {_describe(r)}"
+        cfg_path = os.path.join(tmp, "config.json")
+        with open(cfg_path) as f:
+            base = json.load(f)
+        for shape, path in shapes.items():
+            cfg = json.loads(json.dumps(base))
+            cfg["root"] = {"path": _run_tree(ctx), "readonly": True}
+            cfg["process"]["args"] = ["sleep", "60"]
+            cfg["process"]["terminal"] = False
+            cfg["linux"]["cgroupsPath"] = path
+            cfg["linux"]["resources"] = {"memory": {"limit": 48 << 20},
+                                         "pids": {"limit": 21}}
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f)
+            cid = f"cg-{shape}"
+            r = oci("create", "-b", tmp, cid)
+            if r.returncode != 0:
+                return "fail", f"{shape} cgroupsPath {path!r}: create: {_describe(r)}"
+            try:
+                pid = int(json.loads(oci("state", cid).stdout)["pid"])
+                with open(f"/proc/{pid}/cgroup") as f:
+                    where = f.read()
+                got = (_cgroup_value(pid, "pids", "pids.max", "pids.max"),
+                       _cgroup_value(pid, "memory", "memory.max", "memory.limit_in_bytes"))
+            finally:
+                d = oci("delete", "--force", cid)
+            if got != ("21", str(48 << 20)):
+                return "fail", f"{shape} cgroupsPath {path!r}: pids/memory {got}; {where!r}"
+            if d.returncode != 0:
+                return "fail", f"{shape}: delete: {_describe(d)}"
+            last = path.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+            left = [ln for ln in where.splitlines() if ln.endswith(last) or
+                    ln.endswith(f"-{last}.scope")]
+            gone = all(not os.path.isdir("/sys/fs/cgroup/" + (ln.split(":", 2)[1].split(",")[0]
+                                         if ln.split(":", 2)[1] else "") + ln.split(":", 2)[2])
+                       for ln in left)
+            if not left or not gone:
+                return "fail", f"{shape}: cgroup {path!r} not found or left after delete: {where!r}"
+            seen.append(shape)
+    return "pass", f"pids.max 21 and memory 48M for {', '.join(seen)} cgroupsPath; none left"
+
+
 def phase_main(ctx: Ctx, rep: Reporter) -> None:
     state: dict[str, str] = {}
     rep.check("selftest", lambda: check_selftest(ctx))
@@ -244,6 +325,7 @@ def phase_main(ctx: Ctx, rep: Reporter) -> None:
     rep.check("run-mknod-eperm", lambda: check_mknod(ctx))
     rep.check("ownership-path", lambda: check_ownership(ctx, state))
     rep.check("limits", lambda: check_limits(ctx))
+    rep.check("oci-cgroups", lambda: check_oci_cgroups(ctx))
 
 
 # ------------------------------------------------------------------ shift phases

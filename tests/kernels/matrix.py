@@ -94,6 +94,7 @@ COLUMNS = (
     ("run-mknod-eperm", "run: mknod EPERM"),
     ("ownership-path", "ownership path"),
     ("limits", "limits"),
+    ("oci-cgroups", "OCI cgroupsPath shapes"),
     ("shift-kill-resume", "chown shift killed + resumed"),
 )
 SHIFT_CHECKS = ("shift-started", "shift-unfinished-after-kill", "shift-resumed",
@@ -895,7 +896,7 @@ def _record(res: KernelResult, b: Boot, expected: tuple[str, ...]) -> None:
 
 
 MAIN_CHECKS = ("selftest", "doctor", "run-devnull-nonroot", "run-mknod-eperm", "ownership-path",
-               "limits")
+               "limits", "oci-cgroups")
 
 
 def run_vm_kernel(kern: Kernel, root_img: Path, kfiles: KernelFiles,
@@ -1174,6 +1175,9 @@ CHECK_DOCS = (
      "while the init goes on, a fork bomb stops below 50 tasks, `uspawn set` raises "
      "MemoryMax and TasksMax of a running container (`status` shows them); on cgroup2 "
      "memory.max, pids.max, cpu.max and MemoryHigh's memory.high inside (docs/LIMITS.md)"),
+    ("OCI cgroupsPath shapes", "`uspawn-runc run` with memory 48M and pids 21 for an "
+     "absolute, a relative and a `slice:prefix:name` cgroupsPath: the container reads "
+     "pids.max 21 and the memory limit, and no cgroup directory is left (docs/OCI.md)"),
     ("chown shift killed + resumed", "kernels where uspawn takes the chown path: the VM is "
      "SIGKILLed in the middle of a `--private-users-ownership=chown` shift of a {files}-file "
      "tree (after a `sync`, so a half-shifted tree is on disk) and booted again: "
