@@ -52,6 +52,10 @@ class Request(FrozenModel):
     detached: bool = False
     exec_fifo: str | None = None
     cgroup_path: str | None = None  # OCI linux.cgroupsPath, resolved and checked
+    # Limits with no linux.resources field (systemd's MemoryHigh -> memory.high,
+    # IOWeight -> io.weight), as cgroups.set_limits keys: set with the others,
+    # before the first process enters the cgroup.
+    cgroup_limits: tuple[tuple[str, int | str | bool], ...] = ()
     delegate_cgroup: bool = False  # hand the cgroup2 directory to container root (systemd)
     # Host-side hooks once the init exists (OCI prestart, createRuntime),
     # and in the init before execve (startContainer).

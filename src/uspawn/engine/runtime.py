@@ -325,6 +325,7 @@ class Container:
         res = self.spec.linux.resources if self.spec.linux else None
         out: dict[str, int | str | bool] = {}
         if res is None:
+            out.update(self.req.cgroup_limits)
             return out
         m, c = res.memory, res.cpu
         for key, value in (
@@ -341,6 +342,7 @@ class Container:
                 ("cpu.mems", c.mems or None if c else None)):
             if value is not None:
                 out[key] = value
+        out.update(self.req.cgroup_limits)
         return out
 
     def _device_policy(self, host: planmod.HostPlan) -> None:

@@ -37,7 +37,7 @@ def _split_caps(values: list[str]) -> list[str]:
 
 
 def _request(ns: types.SimpleNamespace, la: Launch, net: NetworkChoice,
-             log: Callable[[str], None], **kw: object) -> Request:
+             log: Callable[[str], None], lim: limits.Limits, **kw: object) -> Request:
     """The engine request of `run` and `boot`: complete here, read-only afterwards."""
     from uspawn.kernel import seccomp
 
@@ -55,7 +55,7 @@ def _request(ns: types.SimpleNamespace, la: Launch, net: NetworkChoice,
     return Request(name=la.claim.name, claim=la.claim, range_lease=la.lease,
                    ownership=la.ownership, seccomp_bpf=bpf, start=START_AUTO,
                    verbose=verbose, debug=bool(ns.debug), log=log, undo=undo,
-                   network_setup=setup, **kw)
+                   network_setup=setup, cgroup_limits=tuple(lim.cgroup_limits().items()), **kw)
 
 
 class NetworkChoice:
@@ -200,7 +200,7 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
         stdio = {} if relay is None else {
             "stdio": (relay.child[0], relay.child[1], relay.child[2]),
             "close_in_child": tuple(relay.fds())}
-        req = _request(ns, la, net, log, **stdio)
+        req = _request(ns, la, net, log, lim, **stdio)
     except BaseException:
         la.release()
         if relay is not None:
@@ -208,7 +208,6 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
         raise
     # From here on the container owns (and releases) the claim and the lease.
     def record(c: Container) -> None:  # `uspawn stop` uses the same first signal and grace
-        limits.apply_after_start(c.cgroup, lim)
         la.record(c, kill_signal=req.kill_signal or sig.SIGTERM, stop_timeout=req.stop_timeout)
 
     try:
@@ -243,13 +242,6 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
                   binds: list[tuple[str, str, list[str]]], lim: limits.Limits) -> Machine:
     from uspawn.machine import boot
 
-    class LimitedMachine(boot.Machine):
-        """MemoryHigh/IOWeight once the machine's cgroup holds its init."""
-
-        def _started(self, c: Container) -> None:
-            limits.apply_after_start(c.cgroup, lim)
-            super()._started(c)
-
     net = NetworkChoice(ns.network, ns.port)
     views = _proc_views(ns, True, log)
     la = prepare(ns, exact_name=True, log=log)
@@ -273,9 +265,9 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
         )
         settings.add_rlimits(spec, ns)
         # INT/TERM to uspawn mean "power the machine off cleanly", as for nspawn.
-        req = _request(ns, la, net, log, delegate_cgroup=True,
+        req = _request(ns, la, net, log, lim, delegate_cgroup=True,
                        signal_map={sig.SIGINT: boot.SIGRTMIN_3, sig.SIGTERM: boot.SIGRTMIN_3})
     except BaseException:
         la.release()
         raise
-    return LimitedMachine(spec, req, la, notify, machine_uuid, ns)
+    return boot.Machine(spec, req, la, notify, machine_uuid, ns)

@@ -7,9 +7,8 @@ strings, which parse() validates (an error names the property and, for a flag,
 the flag). The limits the OCI Spec has fields for go into linux.resources, so
 the engine applies them when it creates the cgroup, before the init exists,
 exactly as for `uspawn-runc create`. MemoryHigh and IOWeight have no
-linux.resources field the engine reads yet: they are checked against the host
-before anything starts and written by the code behind `uspawn set` right
-after the start (a failure stops the machine with an error naming them).
+linux.resources field: they go to the engine request's cgroup_limits and are
+set with the others, before the first process enters the cgroup.
 
 Units are systemd's: sizes in bytes with K/M/G/T (1024-based) or a percentage
 of the host's RAM, "infinity" for none; CPUQuota in percent of one CPU (200% =
@@ -36,8 +35,8 @@ CPU_PERIOD = 100_000
 FLAGS = {"--memory": "MemoryMax", "--cpus": "CPUQuota", "--pids": "TasksMax"}
 # cgroups.Cgroup.set_limits key -> the property it came from (errors name the property).
 KEYS = {key: prop for prop, key in cgroups.SYSTEMD_KEYS.items()} | {"cpu.period": "CPUQuota"}
-# Applied after the start (no linux.resources field the engine reads).
-AFTER_START = ("memory.high", "io.weight")
+# No linux.resources field: passed as the engine request's cgroup_limits.
+NO_SPEC_FIELD = ("memory.high", "io.weight")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50,
           "E": 1 << 60}
 _UNLIMITED = ("infinity", "max", "-1")
@@ -74,8 +73,8 @@ class Limits:
             pids=pids if pids.limit is not None else None)
         return res if res.memory or res.cpu or res.pids else None
 
-    def after_start(self) -> dict[str, int | str | bool]:
-        return {k: v for k, v in self.settings.items() if k in AFTER_START}
+    def cgroup_limits(self) -> dict[str, int | str | bool]:
+        return {k: v for k, v in self.settings.items() if k in NO_SPEC_FIELD}
 
 
 def _int(v: object) -> int | None:
@@ -273,16 +272,6 @@ def check_host(lim: Limits) -> None:
         reason = cgroups.why_not(key)
         if reason is not None:
             raise SpecError(f"{lim.name(key)}: {reason}", "see `uspawn doctor`")
-
-
-def apply_after_start(cg: cgroups.Cgroup | None, lim: Limits) -> None:
-    """MemoryHigh and IOWeight, written right after the start by `uspawn set`'s code."""
-    extra = lim.after_start()
-    if not extra:
-        return
-    if cg is None:
-        raise SpecError(f"{lim.name(next(iter(extra)))}: the container has no cgroup")
-    apply(cg, extra, lim)
 
 
 def apply(cg: cgroups.Cgroup, settings: dict[str, int | str | bool], lim: Limits) -> None:
