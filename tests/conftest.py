@@ -13,11 +13,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from uspawn.tree.busybox import build_busybox_rootfs
+
+if TYPE_CHECKING:
+    from test_oci import Oci
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE_SRC = REPO / "tests" / "probe" / "probe.c"
@@ -118,6 +121,17 @@ class Runner:
 @pytest.fixture
 def uspawn(state_dir: Path, need_root: None) -> Iterator[Runner]:
     yield Runner(state_dir)
+
+
+@pytest.fixture
+def oci(tmp_path: Path, need_root: None) -> Iterator[Oci]:
+    """uspawn-runc with a state root of the test's own; what it left is deleted."""
+    from test_oci import Oci
+
+    o = Oci(tmp_path / "oci-state")
+    yield o
+    for line in o("list", "-q", check=False).stdout.split():
+        o("delete", "--force", line, check=False)
 
 
 def host_mount_count() -> int:

@@ -7,20 +7,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_oci import Oci, make_bundle
 from test_oci_conformance import _cgroup_file
-
-
-@pytest.fixture(name="oci")
-def oci_fixture(tmp_path: Path, need_root: None) -> Iterator[Oci]:
-    o = Oci(tmp_path / "oci-state")
-    yield o
-    for line in o("list", "-q", check=False).stdout.split():
-        o("delete", "--force", line, check=False)
 
 
 def _memory_limit(pid: int) -> int:

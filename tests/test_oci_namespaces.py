@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,6 @@ import pytest
 from test_oci import Oci, make_bundle
 
 Cfg = dict[str, Any]
-
-
-@pytest.fixture(name="oci")
-def oci_fixture(tmp_path: Path, need_root: None) -> Iterator[Oci]:
-    o = Oci(tmp_path / "oci-state")
-    yield o
-    for line in o("list", "-q", check=False).stdout.split():
-        o("delete", "--force", line, check=False)
 
 
 def _bundle(tmp_path: Path, rootfs: Path, args: list[str], mount: Cfg | None,

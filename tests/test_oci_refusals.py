@@ -8,7 +8,6 @@ import ctypes
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,6 @@ from test_oci import Oci, make_bundle, runtime_cmd
 
 PR_CAPBSET_DROP = 24
 CAP_SYS_NICE = 23
-
-
-@pytest.fixture(name="oci")
-def oci_fixture(tmp_path: Path, need_root: None) -> Iterator[Oci]:
-    o = Oci(tmp_path / "oci-state")
-    yield o
-    for line in o("list", "-q", check=False).stdout.split():
-        o("delete", "--force", line, check=False)
 
 
 def _bundle(tmp_path: Path, rootfs: Path, edit: Any) -> Path:
