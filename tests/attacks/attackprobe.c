@@ -19,10 +19,11 @@
  *   attackprobe chroot-escape DIR [PATH]  mkdir DIR, chroot DIR, chdir("..") x 64, chroot("."),
  *                                       then print "ok" and the entries of "/" (readdir order);
  *                                       with PATH, a second line: "reach" if PATH opens, else errno
- *   attackprobe watch-exe SECONDS       for SECONDS, scan /proc for other processes and open each
+ *   attackprobe watch-exe SECONDS [STOP]  for SECONDS, scan /proc for other processes and open each
  *                                       /proc/PID/exe (O_RDONLY): print "foreign PID TARGET" for an
  *                                       exe that is none of /bin/busybox, /bin/attackprobe (the
- *                                       tree's own binaries), then "seen N denied M" at the end
+ *                                       tree's own binaries), then "seen N denied M" at the end;
+ *                                       with STOP, end after one more full scan once STOP exists
  *   attackprobe mknod PATH c|b MAJ MIN
  *   attackprobe kill0 PID               kill(PID, 0): does the pid exist for us?
  *   attackprobe remount-rw PATH         mount(NULL, PATH, NULL, MS_REMOUNT|MS_BIND, NULL)
@@ -151,17 +152,19 @@ static int same_file(int fd, const char *path) {
            a.st_ino == b.st_ino;
 }
 
-static int watch_exe(double seconds) {
+static int watch_exe(double seconds, const char *stop) {
     /* CVE-2019-5736: a process that joins the container (exec) must never let the
      * container open its /proc/PID/exe while that still is a host binary. */
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     long seen = 0, denied = 0;
     pid_t self = getpid();
+    int last = 0;
     for (;;) {
         clock_gettime(CLOCK_MONOTONIC, &t);
-        if ((t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 > seconds)
+        if (last || (t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 > seconds)
             break;
+        last = stop && access(stop, F_OK) == 0; /* what runs now is scanned once more */
         DIR *d = opendir("/proc");
         if (!d)
             return fail();
@@ -339,7 +342,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "chroot-escape") && argc >= 3)
         return chroot_escape(argv[2], argc >= 4 ? argv[3] : NULL);
     if (!strcmp(cmd, "watch-exe") && argc >= 3)
-        return watch_exe(atof(argv[2]));
+        return watch_exe(atof(argv[2]), argc >= 4 ? argv[3] : NULL);
     if (!strcmp(cmd, "mknod") && argc >= 6) {
         mode_t type = argv[3][0] == 'b' ? S_IFBLK : S_IFCHR;
         return mknod(argv[2], type | 0666, makedev(atoi(argv[4]), atoi(argv[5]))) < 0 ? fail()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from conftest import Runner, drain_pty, skip_or_fail
+from waits import wait_until
 
 from .conftest import TIMEOUT, assert_clean_error
 
@@ -134,13 +135,9 @@ exec sleep 600
     r = machine.boot()
     assert r.returncode == 0, r.stderr
     _assert_no_raw_controls(r.stdout + r.stderr)
-    deadline = time.monotonic() + 10
-    status = ""
-    while time.monotonic() < deadline:
-        status = machine.runner.run("status", machine.name).stdout
-        if "pwned" in status:
-            break
-        time.sleep(0.1)
+    # STATUS= came before READY=1 on the one notify socket, whose datagrams the
+    # supervisor records in order: ready (boot returned) means recorded.
+    status = machine.runner.run("status", machine.name).stdout
     _assert_no_raw_controls(status)
     line = next(ln for ln in status.splitlines() if ln.startswith("Status:"))
     assert "\\x1b]0;pwned\\x07" in line and "\\x9b2J" in line and "\\u{202e}evil" in line
@@ -158,12 +155,11 @@ exec sleep 600
     r = machine.runner.run("exec", "-E", "NOTIFY_SOCKET=/run/host/notify", machine.name, "--",
                            "/bin/notify", f"STATUS={long_status}", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        status = machine.runner.run("status", machine.name).stdout
-        if "AAAA" in status:
-            break
-        time.sleep(0.1)
+    # The supervisor records it in state.json (renamed into place): wait for that.
+    wait_until(lambda: "AAAA" in (machine.runner.state / "containers" / machine.name /
+                                  "state.json").read_text(),
+               [machine.runner.state / "containers" / machine.name], "the long STATUS=")
+    status = machine.runner.run("status", machine.name).stdout
     line = next(ln for ln in status.splitlines() if ln.startswith("Status:"))
     assert "AAAA" in line and len(line) <= len("Status:      ") + 256
     # `uspawn logs` on a terminal: colours stay, everything else is escaped.

@@ -76,14 +76,14 @@ def test_state_directories_do_not_share_uid_ranges(uspawn: Runner, tree: Path,
     other_state.mkdir()
     other = Runner(other_state)
     a = uspawn.popen("run", "-D", str(tree), "-M", host.machine(), "--", "sh", "-c",
-                     "cat /proc/self/uid_map; sleep 1.5", stdin=subprocess.DEVNULL,
+                     "cat /proc/self/uid_map; read x || :", stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert a.stdout is not None
         map_a = a.stdout.readline()  # A runs (its ID map is written) before B starts
         b = other.run("run", "-D", str(tree), "-M", host.machine(), "--",
                       "cat", "/proc/self/uid_map", timeout=TIMEOUT, input="")
-        _, err_a = a.communicate(timeout=TIMEOUT)
+        _, err_a = a.communicate(timeout=TIMEOUT)  # EOF on A's stdin: A ends after B
     finally:
         a.kill()
         a.wait()

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import processes_in_cgroup_named
+from waits import tty_pending, wait_exit, wait_state
 
 from .conftest import REFUSED, SECRET, TIMEOUT, assert_no_traceback, results
 
@@ -415,27 +417,37 @@ def test_exec_joining_process_is_not_reachable(uspawn: Runner, tree: Path,
     process holds only stdio."""
     name = host.machine()
     p = uspawn.popen("run", "-D", str(tree), "--machine", name, "--",
-                     "attackprobe", "watch-exe", "4", stdin=subprocess.DEVNULL,
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     "attackprobe", "watch-exe", "120", "/tmp/watch-stop",
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    last: subprocess.Popen[str] | None = None
     try:
-        deadline = time.monotonic() + 15
+        wait_state(uspawn.state, name, p, TIMEOUT)  # from now on exec can join
         joined = 0
         fds: list[str] = []
-        while time.monotonic() < deadline and joined < 10 and p.poll() is None:
+        for _ in range(5):
             r = uspawn.run("exec", name, "--", "sh", "-c",
                            "ls /proc/self/fd | sort -n | tr '\\n' ' '; sleep 0.2",
                            timeout=TIMEOUT, input="")
             assert_no_traceback(r)
-            if r.returncode == 0:
-                joined += 1
-                fds.append(r.stdout.strip())
-            else:
-                time.sleep(0.05)  # not registered yet
+            assert r.returncode == 0, r.stderr
+            joined += 1
+            fds.append(r.stdout.strip())
+        # The last one joins, tells the scanner to stop and stays until the scanner's
+        # final full scan is over (its exit ends the container): seen for certain.
+        last = uspawn.popen("exec", name, "--", "sh", "-c",
+                            "touch /tmp/watch-stop; echo stopping; read x || :",
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+        assert last.stdout is not None and last.stdout.readline() == "stopping\n"
         out, err = p.communicate(timeout=TIMEOUT)
     finally:
         p.kill()
         p.wait()
-    assert joined >= 3, f"could join only {joined} times"
+        if last is not None:
+            last.kill()
+            _, last_err = last.communicate()
+            assert "Traceback" not in last_err
+    assert joined == 5
     assert set(fds) == {"0 1 2 3"}
     assert p.returncode == 0, err
     lines = out.splitlines()
@@ -455,14 +467,14 @@ def test_exec_does_not_regain_dropped_capabilities(uspawn: Runner, tree: Path,
     name = host.machine()
     p = uspawn.popen("run", "-D", str(tree), "--machine", name, "--drop-capability",
                      "CAP_SYS_ADMIN,CAP_SYS_PTRACE", "--no-new-privileges", "--", "sh", "-c",
-                     "grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status; sleep 1",
-                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     "grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status; read x || :",
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert p.stdout is not None
         init = _status(p.stdout.readline() + p.stdout.readline())
         r = uspawn.run("exec", name, "--", "grep", "-E", "^(CapBnd|CapEff|NoNewPrivs)",
                        "/proc/self/status", timeout=TIMEOUT, input="")
-        p.communicate(timeout=TIMEOUT)  # let it end (and clean up) on its own
+        p.communicate(timeout=TIMEOUT)  # EOF on its stdin: it ends (and cleans up) on its own
     finally:
         if p.poll() is None:
             p.kill()
@@ -489,10 +501,8 @@ class _Running:
         self.p = uspawn.popen("run", "-D", str(tree), "--machine", self.name, "--", "sleep",
                               str(seconds), stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + TIMEOUT
-        while self.exec("true", stdin=subprocess.DEVNULL).returncode != 0:
-            assert self.p.poll() is None and time.monotonic() < deadline, "never came up"
-            time.sleep(0.1)
+        # state.json is written once the payload runs: from then on exec can join.
+        wait_state(uspawn.state, self.name, self.p, TIMEOUT)
 
     def exec(self, *cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
         kw.setdefault("stdout", subprocess.PIPE)
@@ -513,18 +523,33 @@ class _Running:
                 self.p.wait()
 
 
+def _host_pid(name: str, inner: int) -> int:
+    """The host pid of the container's process that is pid inner in its namespace."""
+    for pid in processes_in_cgroup_named(name):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                nspid = next(ln for ln in f if ln.startswith("NSpid:")).split()[1:]
+        except (OSError, StopIteration):
+            continue
+        if len(nspid) > 1 and int(nspid[-1]) == inner:
+            return pid
+    raise AssertionError(f"no process {inner} in container {name}")
+
+
 def _no_traceback(r: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in (r.stdout or "") + (r.stderr or ""), r.stderr
 
 
 def _readable(fd: int) -> bytes:
-    """What a pty side has for a reader right now (raw mode: a partial line counts)."""
-    import select
+    """What a pty side has for a reader right now (raw mode: a partial line counts).
+
+    Everything written to the other side before this call is there: a non-blocking
+    tty read flushes the pty's buffer work first (waits.tty_pending)."""
     import termios
     import tty
 
     tty.setraw(fd, termios.TCSANOW)
-    return os.read(fd, 4096) if select.select([fd], [], [], 0.2)[0] else b""
+    return tty_pending(fd)
 
 
 def _tiocsti_report(out: str) -> dict[str, dict[str, str]]:
@@ -613,12 +638,16 @@ def test_exec_daemon_cannot_read_stdin_after_exec_returns(uspawn: Runner, tree: 
     master, slave = os.openpty()
     try:
         t0 = time.monotonic()
+        # The daemon holds stdin from the fork on (fd 3): it need not have run yet.
         r = running.exec("sh", "-c", "exec 3<&0; cat <&3 >/tmp/stolen 2>&1 & "
-                         "sleep 0.2; echo started", stdin=slave)
-        assert r.returncode == 0 and r.stdout == "started\n", r.stderr
+                         "echo \"started $!\"", stdin=slave)
+        assert r.returncode == 0 and r.stdout.startswith("started "), r.stderr
         assert time.monotonic() - t0 < TIMEOUT / 2  # a daemon holding stderr: bounded
+        daemon = _host_pid(running.name, int(r.stdout.split()[1]))
         os.write(master, b"typed-by-the-admin\n")
-        time.sleep(0.5)
+        # It reads EOF and ends (a daemon reading our tty would wait for more): once
+        # it has exited, /tmp/stolen holds all it ever read.
+        wait_exit([daemon], TIMEOUT, "the daemon holding exec's stdin")
         r = running.exec("sh", "-c", "echo \"stolen: [$(cat /tmp/stolen)]\"; "
                          "echo \"readers: $(grep -l '(cat) [^Z]' /proc/[0-9]*/stat | wc -l)\"",
                          stdin=subprocess.DEVNULL)
