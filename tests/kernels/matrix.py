@@ -1175,9 +1175,9 @@ CHECK_DOCS = (
      "while the init goes on, a fork bomb stops below 50 tasks, `uspawn set` raises "
      "MemoryMax and TasksMax of a running container (`status` shows them); on cgroup2 "
      "memory.max, pids.max, cpu.max and MemoryHigh's memory.high inside (docs/LIMITS.md)"),
-    ("OCI cgroupsPath shapes", "`uspawn-runc run` with memory 48M and pids 21 for an "
-     "absolute, a relative and a `slice:prefix:name` cgroupsPath: the container reads "
-     "pids.max 21 and the memory limit, and no cgroup directory is left (docs/OCI.md)"),
+    ("OCI cgroupsPath shapes", "`uspawn-runc create` with memory 48M and pids 21 for an "
+     "absolute, a relative and a `slice:prefix:name` cgroupsPath: the container's cgroup "
+     "has pids.max 21 and the memory limit, and none is left after `delete` (docs/OCI.md)"),
     ("chown shift killed + resumed", "kernels where uspawn takes the chown path: the VM is "
      "SIGKILLed in the middle of a `--private-users-ownership=chown` shift of a {files}-file "
      "tree (after a `sync`, so a half-shifted tree is on disk) and booted again: "
