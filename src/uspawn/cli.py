@@ -110,6 +110,9 @@ COMMANDS = [
             positionals=["name"], rest="cmd"),
     Command("shell", "open a login shell (with a pty) in a running container",
             positionals=["name"]),
+    Command("enable", "boot a machine with the host (uspawn@NAME.service in "
+            "uspawn-machines.target)", positionals=["name"]),
+    Command("disable", "stop booting a machine with the host", positionals=["name"]),
     Command("logs", "show a detached machine's console log", [Opt("-f", "--follow", kind="flag")],
             positionals=["name"]),
     Command("doctor", "probe this host: what will it do to containers",
@@ -197,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command == "kill":
                 return machines.kill_command(root, ns.name, ns.signal or "TERM")
             return machines.logs_command(ns.name, ns.follow)
+        if command in ("enable", "disable"):
+            from uspawn.machine import units
+
+            return (units.enable if command == "enable" else units.disable)(ns.name, sys.stdout)
         if command == "doctor":
             from uspawn.diag.doctor import run_doctor
 

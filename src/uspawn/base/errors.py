@@ -9,6 +9,8 @@ own status from uspawn's:
     126     the command exists in the container but could not be executed
     127     the command was not found in the container
     128+N   the payload was killed by signal N
+    133     boot: the machine asked for a reboot (as systemd-nspawn; machine/boot.py
+            EXIT_REBOOT; 128+SIGTRAP too, as for nspawn: an init killed by SIGTRAP is a bug)
     2       command-line usage error
     141     (128+SIGPIPE) uspawn's own stdout is a pipe whose reader left
             (`uspawn list | head -1`): it stops quietly, as a C tool dies of SIGPIPE

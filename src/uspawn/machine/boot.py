@@ -3,13 +3,18 @@
 systemd's container interface (systemd.io/CONTAINER_INTERFACE): `container=`
 and `container_uuid=` in pid 1's environment, /run/host/container-manager,
 NOTIFY_SOCKET for READY=1 / STATUS= / STOPPING=1, SIGRTMIN+3 for a clean
-poweroff. pid 1 ends a poweroff with reboot(2), which in a pid namespace makes
-the kernel kill it with SIGHUP (poweroff/halt) or SIGINT (reboot).
+poweroff. pid 1 ends a poweroff or a reboot with reboot(2), which in a pid
+namespace makes the kernel kill it with SIGINT (power-off, halt) or SIGHUP
+(restart): pid_namespaces(7), kernel/pid_namespace.c reboot_pid_ns.
 
-A detached machine keeps one supervisor process (a fork of this one): it
-pumps the console pty into the log, reads the notify socket, and cleans up
-when the machine stops. A shared supervisor for all machines is future work
-(see docs/ARCHITECTURE.md).
+A reboot request makes the foreground `uspawn boot` exit EXIT_REBOOT (133, as
+systemd-nspawn), which uspawn@.service turns into a restart
+(RestartForceExitStatus=133). A detached machine keeps one supervisor process
+(a fork of this one): it pumps the console pty into the log, reads the notify
+socket, boots the machine again on a reboot request (same name, UID range,
+subnet, limits, UUID) and cleans up when the machine stops. A shared
+supervisor for all machines is future work (docs/ARCHITECTURE.md, "Host cost
+per machine").
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ if TYPE_CHECKING:
 
 LOG_DIR = "/var/log/uspawn"
 SIGRTMIN_3 = sig.SIGRTMIN + 3  # systemd: clean poweroff
+# `uspawn boot` exits with this when the machine asked for a reboot, as
+# systemd-nspawn does (its unit restarts it: RestartForceExitStatus=133).
+EXIT_REBOOT = 133
 # A detached machine's console log: at most this many bytes in NAME.console.log,
 # plus the previous NAME.console.log.1 (--console-log-size).
 DEFAULT_CONSOLE_LOG_SIZE = 8 << 20
@@ -237,6 +245,7 @@ class Machine:
         self.on_ready: Callable[[], None] | None = None
         self.console_log: str | None = None
         self.console_sink: Callable[[bytes], None] | None = None
+        self.restarts = 0  # reboots of this machine under the same supervisor
         with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
             f.write(machine_uuid + "\n")
 
@@ -249,7 +258,7 @@ class Machine:
             self.la.record(self.container, machine=True, uuid=self.uuid,
                            ready=self.notify.ready, stopping=self.notify.stopping,
                            status_text=self.notify.status, console_log=self.console_log,
-                           **extra)
+                           restarts=self.restarts, **extra)
 
     def _started(self, c: runtime.Container) -> None:
         self.container = c
@@ -279,14 +288,23 @@ class Machine:
             code = console.run(self.spec, self.req, on_start=self._started, io=io)
         finally:
             self.notify.close()
-        # reboot(2) in a pid namespace kills its init: SIGINT for power-off and
-        # halt, SIGHUP for restart (kernel/reboot.c reboot_pid_ns).
-        if code == 128 + sig.SIGINT:
-            return 0
-        if code == 128 + sig.SIGHUP:
-            self.req.say(f"machine {self.name} asked for a reboot; not restarting it")
-            return 0
-        return code
+        return reboot_code(code, self.name, self.req.say)
+
+
+def reboot_code(code: int, name: str, say: Callable[[str], None]) -> int:
+    """`uspawn boot`'s exit code for the init's wait status `code` (128+N: killed by N).
+
+    reboot(2) in a pid namespace kills its init: SIGINT for power-off and halt
+    (a clean stop: 0), SIGHUP for restart (EXIT_REBOOT). No other process can
+    kill an init with these: the kernel drops signals an init does not handle.
+    """
+    if code == 128 + sig.SIGINT:
+        return 0
+    if code == 128 + sig.SIGHUP:
+        say(f"machine {name} asked for a reboot: exit {EXIT_REBOOT} (uspawn@.service and "
+            "--detach boot it again)")
+        return EXIT_REBOOT
+    return code
 
 
 def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
@@ -300,7 +318,7 @@ def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
         try:
             os.close(rfd)
             os.setsid()
-            _supervise(wfd, log, make_machine, cap)
+            _supervise(wfd, log, make_machine, cap, ns)
         finally:
             os._exit(0)
     os.close(wfd)
@@ -336,37 +354,81 @@ def detach(ns: types.SimpleNamespace, log: Callable[[str], None],
 
 
 def _supervise(wfd: int, log: Callable[[str], None],
-               make_machine: Callable[[], Machine], cap: int = DEFAULT_CONSOLE_LOG_SIZE) -> None:
+               make_machine: Callable[[], Machine], cap: int = DEFAULT_CONSOLE_LOG_SIZE,
+               ns: types.SimpleNamespace | None = None) -> None:
+    """The detached machine's life: boot it, and boot it again after each reboot."""
+    told = False
+
     def tell(line: str) -> None:
+        nonlocal told
+        if told:
+            return  # `uspawn boot --detach` has returned: only the first boot reports
+        told = True
         try:
             os.write(wfd, (line + "\n").encode())
         except OSError:
             pass
+        os.close(wfd)
 
-    try:
-        machine = make_machine()
-    except UspawnError as exc:
-        tell(f"error {exc.exit_code} {exc.one_line()}")
+    clog: ConsoleLog | None = None
+    restarts = 0
+    while True:
+        try:
+            machine = make_machine()
+        except UspawnError as exc:
+            tell(f"error {exc.exit_code} {exc.one_line()}")
+            if clog is not None:  # a reboot that could not boot again
+                clog.write(f"-- uspawn: reboot failed: {exc.one_line()}\n".encode())
+            return
+        keep_identity(ns, machine)  # leased now; released when this boot ends
+        if clog is None:
+            os.makedirs(LOG_DIR, mode=0o750, exist_ok=True)
+            null = os.open("/dev/null", os.O_RDWR)
+            os.dup2(null, 0)
+            os.close(null)
+            clog = ConsoleLog(console_log_path(machine.name), cap, stdio=True)
+        machine.console_log = clog.path
+        machine.console_sink = clog.write
+        machine.restarts = restarts
+        clog.write(f"-- uspawn: booting {machine.name} ({machine.uuid})\n".encode())
+        machine.on_ready = _teller(tell, f"ready {machine.name}")
+        try:
+            code = machine.run_foreground(out_fd=clog.fd, interactive=False)
+        except UspawnError as exc:
+            tell(f"error {exc.exit_code} {exc.one_line()}")
+            clog.write(f"-- uspawn: {exc.one_line()}\n".encode())
+            return
+        if code != EXIT_REBOOT or ns is None:
+            clog.write(f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
+            tell(f"error {code or 125} machine {machine.name} stopped before it was ready")
+            return
+        restarts += 1
+        clog.write(f"-- uspawn: {machine.name} rebooting (restart {restarts})\n".encode())
+
+
+def _teller(tell: Callable[[str], None], line: str) -> Callable[[], None]:
+    return lambda: tell(line)
+
+
+def keep_identity(ns: types.SimpleNamespace | None, machine: Machine) -> None:
+    """Make the next boot from ns the same machine: its UID range, subnet and UUID.
+
+    The engine releases every lease when the old init is gone; the next boot
+    asks for exactly these again (a range or subnet taken meanwhile by another
+    machine fails that boot with one line in the console log, never a
+    different identity). Name, tree, limits and options are ns itself.
+    """
+    if ns is None:
         return
-    os.makedirs(LOG_DIR, mode=0o750, exist_ok=True)
-    machine.console_log = console_log_path(machine.name)
-    null = os.open("/dev/null", os.O_RDWR)
-    os.dup2(null, 0)
-    os.close(null)
-    clog = ConsoleLog(machine.console_log, cap, stdio=True)
-    machine.console_sink = clog.write
-    clog.write(f"-- uspawn: booting {machine.name} ({machine.uuid})\n".encode())
+    la = machine.la
+    if la.userns:
+        ns.private_users = f"{la.base}:{la.size}"
+    ns.machine_uuid = machine.uuid
+    if getattr(ns, "network", None) == "veth":
+        import ipaddress
 
-    def ready() -> None:
-        tell(f"ready {machine.name}")
+        from uspawn.net import pool as netpool
 
-    machine.on_ready = ready
-    try:
-        code = machine.run_foreground(out_fd=clog.fd, interactive=False)
-    except UspawnError as exc:
-        tell(f"error {exc.exit_code} {exc.one_line()}")
-        clog.write(f"-- uspawn: {exc.one_line()}\n".encode())
-        return
-    clog.write(f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
-    tell(f"error {code or 125} machine {machine.name} stopped before it was ready")
-
+        if os.path.isdir(netpool.NET_DIR):
+            for cidr in netpool.addresses().get(machine.name, []):
+                ns.veth_subnet = str(ipaddress.IPv4Interface(cidr).network)

@@ -94,7 +94,14 @@ def _json_row(s: dict[str, object], addrs: dict[str, list[str]]) -> dict[str, ob
             "rootfs": _capped(s.get("rootfs")), "ownership": _capped(s.get("ownership")),
             "machine": bool(s.get("machine")), "uuid": _capped(s.get("uuid")),
             "addresses": [clip(a, 64) for a in addrs.get(str(s.get("name")), [])],
-            "status_text": _capped(s.get("status_text"), STATUS_LIMIT)}
+            "status_text": _capped(s.get("status_text"), STATUS_LIMIT),
+            "ready": bool(s.get("ready")), "restarts": _restarts(s)}
+
+
+def _restarts(st: dict[str, object]) -> int:
+    """Reboots of a detached machine under its supervisor (0 for anything else)."""
+    n = st.get("restarts")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
 
 
 def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
@@ -133,6 +140,7 @@ def status_command(root: str, name: str, out: TextIO = sys.stdout) -> int:
         ("Ownership", field(st.get("ownership"))), ("Uptime", _uptime(st)),
         ("Status", field(st.get("status_text"), STATUS_LIMIT)),
         ("Console log", field(st.get("console_log"))),
+        ("Restarts", str(_restarts(st))),
     ]
     lines += _usage_lines(st)
     for key, value in lines:

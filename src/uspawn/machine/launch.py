@@ -64,6 +64,7 @@ class NetworkChoice:
     def __init__(self, value: str, ports: list[str]) -> None:
 
         self.mode, _, self.arg = value.partition(":")
+        self.subnet: str | None = None  # veth: this subnet, not the first free one (reboot)
         if self.mode not in ("private", "host", "veth", "bridge", "netns"):
             raise UsageError(f"--network: unknown mode {value!r}",
                              "use private, host, veth, bridge:BRIDGE or netns:PATH")
@@ -98,7 +99,7 @@ class NetworkChoice:
         if os.path.isdir(netpool.NET_DIR):
             netpool.cleanup_stale()  # what a container killed with -9 left behind
         pool = netpool.NetPool()
-        lease = (pool.allocate(name, owner_pid=os.getpid()) if self.mode == "veth"
+        lease = (pool.allocate(name, self.subnet, owner_pid=os.getpid()) if self.mode == "veth"
                  else pool.allocate_on_bridge(name, self.arg, owner_pid=os.getpid()))
         try:
             port_leases = pool.reserve_ports(name, self.ports, owner_pid=os.getpid())
@@ -243,13 +244,14 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
     from uspawn.machine import boot
 
     net = NetworkChoice(ns.network, ns.port)
+    net.subnet = getattr(ns, "veth_subnet", None)  # a reboot keeps its subnet (boot.py)
     views = _proc_views(ns, True, log)
     la = prepare(ns, exact_name=True, log=log)
     try:
         init = presets.find_init(la.rootfs)
         notify = boot.NotifyListener(la.claim.dir, la.base if la.userns else 0)
         host_dir = boot.make_host_dir(la.claim.dir, la.base if la.userns else 0, notify)
-        machine_uuid = boot.new_uuid()
+        machine_uuid = getattr(ns, "machine_uuid", None) or boot.new_uuid()  # reboot: same
         spec = presets.run_spec(
             la.rootfs, [init, *getattr(ns, "parameters", [])],  # Parameters= of NAME.nspawn
             hostname=ns.hostname or la.claim.name, base=la.base,

@@ -1,0 +1,255 @@
+"""Reboot inside a machine (issue 17): exit 133 in the foreground, a restart under --detach.
+
+reboot(2) in a pid namespace kills its init with SIGHUP (restart) or SIGINT
+(power-off, halt). `uspawn boot` exits 133 on a reboot request, as
+systemd-nspawn does (uspawn@.service restarts on it: RestartForceExitStatus=133);
+the --detach supervisor boots the machine again itself, as the same machine
+(name, UID range, subnet, limits, UUID), and counts the restarts.
+
+The machines run busybox init (tests/fixtures/busybox_machine.py): its sysinit
+sends READY=1 and writes a line to /booted, a FIFO the test waits on, so every
+wait is on a FIFO, a pidfd or inotify.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Runner, cgroup_dirs, mounts_under, skip_or_fail
+from fixtures.busybox_machine import BootFifo, build_notify, make_bootable
+from waits import wait_exit, wait_until
+
+from uspawn.machine.boot import EXIT_REBOOT, reboot_code
+
+UNIT = Path(__file__).resolve().parent.parent / "dist" / "systemd" / "uspawn@.service"
+
+
+@pytest.fixture(scope="session")
+def notify_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("notify") / "sd-notify"
+    try:
+        build_notify(dest)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        skip_or_fail(f"cannot build the sd-notify helper: {exc}")
+    return dest
+
+
+@pytest.fixture
+def tree(rootfs: Path, notify_binary: Path) -> Iterator[tuple[Path, BootFifo]]:
+    make_bootable(rootfs, notify_binary)
+    fifo = BootFifo(rootfs)
+    yield rootfs, fifo
+    fifo.close()
+
+
+def _record(uspawn: Runner, name: str) -> dict[str, object]:
+    rows = json.loads(uspawn.run("list", "--json").stdout)
+    mine = [r for r in rows if r["name"] == name]
+    assert len(mine) == 1, rows
+    row = mine[0]
+    assert isinstance(row, dict)
+    return row
+
+
+def _state_file(uspawn: Runner, name: str) -> dict[str, object]:
+    data = json.loads((uspawn.state / "containers" / name / "state.json").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _nothing_left(uspawn: Runner, name: str, rootfs: Path) -> None:
+    assert cgroup_dirs(name) == []
+    assert uspawn.run("list", "--json").stdout.strip() == "[]"
+    assert not (uspawn.state / "containers" / name).exists()
+    assert mounts_under(rootfs) == []
+
+
+# --- pure logic -------------------------------------------------------------------
+
+
+def test_reboot_code_maps_the_kernels_signals() -> None:
+    said: list[str] = []
+    assert reboot_code(128 + signal.SIGINT, "m", said.append) == 0  # power-off, halt
+    assert said == []
+    assert reboot_code(128 + signal.SIGHUP, "m", said.append) == EXIT_REBOOT == 133
+    assert "reboot" in said[0]
+    assert reboot_code(128 + signal.SIGKILL, "m", said.append) == 128 + signal.SIGKILL
+    assert reboot_code(3, "m", said.append) == 3
+
+
+def test_unit_restarts_on_133() -> None:
+    service = {}
+    for line in UNIT.read_text().splitlines():
+        key, eq, value = line.partition("=")
+        if eq and not line.startswith("#"):
+            service[key.strip()] = value.split()
+    assert "133" in service["RestartForceExitStatus"]
+    assert "133" in service["SuccessExitStatus"]
+
+
+# --- foreground -------------------------------------------------------------------
+
+
+def _foreground(uspawn: Runner, tree: tuple[Path, BootFifo], name: str,
+                inside: str) -> subprocess.Popen[str]:
+    rootfs, fifo = tree
+    p = uspawn.popen("boot", "-D", str(rootfs), "-M", name, "--lxcfs=no",
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fifo.wait_boot()
+        r = uspawn.run("exec", name, "--", inside)
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p
+
+
+def test_foreground_reboot_exits_133(uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:
+    p = _foreground(uspawn, tree, "fgreboot", "reboot")
+    _, err = p.communicate()
+    assert p.returncode == 133, err
+    assert "machine fgreboot asked for a reboot: exit 133" in err
+    _nothing_left(uspawn, "fgreboot", tree[0])
+
+
+def test_foreground_poweroff_exits_0(uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:
+    p = _foreground(uspawn, tree, "fgoff", "poweroff")
+    _, err = p.communicate()
+    assert p.returncode == 0, err
+    assert "reboot" not in err
+    _nothing_left(uspawn, "fgoff", tree[0])
+
+
+# --- detached: the supervisor boots it again ---------------------------------------
+
+
+def _memory_max(name: str) -> str:
+    for d in cgroup_dirs(name):
+        for f in ("memory.limit_in_bytes", "memory.max"):
+            p = os.path.join(d, f)
+            if os.path.exists(p):
+                return Path(p).read_text().strip()
+    raise AssertionError(f"no memory limit file for {name}")
+
+
+def test_detached_reboot_is_the_same_machine(uspawn: Runner,
+                                             tree: tuple[Path, BootFifo]) -> None:
+    rootfs, fifo = tree
+    name = "rebooter"
+    r = uspawn.run("boot", "-D", str(rootfs), "-M", name, "--detach", "--lxcfs=no",
+                   "--network=veth", "--memory", "200M", timeout=90)
+    assert r.returncode == 0, r.stderr
+    try:
+        fifo.wait_boot()
+        before = _record(uspawn, name)
+        assert before["ready"] is True and before["restarts"] == 0
+        supervisor = _state_file(uspawn, name)["runtime_pid"]
+        assert isinstance(supervisor, int)
+        assert _memory_max(name) == str(200 << 20)
+
+        assert uspawn.run("exec", name, "--", "reboot").returncode == 0
+        wait_exit([int(str(before["pid"]))], what="the first init")
+        fifo.wait_boot()  # booted again: its sysinit ran
+        cdir = uspawn.state / "containers" / name
+
+        def ready_again() -> bool:
+            try:
+                st = _state_file(uspawn, name)
+            except (FileNotFoundError, json.JSONDecodeError):
+                return False
+            return st.get("ready") is True and st.get("restarts") == 1
+
+        # The new boot's state directory exists (its init ran sysinit): watch it.
+        wait_until(ready_again, [cdir], "the rebooted machine to be ready")
+        after = _record(uspawn, name)
+        assert after["pid"] != before["pid"]
+        for key in ("name", "uid_base", "uid_size", "uuid", "addresses", "rootfs"):
+            assert after[key] == before[key], key
+        assert before["addresses"]  # a veth lease, kept
+        assert _state_file(uspawn, name)["runtime_pid"] == supervisor
+        assert _memory_max(name) == str(200 << 20)
+        assert re.search(r"^Restarts: +1$", uspawn.run("status", name).stdout, re.M)
+        assert "rebooting (restart 1)" in uspawn.run("logs", name).stdout
+
+        assert uspawn.run("exec", name, "--", "poweroff").returncode == 0
+        wait_exit([supervisor], what="the supervisor after poweroff")
+    finally:
+        if uspawn.run("status", name).returncode == 0:
+            uspawn.run("stop", name, "--timeout", "3")
+    _nothing_left(uspawn, name, rootfs)
+    r2 = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True)
+    assert name not in r2.stdout
+
+
+# --- the Debian fixture: systemd's `systemctl reboot` --------------------------------
+
+
+BOOTED_UNIT = """\
+[Unit]
+Description=tell the test this boot reached multi-user.target
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo up > /booted'
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def test_systemctl_reboot_in_debian(tmp_path: Path, need_root: None) -> None:
+    try:
+        from fixtures.debian_tree import copy_debian_tree
+    except ImportError as exc:
+        skip_or_fail(f"fixture module missing: {exc}")
+        return
+    tree = tmp_path / "deb"
+    try:
+        copy_debian_tree(tree)
+    except Exception as exc:  # debootstrap needs the Debian mirror
+        skip_or_fail(f"cannot build the Debian fixture: {exc}")
+    (tree / "etc/systemd/system/uspawn-booted.service").write_text(BOOTED_UNIT)
+    os.symlink("/etc/systemd/system/uspawn-booted.service",
+               tree / "etc/systemd/system/multi-user.target.wants/uspawn-booted.service")
+    os.mkfifo(tree / "booted", 0o666)
+    os.chmod(tree / "booted", 0o666)
+    fifo = BootFifo(tree)
+    uspawn = Runner(tmp_path / "state")
+    name = "debreboot"
+    try:
+        r = uspawn.run("boot", "-D", str(tree), "-M", name, "--detach", timeout=150)
+        assert r.returncode == 0, r.stderr
+        fifo.wait_boot(120)
+        before = _record(uspawn, name)
+        uspawn.run("exec", name, "--", "systemctl", "reboot", timeout=60)
+        wait_exit([int(str(before["pid"]))], timeout=90, what="the first systemd")
+        fifo.wait_boot(120)
+        cdir = uspawn.state / "containers" / name
+
+        def ready_again() -> bool:
+            try:
+                st = _state_file(uspawn, name)
+            except (FileNotFoundError, json.JSONDecodeError):
+                return False
+            return st.get("ready") is True and st.get("restarts") == 1
+
+        wait_until(ready_again, [cdir], "the rebooted machine to be ready", timeout=60)
+        after = _record(uspawn, name)
+        assert after["uuid"] == before["uuid"] and after["uid_base"] == before["uid_base"]
+        r = uspawn.run("stop", name, "--timeout", "20", timeout=90)
+        assert r.returncode == 0, r.stderr
+    finally:
+        fifo.close()
+        if uspawn.run("status", name).returncode == 0:
+            uspawn.run("stop", name, "--timeout", "5", timeout=60)
+    _nothing_left(uspawn, name, tree)
+    shutil.rmtree(tree, ignore_errors=True)
