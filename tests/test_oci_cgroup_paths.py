@@ -71,3 +71,40 @@ def test_rootfs_propagation_takes_effect(oci: Oci, rootfs: Path, tmp_path: Path,
     r = oci("run", "-b", str(b), f"prop-{uuid.uuid4().hex[:8]}", check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [expect]
+
+
+def test_hugepage_limits_reach_the_kernel(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """kubelet sends every huge page size limited to 0 unless the pod asks: the
+    limits used to be ignored with a warning (huge pages unlimited)."""
+    cid = f"hug-{uuid.uuid4().hex[:8]}"
+    b = make_bundle(tmp_path, rootfs, ["sleep", "60"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["resources"] = {"hugepageLimits": [{"pageSize": "2MB", "limit": 0},
+                                                    {"pageSize": "1GB", "limit": 1 << 30}]}
+    (b / "config.json").write_text(json.dumps(cfg))
+    r = oci("create", "-b", str(b), cid, check=False)
+    if not Path("/sys/kernel/mm/hugepages/hugepages-1048576kB").is_dir():
+        assert r.returncode == 1 and "hugepageLimits[1].pageSize" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    try:
+        pid = int(json.loads(oci("state", cid).stdout)["pid"])
+        for size, want in (("2MB", 0), ("1GB", 1 << 30)):
+            try:
+                got = _cgroup_file(pid, "hugetlb", f"hugetlb.{size}.limit_in_bytes")
+            except (FileNotFoundError, AssertionError):
+                got = _cgroup_file(pid, "hugetlb", f"hugetlb.{size}.max")
+            assert got == str(want), (size, got)
+    finally:
+        oci("delete", "--force", cid)
+
+
+def test_unknown_hugepage_size_names_the_field(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    b = make_bundle(tmp_path, rootfs, ["true"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["resources"] = {"hugepageLimits": [{"pageSize": "3MB", "limit": 0}]}
+    (b / "config.json").write_text(json.dumps(cfg))
+    r = oci("run", "-b", str(b), f"hugx-{uuid.uuid4().hex[:8]}", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "linux.resources.hugepageLimits[0].pageSize: '3MB'" in r.stderr, r.stderr
+    assert oci("list", "-q").stdout.split() == []

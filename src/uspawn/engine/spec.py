@@ -360,11 +360,20 @@ class DeviceRule(Model):
     access: str | None = None
 
 
+class HugepageLimit(Model):
+    """linux.resources.hugepageLimits[]: bytes of huge pages of one size (kubelet
+    sends every size the host has, limited to 0 unless the pod asks)."""
+    _bounds = {"limit": (0, 2**64 - 1)}
+    page_size: str = ""
+    limit: int = 0
+
+
 class Resources(Model):
     memory: MemoryResources | None = None
     cpu: CPUResources | None = None
     pids: PidsResources | None = None
     devices: list[DeviceRule] = []
+    hugepage_limits: list[HugepageLimit] = []
 
 
 class Linux(Model):

@@ -319,6 +319,18 @@ def _set_v2(d: str, key: str, value: int | str | bool,
         _write(os.path.join(d, "memory.high"), _v2_value(int(value)))
     elif key == "io.weight":
         _set_io_weight(d, int(value))
+    elif key.startswith("hugetlb."):
+        _write(os.path.join(d, key + ".max"), str(int(value)))
+
+
+def hugepage_size_known(size: str) -> bool:
+    """"2MB", "1GB" (runtime-spec's pageSize, as the hugetlb files name them) for a
+    size this kernel has (/sys/kernel/mm/hugepages/hugepages-<kB>kB)."""
+    units = {"KB": 1, "MB": 1 << 10, "GB": 1 << 20}
+    num, unit = size[:-2], size[-2:]
+    if unit not in units or not num.isascii() or not num.isdigit() or len(num) > 7:
+        return False
+    return os.path.isdir(f"/sys/kernel/mm/hugepages/hugepages-{int(num) * units[unit]}kB")
 
 
 def _set_io_weight(d: str, weight: int) -> None:
@@ -352,6 +364,8 @@ def _set_v1(d: str, key: str, value: int | str | bool,
                 return
         raise CgroupError("linux.resources.io.weight: the v1 blkio hierarchy has neither "
                           "blkio.weight nor blkio.bfq.weight (no BFQ I/O scheduler)")
+    if key.startswith("hugetlb."):
+        files[key] = key + ".limit_in_bytes"
     path = os.path.join(d, files[key])
     if key == "pids.limit":
         text = _v2_value(int(value))
