@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import os
 
+from uspawn.base import timing
 from uspawn.engine.defaults import DEFAULT_PATH
 from uspawn.kernel import caps, workdir
 from uspawn.kernel import sig as signal
@@ -120,6 +121,7 @@ def exec_process(p: Process, channel_fd: int) -> None:
         _seccomp(p.seccomp_bpf)
     if bracket:
         _drop_sys_admin(final)
+    timing.mark("exec: fds, cwd, lookup, caps, seccomp (then execve)")
     try:
         os.execve(exe, p.args, env)
     except OSError as exc:

@@ -28,7 +28,7 @@ import resource
 import struct
 import termios
 
-from uspawn.base import faults
+from uspawn.base import faults, timing
 from uspawn.engine import channel as chan
 from uspawn.engine import execseq
 from uspawn.engine import plan as planmod
@@ -116,6 +116,7 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
                 raise _step("unshare the setup mount namespace", exc) from None
         # else the spec asked for the host's mount namespace (no "mount" entry)
         # or joined one by path: the mounts go there, as with runc.
+        timing.mark("A: joins, chdir, unshare the setup mount namespace")
         if plan.time_ns:
             # Takes effect for children only (the init is born in it); its clocks
             # start with no offsets.
@@ -136,6 +137,7 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
             stage_b(plan, ch, init_link)
             os._exit(125)  # not reached
         init_link.close()
+        timing.mark("A: clone the init into its namespaces")
         faults.kill_point("child-userns")
         # 3. the init exists (its user namespace is unmapped until the parent
         #    writes the maps), 4. the host-made mounts arrive as fds.
@@ -144,8 +146,11 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
         fds = _labelled_fds(msg)
         remount = msg.data.get("remount")
         remount = remount if isinstance(remount, dict) else {}
+        timing.mark("A: waits for MOUNTS")
         fds.update(ns_bound_mounts(plan, pid))
+        timing.mark("A: proc & co. made by a helper in the init's namespaces")
         rootfd = build_host_side(plan, fds, remount)
+        timing.mark("A: attaches the mounts")
         faults.kill_point("child-forked")
         # Hand the rest to the init; our exit tells it we are done.
         labels = ["rootfs", *fds]  # what is left: the exec FIFO, binds below proc/sysfs
@@ -289,6 +294,7 @@ def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
         if link.recv(timeout=None) is not None:
             raise InitError("unexpected message from the setup process")
         link.close()
+        timing.mark("B: waits for stage A")
         os.setsid()
         fifo = fds.pop("fifo", -1)
         state = msg.data.get("state")
@@ -300,13 +306,16 @@ def stage_b(plan: InitPlan, ch: chan.Channel, link: chan.Channel) -> None:
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
         setup_rootfs(plan, fds, deferred, state_json)
+        timing.mark("B: rootfs mounts, pivot_root")
         finish_in_root(plan, ch)
+        timing.mark("B: sysctls, masks, verify /dev")
         if plan.new_keyring:
             join_session_keyring()
         # Stage A's EOF comes before the kernel reparents us (exit_files runs
         # before exit_notify): a PDEATHSIG set then fires at A's death. The
         # parent says when it has reaped A; until then the guardian covers us.
         ch.expect(chan.ADOPTED, timeout=None)
+        timing.mark("B: waits for ADOPTED")
         if plan.die_with_parent:
             sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
             if ch.peer_gone():  # the runtime died before the line above

@@ -17,7 +17,7 @@ import errno
 import os
 import time
 
-from uspawn.base import faults
+from uspawn.base import faults, timing
 from uspawn.base.errors import ExecError, SetupError, SpecError, UspawnError, hint_for
 from uspawn.engine import channel as chan
 from uspawn.engine import plan as planmod
@@ -180,7 +180,9 @@ class Container:
 
     def create(self) -> None:
         spec, req = self.spec, self.req
+        timing.mark("imports (engine)")
         host, init = planmod.build(spec, req)
+        timing.mark("plan (spec -> host/init plans)")
         if req.debug:
             for line in init.describe():
                 req.say(f"plan: {line}")
@@ -201,6 +203,7 @@ class Container:
         # The container's processes become our children when stage A exits.
         sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
         self.guardian.spawn(self.claim, self.range_lease)
+        timing.mark("fork guardian")
         pid_a = 0
         try:
             try:
@@ -216,10 +219,13 @@ class Container:
                     self.cgroup.delegate(root_uid, root_gid)
                 except OSError as exc:
                     raise SetupError(f"delegate cgroup to the container: {exc}") from None
+            timing.mark("cgroup create")
             self._apply_resources()
             parent_ch, child_ch = chan.Channel.pair()
             self.ch = parent_ch
             pid_a, joined = self._fork_in_cgroup()
+            if pid_a:
+                timing.mark("fork stage A (clone3 into the cgroup)")
             # Stage A must be in every cgroup before it clones the init.
             wait_cgroup = not joined or bool(self._v1_controllers())
             if pid_a:
@@ -265,7 +271,9 @@ class Container:
             finally:
                 for fd in fds.values():
                     os.close(fd)
+            timing.mark("sync 4 MOUNTS sent")
             self._await_stage_a(pid_a)
+            timing.mark("stage A attaches mounts, exits; reaped")
             pid_a = 0  # reaped
             self.ch.send(chan.ADOPTED)
             if init.terminal:
@@ -275,6 +283,7 @@ class Container:
                 self.console_master = msg.fds[0]
             faults.kill_point("parent-mounts-sent")
             self.ch.wait_created()
+            timing.mark("sync 6 CREATED (init: pivot_root, masks, verify /dev)")
             faults.kill_point("parent-created")
         except chan.ChildError as exc:
             self.destroy()
@@ -437,17 +446,25 @@ class Container:
         """Sync points 1-3 with stage A (its death ends every wait at once), then
         the host-side work on the init's namespaces; fills fds for MOUNTS."""
         assert self.ch is not None and self.cgroup is not None
+        # The device policy goes on the cgroup first: before the init exists, so
+        # before it can open any node, and while stage A unshares and clones (the
+        # BPF load and attach, ~1.5 ms, overlap with that instead of following it).
+        self._device_policy(host)
+        timing.mark("device policy (while stage A works)")
         pidfd_a = sc.pidfd_open(pid_a)
         try:
             if wait_cgroup:
                 self.ch.wait_userns_ready(pidfd_a)  # 1
+                timing.mark("sync 1 USERNS_READY")
                 try:
                     self.cgroup.add(pid_a, skip_v2=joined)
                 except OSError as exc:
                     raise SetupError(f"join cgroup {self.cgroup.dirs[0]}: "
                                      f"{exc.strerror}") from None
                 self.ch.mapped()  # 2
+                timing.mark("sync 2 MAPPED (v1 cgroups joined)")
             self.init_pid = self.ch.wait_init_pid(pidfd_a)  # 3
+            timing.mark("sync 3 INIT_PID (stage A: unshare, clone init)")
         finally:
             os.close(pidfd_a)
         self.pidfd = sc.pidfd_open(self.init_pid)
@@ -463,19 +480,19 @@ class Container:
                                      "the range may overlap another mapping") from None
                 userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
             faults.kill_point("parent-mapped")
-            # The device policy is on the cgroup before the init can open any
-            # node: it waits for its mounts.
-            self._device_policy(host)
+            timing.mark("id maps")
             self._build_mounts(host, userns_fd, *init.root_ids, fds)
         finally:
             if userns_fd >= 0:
                 os.close(userns_fd)
         self._host_side_after_init(fds)
+        timing.mark("host side after init (network, hooks)")
 
     def _build_mounts(self, host: planmod.HostPlan, userns_fd: int, root_uid: int,
                       root_gid: int, fds: dict[str, int]) -> None:
         """Detached mounts for the init, by label; the caller closes them."""
         fds["rootfs"] = self._rootfs_mount(host, userns_fd, root_uid)
+        timing.mark("rootfs mount (clone, idmap, hard-link scan)")
         if host.host_dev:
             try:
                 fds["dev"] = devices.build_dev_tmpfs(
@@ -488,8 +505,11 @@ class Container:
                     self.deferred_remounts["dev"] = deferred
             except OSError as exc:
                 raise SetupError(f"build /dev on the host: {exc}", hint_for(exc)) from None
+        timing.mark("/dev tmpfs (mknod on the host)")
         for b in host.binds:
             fds[b.label] = self._bind_mount(b, userns_fd)
+        if host.binds:
+            timing.mark("bind mounts")
 
     def _rootfs_mount(self, host: planmod.HostPlan, userns_fd: int, root_uid: int) -> int:
         path = host.rootfs
@@ -620,6 +640,7 @@ class Container:
             raise SetupError(f"start: {exc}") from None
         if msg is not None:
             raise SetupError(f"start: unexpected message {msg.kind!r} from the container")
+        timing.mark("sync 8 exec (init: caps, seccomp, execve)")
         self.started_at = time.time()
         self.ch.close()
         self.ch = None
@@ -641,6 +662,7 @@ class Container:
                 self.exit_status = 125
                 break
             self.exit_status = _exit_code(status)
+        timing.mark("wait (payload runs, exits)")
         return self.exit_status
 
     def poll_exit(self) -> int | None:
@@ -686,6 +708,7 @@ class Container:
             self.range_lease.release()
             self.range_lease = None
         self.guardian.dismiss()
+        timing.mark("teardown (cgroup, leases, guardian)")
         if errors:
             # Cleanup trouble is reported apart from the primary error.
             self.req.say("cleanup: " + "; ".join(errors))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from uspawn.base import cmdline
+from uspawn.base import cmdline, timing
 from uspawn.base.errors import SpecError, UsageError, UspawnError
 from uspawn.engine import console
 from uspawn.engine.request import START_AUTO, Request
@@ -42,6 +42,7 @@ def _request(ns: types.SimpleNamespace, la: Launch, net: NetworkChoice,
     from uspawn.kernel import seccomp
 
     bpf = seccomp.policy_bpf(seccomp.default_policy(userns=la.userns))
+    timing.mark("seccomp program (cache)")
     verbose = bool(ns.verbose or ns.debug)
     if getattr(ns, "stop_timeout", None) is not None:  # `run` only; boot keeps signal_map
         kw["stop_timeout"] = cmdline.duration(ns.stop_timeout, "--stop-timeout")
@@ -179,7 +180,9 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     net = NetworkChoice(ns.network, ns.port)
     lim = _limits(ns)
     views = _proc_views(ns, False, log)
+    timing.mark("options (binds, network, limits)")
     la = prepare(ns, log=log)
+    timing.mark("claims (name, UID range lease, ownership)")
     relay: StdioRelay | None = None
     try:
         spec = presets.run_spec(
@@ -193,6 +196,7 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
             resources=limits.for_lxcfs(lim.resources()) if views else lim.resources(),
         )
         settings.add_rlimits(spec, ns)  # Limit*= of NAME.nspawn
+        timing.mark("spec build")
         if not ns.tty:
             from uspawn.engine.console import StdioRelay
 
@@ -202,6 +206,7 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
             "stdio": (relay.child[0], relay.child[1], relay.child[2]),
             "close_in_child": tuple(relay.fds())}
         req = _request(ns, la, net, log, lim, **stdio)
+        timing.mark("request")
     except BaseException:
         la.release()
         if relay is not None:

@@ -22,7 +22,7 @@ import time
 
 from uspawn.base.errors import SpecError, UspawnError
 from uspawn.engine import spec as S
-from uspawn.kernel import cgroups, mounts
+from uspawn.kernel import cgroups
 from uspawn.state import store as statemod
 from uspawn.state.store import dumps, loads, proc_running, proc_starttime, write_atomic
 
@@ -562,6 +562,10 @@ def _detach_host_mounts(rec: Record) -> None:
     if type(mnt) is not int or mnt <= 0 or not isinstance(rootfs, str) \
             or not os.path.isabs(rootfs):
         return
+    # Imported here: kernel.mounts loads ctypes (~4 ms), which start, state, kill
+    # and a plain delete never need.
+    from uspawn.kernel import mounts
+
     try:
         mounts.detach_if_covered(rootfs, mnt)
     except OSError as exc:
