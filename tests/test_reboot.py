@@ -13,6 +13,7 @@ wait is on a FIFO, a pidfd or inotify.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -253,3 +254,62 @@ def test_systemctl_reboot_in_debian(tmp_path: Path, need_root: None) -> None:
             uspawn.run("stop", name, "--timeout", "5", timeout=60)
     _nothing_left(uspawn, name, tree)
     shutil.rmtree(tree, ignore_errors=True)
+
+
+# --- the supervisor's loop (no kernel involved: a stand-in machine) -----------------
+
+
+class _RebootingMachine:
+    """Stands in for boot.Machine: ready at once, then asks for a reboot."""
+
+    def __init__(self, name: str, boots: list[int]) -> None:
+        from types import SimpleNamespace
+
+        self.name, self.uuid = name, "u"
+        self.la = SimpleNamespace(userns=False)
+        self.console_log: str | None = None
+        self.console_sink = None
+        self.restarts = 0
+        self.on_ready = None
+        self.boots = boots
+
+    def run_foreground(self, out_fd: int, interactive: bool) -> int:
+        self.boots.append(self.restarts)
+        if self.on_ready is not None:
+            self.on_ready()
+        return EXIT_REBOOT if len(self.boots) < 20 else 0  # bounded without a limit
+
+
+def test_supervisor_stops_a_reboot_loop(need_root: None) -> None:
+    """A machine that reboots more than 5 times in 10 s is not booted again
+    (systemd's default start limit), and says so in its console log."""
+    from types import SimpleNamespace
+
+    from uspawn.machine import boot
+
+    name = f"rebootloop{os.getpid()}"
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # _supervise takes over fds 0-2, as in the detached supervisor
+        boots: list[int] = []
+        try:
+            os.close(rfd)
+            boot._supervise(wfd, print, lambda: _RebootingMachine(name, boots),  # type: ignore
+                            ns=SimpleNamespace(network="private"))
+            os.write(2, f"boots {boots}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    try:
+        with os.fdopen(rfd, "rb") as r:
+            first = r.readline()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert first == f"ready {name}\n".encode()  # only the first boot reports
+        log = Path(boot.console_log_path(name)).read_text()
+        assert "boots [0, 1, 2, 3, 4, 5]" in log  # 1 boot + 5 restarts, counted
+        assert f"machine {name} rebooted 6 times in 10s: not booting it again" in log
+    finally:
+        for suffix in ("", ".1"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(boot.console_log_path(name) + suffix)

@@ -47,6 +47,9 @@ EXIT_REBOOT = 133
 # plus the previous NAME.console.log.1 (--console-log-size).
 DEFAULT_CONSOLE_LOG_SIZE = 8 << 20
 MIN_CONSOLE_LOG_SIZE = 4096
+# A machine that reboots more often than this is not booted again (systemd's
+# default start limit: StartLimitBurst=5 in StartLimitIntervalSec=10s).
+REBOOT_BURST, REBOOT_INTERVAL = 5, 10.0
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -372,6 +375,7 @@ def _supervise(wfd: int, log: Callable[[str], None],
 
     clog: ConsoleLog | None = None
     restarts = 0
+    recent: list[float] = []  # monotonic times of the last reboots
     while True:
         try:
             machine = make_machine()
@@ -401,6 +405,14 @@ def _supervise(wfd: int, log: Callable[[str], None],
         if code != EXIT_REBOOT or ns is None:
             clog.write(f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
             tell(f"error {code or 125} machine {machine.name} stopped before it was ready")
+            return
+        now = time.monotonic()
+        recent = [t for t in recent if now - t < REBOOT_INTERVAL] + [now]
+        if len(recent) > REBOOT_BURST:
+            msg = (f"machine {machine.name} rebooted {len(recent)} times in "
+                   f"{REBOOT_INTERVAL:g}s: not booting it again")
+            clog.write(f"-- uspawn: {msg}\n".encode())
+            tell(f"error 125 {msg} (hint: see `uspawn logs {machine.name}`)")
             return
         restarts += 1
         clog.write(f"-- uspawn: {machine.name} rebooting (restart {restarts})\n".encode())
