@@ -24,6 +24,7 @@ per-machine cost. Must run as root. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -199,6 +200,10 @@ def run_uspawn(us: Uspawn, n: int) -> dict[str, object]:
         wait_pids_gone(sups, 60, "uspawn supervisors")
         started.clear()
         check_nothing_left(us, roots)
+        for name in names:  # the console logs the supervisors kept
+            for suffix in ("", ".1"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"/var/log/uspawn/{name}.console.log{suffix}")
         return m
     finally:
         for name in started:

@@ -191,6 +191,15 @@ def test_detached_reboot_is_the_same_machine(uspawn: Runner,
     _nothing_left(uspawn, name, rootfs)
     r2 = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True)
     assert name not in r2.stdout
+    _drop_console_log(name)
+
+
+def _drop_console_log(name: str) -> None:
+    from uspawn.machine.boot import console_log_path
+
+    for suffix in ("", ".1"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(console_log_path(name) + suffix)
 
 
 # --- the Debian fixture: systemd's `systemctl reboot` --------------------------------
@@ -253,6 +262,7 @@ def test_systemctl_reboot_in_debian(tmp_path: Path, need_root: None) -> None:
         if uspawn.run("status", name).returncode == 0:
             uspawn.run("stop", name, "--timeout", "5", timeout=60)
     _nothing_left(uspawn, name, tree)
+    _drop_console_log(name)
     shutil.rmtree(tree, ignore_errors=True)
 
 
