@@ -302,10 +302,15 @@ def build_runtimes(args: argparse.Namespace, bundle: Path, state: Path, pid_dir:
     modes = [m for m in args.modes.split(",") if m]
     local = LocalOci()
     out: list[OciRuntime] = []
-    for name in RUNTIME_NAMES:
+    also = dict(v.partition("=")[::2] for v in args.uspawn_runc_also)
+    for name in [*RUNTIME_NAMES, *(f"uspawn-runc-{label}" for label in also)]:
         rt = OciRuntime(name, label=name)
         out.append(rt)
-        if name not in selected:
+        if name.startswith("uspawn-runc-") and "uspawn-runc" in selected:
+            # --uspawn-runc-also: another uspawn-runc (e.g. the commit before a
+            # change), timed in the same interleaved rounds as the others.
+            tool = shlex.split(also[name[len("uspawn-runc-"):]])
+        elif name not in selected:
             rt.status, rt.reason = "skipped", "not selected (--runtimes)"
             continue
         flags: list[str] = []
@@ -319,7 +324,7 @@ def build_runtimes(args: argparse.Namespace, bundle: Path, state: Path, pid_dir:
                 rt.status, rt.reason = "skipped", f"{cmd[0]} not found / not executable"
                 continue
             tool = cmd
-        else:
+        elif not name.startswith("uspawn-runc-"):
             path = shutil.which(name)
             if path is None:
                 rt.status, rt.reason = "skipped", f"{name} not found in PATH"
@@ -514,6 +519,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rootfs", type=Path, default=None,
                    help="use this rootfs instead of CACHE/busybox (must contain /bin/true)")
     p.add_argument("--rebuild-rootfs", action="store_true")
+    p.add_argument("--uspawn-runc-also", action="append", default=[], metavar="LABEL=CMD",
+                   help="one more uspawn-runc row, uspawn-runc-LABEL, run with CMD (e.g. "
+                        "a launcher of the commit before a change): before/after in one run")
     p.add_argument("--bundle-fixups", action="store_true",
                    help="for all runtimes: add a cgroup namespace and drop "
                         "process.capabilities.ambient (what uspawn-runc needs)")

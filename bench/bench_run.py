@@ -358,6 +358,15 @@ def build_runtimes(args: argparse.Namespace, rootfs: Path, cache: Path, state: P
             full = [*cmd, "run", "-D", str(rootfs), "--", "/bin/true"]
             rt.variants.append(Variant("uspawn", fixed(full), local,
                                        notes=[shlex.join(full)]))
+    # --uspawn-also: more uspawn rows (e.g. the commit before a change), timed in
+    # the same interleaved rounds: before/after on one noisy machine.
+    for spec in args.uspawn_also if "uspawn" in selected else []:
+        label, _, also = spec.partition("=")
+        rt = Runtime(f"uspawn-{label}")
+        runtimes.append(rt)
+        full = [*shlex.split(also), "run", "-D", str(rootfs), "--", "/bin/true"]
+        rt.variants.append(Variant(f"uspawn ({label})", fixed(full), local,
+                                   notes=[shlex.join(full)]))
 
     runc = shutil.which("runc")
     crun = shutil.which("crun")
@@ -604,6 +613,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
     p.add_argument("--uspawn", metavar="CMD", default=None,
                    help=f"uspawn command prefix (shell-split), default {DEFAULT_USPAWN}")
+    p.add_argument("--uspawn-also", action="append", default=[], metavar="LABEL=CMD",
+                   help="one more uspawn row, run with CMD (e.g. a launcher of the commit "
+                        "before a change): before/after in the same run")
     p.add_argument("--runtimes", default=",".join(RUNTIME_NAMES),
                    help="comma-separated subset of: " + ",".join(RUNTIME_NAMES))
     p.add_argument("--no-baseline", action="store_true",

@@ -180,7 +180,7 @@ class Container:
 
     def create(self) -> None:
         spec, req = self.spec, self.req
-        timing.mark("imports (engine)")
+        timing.mark("Container.create")
         host, init = planmod.build(spec, req)
         timing.mark("plan (spec -> host/init plans)")
         if req.debug:

@@ -20,6 +20,7 @@ import os
 import select
 import time
 
+from uspawn.base import timing
 from uspawn.base.errors import SpecError, UspawnError
 from uspawn.engine import spec as S
 from uspawn.kernel import cgroups
@@ -294,10 +295,12 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
     from uspawn.engine import runtime
     from uspawn.engine.request import START_AUTO, START_FIFO, Request
 
+    timing.mark("imports (create: engine, kernel)")
     check_id(cid)
     check_pid_file(pid_file)
     bundle = os.path.abspath(bundle)
     spec = load_bundle(bundle, log)
+    timing.mark("bundle: config.json read, decoded, checked")
     assert spec.process is not None and spec.root is not None
     if spec.process.terminal and not console_socket and not foreground:
         raise OciError("process.terminal is true but no --console-socket was given",
@@ -329,6 +332,7 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             state_json=lambda pid, status: _state_json(cid, bundle, spec, pid, status),
             preserve_fds=preserve_fds, new_keyring=new_keyring,
             close_in_child=(lock.fd,))  # else the init holds the lock until execve
+        timing.mark("state dir, lock, UID lease, exec FIFO, seccomp, request")
         c = runtime.Container(spec, req)
         runtime.create_container(c)
         if c.console_master >= 0 and console_socket:
