@@ -74,9 +74,11 @@ def _cgroup_procs(pid: int) -> list[str]:
 
 
 class Joined:
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, detach: bool = False) -> None:
         self.pid = pid
-        self.pidfd = sc.pidfd_open(pid)
+        # Detached, we never wait: the caller's subreaper (a containerd shim) may
+        # already have reaped a short process, and pidfd_open would fail with ESRCH.
+        self.pidfd = -1 if detach else sc.pidfd_open(pid)
         self.status: int | None = None
 
     def wait(self) -> int:
@@ -183,7 +185,7 @@ def enter(st: dict[str, object], req: JoinRequest) -> int:
             assert isinstance(target, int)
         finally:
             os.waitpid(mid, 0)
-        joined = Joined(target)
+        joined = Joined(target, req.detach)
         master = -1
         if tty:
             m = parent_ch.expect(chan.CONSOLE)
@@ -203,7 +205,6 @@ def enter(st: dict[str, object], req: JoinRequest) -> int:
     if req.on_started is not None:
         req.on_started(joined.pid, master)
     if req.detach:
-        os.close(joined.pidfd)
         return 0
     return _wait(joined, master, relay)
 
