@@ -423,7 +423,7 @@ def _teller(tell: Callable[[str], None], line: str) -> Callable[[], None]:
 
 
 def keep_identity(ns: types.SimpleNamespace | None, machine: Machine) -> None:
-    """Make the next boot from ns the same machine: its UID range, subnet and UUID.
+    """Make the next boot from ns the same machine: its UID range, veth subnet and UUID.
 
     The engine releases every lease when the old init is gone; the next boot
     asks for exactly these again (a range or subnet taken meanwhile by another
@@ -436,6 +436,9 @@ def keep_identity(ns: types.SimpleNamespace | None, machine: Machine) -> None:
     if la.userns:
         ns.private_users = f"{la.base}:{la.size}"
     ns.machine_uuid = machine.uuid
+    # veth only: on a bridge the old address is still in the host's neighbour
+    # table, which the pool counts as taken (net/pool.py allocate_on_bridge), so
+    # a bridged machine gets the first free address again, often another one.
     if getattr(ns, "network", None) == "veth":
         import ipaddress
 
@@ -443,4 +446,4 @@ def keep_identity(ns: types.SimpleNamespace | None, machine: Machine) -> None:
 
         if os.path.isdir(netpool.NET_DIR):
             for cidr in netpool.addresses().get(machine.name, []):
-                ns.veth_subnet = str(ipaddress.IPv4Interface(cidr).network)
+                ns.keep_network = str(ipaddress.IPv4Interface(cidr).network)

@@ -65,7 +65,9 @@ class NetworkChoice:
     def __init__(self, value: str, ports: list[str]) -> None:
 
         self.mode, _, self.arg = value.partition(":")
-        self.subnet: str | None = None  # veth: this subnet, not the first free one (reboot)
+        # A reboot's lease (boot.keep_identity): the veth subnet of the previous
+        # boot, asked for again instead of the first free one.
+        self.keep: str | None = None
         if self.mode not in ("private", "host", "veth", "bridge", "netns"):
             raise UsageError(f"--network: unknown mode {value!r}",
                              "use private, host, veth, bridge:BRIDGE or netns:PATH")
@@ -100,7 +102,7 @@ class NetworkChoice:
         if os.path.isdir(netpool.NET_DIR):
             netpool.cleanup_stale()  # what a container killed with -9 left behind
         pool = netpool.NetPool()
-        lease = (pool.allocate(name, self.subnet, owner_pid=os.getpid()) if self.mode == "veth"
+        lease = (pool.allocate(name, self.keep, owner_pid=os.getpid()) if self.mode == "veth"
                  else pool.allocate_on_bridge(name, self.arg, owner_pid=os.getpid()))
         try:
             port_leases = pool.reserve_ports(name, self.ports, owner_pid=os.getpid())
@@ -249,7 +251,7 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
     from uspawn.machine import boot
 
     net = NetworkChoice(ns.network, ns.port)
-    net.subnet = getattr(ns, "veth_subnet", None)  # a reboot keeps its subnet (boot.py)
+    net.keep = getattr(ns, "keep_network", None)  # a reboot keeps its address (boot.py)
     views = _proc_views(ns, True, log)
     la = prepare(ns, exact_name=True, log=log)
     try:
