@@ -704,7 +704,14 @@ def apply(command: str, ns: types.SimpleNamespace, log: Callable[[str], None]) -
         raise UsageError(f"--settings: invalid value {mode!r}", "yes, no, trusted or override")
     from uspawn.machine.presets import machine_name
 
-    name = ns.name or machine_name(os.path.realpath(ns.directory))
+    name = ns.name
+    if not name:
+        try:
+            name = machine_name(os.path.realpath(ns.directory))
+        except OSError as exc:  # a link on the way that root may not follow (/proc/1/root)
+            raise UsageError(f"-D/--directory: {ns.directory}: {exc.strerror}") from None
+        except ValueError:  # NUL
+            raise UsageError(f"-D/--directory: {ns.directory!r} is not a valid path") from None
     found = find_file(name, ns.directory, mode)
     if found is not None:
         path, trusted = found
