@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(busybox-static libseccomp2 gcc libc6-dev acl libcap2-bin iproute2 python3-venv debootstrap systemd procps nftables iptables qemu-system-x86 e2fsprogs golang-go lxcfs)
+pkgs=(busybox-static libseccomp2 gcc libc6-dev acl libcap2-bin iproute2 python3-venv debootstrap systemd procps nftables iptables qemu-system-x86 e2fsprogs golang-go lxcfs containerd containernetworking-plugins)
 # Comparison runtimes for bench/ (optional for the tests, so failures are not fatal).
 bench_pkgs=(runc crun bubblewrap systemd-container)
 missing=()
