@@ -107,7 +107,24 @@ def test_network_cleanup_after_sigkill_of_uspawn(uspawn: Runner, rootfs: Path) -
     # gone, then exits: waiting for it (pidfd) is waiting for the cleanup, no polling.
     wait_pidfds(kids)
     _assert_net_gone("webk", 18383)
-    assert not list(Path("/run/uspawn/net/addr").glob("*.lock"))
+    # Its address lease too (the directory is host-wide: others' leases are theirs).
+    assert _addr_leases_of("webk") == []
+
+
+def _addr_leases_of(name: str) -> list[str]:
+    found = []
+    for lock in Path("/run/uspawn/net/addr").glob("*.lock"):
+        try:
+            text = lock.read_text()
+        except FileNotFoundError:
+            continue
+        try:
+            record = json.loads(text) if text else {}
+        except ValueError:
+            record = {}  # being written by another start
+        if isinstance(record, dict) and record.get("name") == name:
+            found.append(f"{lock.name}: {text}")
+    return found
 
 
 def test_port_of_a_dead_unreaped_uspawn_is_taken_over(uspawn: Runner, rootfs: Path,
