@@ -296,6 +296,22 @@ def test_update_from_resources_file_and_stdin(oci: Oci, rootfs: Path, tmp_path: 
     assert _cgroup_file(pid, "pids", "pids.max") == "70"
 
 
+def test_update_applies_hugepage_limits(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """containerd's CRI sends kubelet's hugepageLimits (every size, 0 unless asked) back
+    with each update: applied, not refused (update used to call them unsupported)."""
+    cid = _cid("uph")
+    pid = _running(oci, tmp_path, rootfs, cid)
+    f = tmp_path / "huge.json"
+    f.write_text(json.dumps({"hugepageLimits": [{"pageSize": "2MB", "limit": 4 << 20}]}))
+    p = _rt(oci, "update", "-r", str(f), cid)
+    assert p.returncode == 0, p.stderr
+    try:
+        got = _cgroup_file(pid, "hugetlb", "hugetlb.2MB.limit_in_bytes")
+    except (FileNotFoundError, AssertionError):
+        got = _cgroup_file(pid, "hugetlb", "hugetlb.2MB.max")
+    assert got == str(4 << 20)
+
+
 def test_update_errors_name_the_flag(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
     cid = _cid("upe")
     pid = _running(oci, tmp_path, rootfs, cid, resources={"pids": {"limit": 100}})
@@ -310,9 +326,12 @@ def test_update_errors_name_the_flag(oci: Oci, rootfs: Path, tmp_path: Path) -> 
         assert p.returncode in (1, 2) and needle in p.stderr, (args, p.stderr)
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}))
+    bad.write_text(json.dumps({"blockIO": {"weight": 100}}))
     p = _rt(oci, "update", "-r", str(bad), cid)
-    assert p.returncode == 1 and "hugepageLimits" in p.stderr, p.stderr
+    assert p.returncode == 1 and "blockIO" in p.stderr and "not supported" in p.stderr, p.stderr
+    bad.write_text(json.dumps({"hugepageLimits": [{"pageSize": "3MB", "limit": 1}]}))
+    p = _rt(oci, "update", "-r", str(bad), cid)
+    assert p.returncode == 1 and "hugepageLimits[0].pageSize: '3MB'" in p.stderr, p.stderr
     p = _rt(oci, "update", "-r", str(tmp_path / "missing.json"), cid)
     assert p.returncode == 1 and "missing.json" in p.stderr
     assert _cgroup_file(pid, "pids", "pids.max") == "100"  # nothing half-applied

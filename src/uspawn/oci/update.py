@@ -101,7 +101,7 @@ FIELDS = {("memory", "limit"): "memory", ("memory", "reservation"): "memory",
           ("cpu", "shares"): "cpu", ("cpu", "period"): "cpu", ("cpu", "quota"): "cpu",
           ("cpu", "cpus"): "cpuset", ("cpu", "mems"): "cpuset", ("pids", "limit"): "pids"}
 # Applied in one set_limits call each: their files constrain each other.
-GROUPS = ("memory", "cpu", "cpuset", "pids")
+GROUPS = ("memory", "cpu", "cpuset", "pids", "hugetlb")
 
 
 def limit_key(group: str, attr: str) -> str:
@@ -139,6 +139,8 @@ def resources_from(ns: types.SimpleNamespace) -> tuple[S.Resources, dict[tuple[s
             setattr(res, group, part)
         setattr(part, attr, value)
         origin[(group, attr)] = flag_name(dest)
+    for i, h in enumerate(res.hugepage_limits):
+        origin[("hugetlb", h.page_size)] = f"linux.resources.hugepageLimits[{i}]"
     if not origin:
         raise UsageError("update: nothing to change", "pass -r FILE or a flag such as --memory")
     _check(res, origin)
@@ -181,6 +183,12 @@ def apply(root: str, cid: str, res: S.Resources, origin: dict[tuple[str, str], s
                 continue  # runc: 0 leaves the limit as it is
             by_ctrl.setdefault(ctrl, {})[limit_key(*key)] = value
             names["linux.resources." + limit_key(*key)] = origin[key]
+        for i, h in enumerate(res.hugepage_limits):
+            if not cgroups.hugepage_size_known(h.page_size):
+                raise oci.OciError(f"update {cid}: linux.resources.hugepageLimits[{i}].pageSize:"
+                                   f" {h.page_size!r} is not a huge page size of this host")
+            by_ctrl.setdefault("hugetlb", {})[f"hugetlb.{h.page_size}"] = h.limit
+            names[f"linux.resources.hugetlb.{h.page_size}"] = f"linux.resources.hugepageLimits[{i}]"
         added = _join(cg, list(by_ctrl), cid)
         if added:  # recorded first, so `delete` removes them whatever happens next
             rec.data["cgroup"] = cg.to_json()
