@@ -315,8 +315,13 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
                                         device_access(rules, d.type, d.major, d.minor)))
     host.dev_nodes = nodes
     host.console = proc.terminal
-    # Opened read-write before START: only what the rules let be opened so.
-    init.verify_devices = [n for n in nodes if "r" in n.access and "w" in n.access]
+    # Opened read-write before START: the standard nodes the rules let be opened so
+    # (they show whether nodes on this /dev open at all). Never a configured host
+    # device: opening one acts (/dev/watchdog arms the timer, a tape rewinds) or fails
+    # by itself (/dev/hwrng without a source: EINVAL, which failed privileged CRI pods).
+    standard = {n.path for n in devices.DEFAULT_DEVICES}
+    init.verify_devices = [n for n in nodes
+                           if n.path in standard and "r" in n.access and "w" in n.access]
 
     if (init.userns and "cgroup" not in ns and not any(t == "cgroup" for t, _ in
                                                      init.join_namespaces)
