@@ -181,12 +181,12 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     binds = _binds(ns, log)
     net = NetworkChoice(ns.network, ns.port)
     lim = _limits(ns)
-    views = _proc_views(ns, False, log)
     timing.mark("options (binds, network, limits)")
     la = prepare(ns, log=log)
     timing.mark("claims (name, UID range lease, ownership)")
     relay: StdioRelay | None = None
     try:
+        views = _proc_views(ns, False, log)  # after the tree checks: a refused run starts none
         spec = presets.run_spec(
             la.rootfs, list(ns.cmd), hostname=ns.hostname, base=la.base, size=la.size,
             userns=la.userns, network_host=net.host, netns_path=net.netns_path, user=ns.user,
@@ -252,10 +252,11 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
 
     net = NetworkChoice(ns.network, ns.port)
     net.keep = getattr(ns, "keep_network", None)  # a reboot keeps its address (boot.py)
-    views = _proc_views(ns, True, log)
     la = prepare(ns, exact_name=True, log=log)
     try:
         init = presets.find_init(la.rootfs)
+        # After the tree is known good: a refused boot starts no lxcfs.
+        views = _proc_views(ns, True, log)
         notify = boot.NotifyListener(la.claim.dir, la.base if la.userns else 0)
         host_dir = boot.make_host_dir(la.claim.dir, la.base if la.userns else 0, notify)
         machine_uuid = getattr(ns, "machine_uuid", None) or boot.new_uuid()  # reboot: same
