@@ -281,6 +281,7 @@ class _RebootingMachine:
         self.console_sink = None
         self.restarts = 0
         self.on_ready = None
+        self.container = None  # no engine: no guardian to reap
         self.boots = boots
 
     def run_foreground(self, out_fd: int, interactive: bool) -> int:

@@ -416,6 +416,19 @@ def _supervise(wfd: int, log: Callable[[str], None],
             return
         restarts += 1
         clog.write(f"-- uspawn: {machine.name} rebooting (restart {restarts})\n".encode())
+        _reap_guardian(machine)
+
+
+def _reap_guardian(machine: Machine) -> None:
+    """Wait for the old boot's guardian: it holds copies of the name claim and the
+    UID-range lease (flocks) until it exits, just after the engine's `done`, and
+    the next boot asks for exactly those again."""
+    c = machine.container
+    if c is not None and c.guardian.pid > 0:
+        try:
+            os.waitpid(c.guardian.pid, 0)
+        except ChildProcessError:
+            pass  # already reaped by the engine
 
 
 def _teller(tell: Callable[[str], None], line: str) -> Callable[[], None]:
