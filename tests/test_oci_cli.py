@@ -356,6 +356,31 @@ def test_events_stats_once(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
     assert data["pids"] == {"current": 1, "limit": 33}
 
 
+def test_events_reports_an_oom_kill_of_the_init(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
+    """The OOM kill that ends the container comes between events' last poll and the
+    exit: the stream must still report it before it ends."""
+    cid = _cid("evi")
+    b = make_bundle(tmp_path, rootfs, ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M",
+                                       "count=1"])
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["resources"] = {"memory": {"limit": 16 << 20, "swap": 16 << 20}}
+    (b / "config.json").write_text(json.dumps(cfg))
+    oci("create", "--bundle", str(b), cid, stdout=subprocess.DEVNULL)
+    ev = subprocess.Popen([*runtime_cmd(), "--root", str(oci.root), "events", "--interval",
+                           "60s", cid], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert ev.stdout is not None
+        assert json.loads(ev.stdout.readline())["type"] == "stats"  # it is watching
+        oci("start", cid)
+        out, err = ev.communicate(timeout=30)  # ends with the container
+    finally:
+        if ev.poll() is None:
+            ev.kill()
+            ev.wait()
+    kinds = [json.loads(line)["type"] for line in out.splitlines()]
+    assert ev.returncode == 0 and kinds == ["oom"], (kinds, err)
+
+
 def test_events_stream_until_exit_with_oom(oci: Oci, rootfs: Path, tmp_path: Path) -> None:
     """Stats every --interval and an oom event when the kernel OOM-kills inside;
     the stream ends when the container stops."""

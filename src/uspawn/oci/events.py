@@ -243,4 +243,12 @@ def events_command(root: str, ns: types.SimpleNamespace) -> int:
                 _emit("oom", ns.id)
             ooms = n
         time.sleep(min(0.2, max(0.0, next_stats - time.monotonic())) or 0.01)
+    # A last look: an OOM kill that ended the container (its init) falls between
+    # the final poll and the exit. The cgroup may be gone already (deleted).
+    try:
+        n = oom_kills(cg)
+    except OSError:
+        n = ooms
+    for _ in range(max(0, n - ooms)):
+        _emit("oom", ns.id)
     return 0
