@@ -11,7 +11,7 @@ Runs, interleaved, N rounds of
 each with USPAWN_TIMING=<CLOCK_MONOTONIC ns just before the fork> in its environment,
 so the first `timing: interpreter` line of every command is the time from our fork to
 the first uspawn module (fork, exec, interpreter, site). uspawn's lines
-(src/uspawn/base/timing.py) are collected per command and phase; the table shows the
+(`timing` in src/uspawn/base/__init__.py) are collected per command and phase; the table shows the
 median ms of each phase and of the whole command as seen from here. Several variants
 (`--variant LABEL=PYTHONPATH`) run side by side in the same rounds: the before/after
 of a change measured on the same noisy machine.

@@ -1,4 +1,4 @@
-"""USPAWN_TIMING (base/timing.py) and what the start-path work of issue 18 keeps off it."""
+"""USPAWN_TIMING (uspawn.base.timing) and what the start-path work of issue 18 keeps off it."""
 
 from __future__ import annotations
 
