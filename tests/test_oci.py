@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -55,14 +55,6 @@ class Oci:
 
     def status(self, cid: str) -> str:
         return str(json.loads(self("state", cid).stdout)["status"])
-
-
-@pytest.fixture
-def oci(tmp_path: Path, need_root: None) -> Iterator[Oci]:
-    o = Oci(tmp_path / "oci-state")
-    yield o
-    for line in o("list", "-q", check=False).stdout.split():
-        o("delete", "--force", line, check=False)
 
 
 def make_bundle(tmp_path: Path, rootfs: Path, args: list[str], terminal: bool = False,

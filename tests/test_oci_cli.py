@@ -13,7 +13,6 @@ import os
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ from test_oci import (
     wait_stopped,
 )
 from waits import read_until, wait_file
-
-
-@pytest.fixture
-def oci(tmp_path: Path, need_root: None) -> Iterator[Oci]:
-    o = Oci(tmp_path / "oci-state")
-    yield o
-    for line in o("list", "-q", check=False).stdout.split():
-        o("delete", "--force", line, check=False)
 
 
 def _cid(prefix: str) -> str:

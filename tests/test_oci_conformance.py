@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,6 @@ _PAYLOAD_SYSCALLS = [
     "vfork", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "statx",
     "set_robust_list", "rseq", "getrandom", "sigaltstack", "futex", "sendfile",
 ]
-
-
-@pytest.fixture(name="oci")
-def oci_fixture(tmp_path: Path, need_root: None) -> Iterator[Oci]:
-    o = Oci(tmp_path / "oci-state")
-    yield o
-    for line in o("list", "-q", check=False).stdout.split():
-        o("delete", "--force", line, check=False)
 
 
 def _cid(prefix: str) -> str:
