@@ -95,6 +95,7 @@ def test_user_and_working_directory_warn_for_boot() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[Exec]\nBoot=maybe\n", ":2: Boot= 'maybe' is not a boolean"),
+    ("[Files]\nVolatile=state\n", ":2: Volatile= 'state': volatile machines are not supported"),
     ("[Exec]\nEnvironment=NOVALUE\n", ":2: Environment= 'NOVALUE' is not KEY=VALUE"),
     ("[Exec]\nEnvironment=\"A=1\n", ":2: Environment= unterminated quote"),
     ("[Exec]\nCapability=CAP_FLY\n", ":2: Capability= unknown capability"),

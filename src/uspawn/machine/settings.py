@@ -414,9 +414,11 @@ def _h_read_only(s: Settings, value: str, where: str, boot: bool) -> None:
 
 
 def _h_volatile(s: Settings, value: str, where: str, boot: bool) -> None:
+    # An error, not a warning: booting a tree the admin asked to be volatile as a
+    # persistent one would keep every write it expected thrown away.
     if value.lower() not in _FALSE:
-        s.warnings.append(f"{where} {value!r} not supported by uspawn (the tree is used "
-                          "as it is), ignored")
+        raise SpecError(f"{where} {value!r}: volatile machines are not supported by uspawn",
+                        "remove Volatile= (the tree is used as it is) or use systemd-nspawn")
 
 
 def _mounts(s: Settings) -> dict[str, object]:
