@@ -90,14 +90,29 @@ class Channel:
 
     def send(self, kind: str, fds: list[int] | None = None, **data: object) -> None:
         payload = marshal.dumps({"kind": kind, **data})
-        if fds:
-            # struct, not array: `array` imports collections (~2 ms).
-            anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-            self.sock.sendmsg([payload], anc)
-        else:
-            # write(2), not send(2): an error after a seccomp profile that
-            # refuses what it does not list still reaches the parent.
-            _os.write(self.sock.fileno(), payload)
+        try:
+            if fds:
+                # struct, not array: `array` imports collections (~2 ms).
+                anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                        struct.pack(f"{len(fds)}i", *fds))]
+                self.sock.sendmsg([payload], anc)
+            else:
+                # write(2), not send(2): an error after a seccomp profile that
+                # refuses what it does not list still reaches the parent.
+                _os.write(self.sock.fileno(), payload)
+        except BrokenPipeError:
+            self._raise_pending_error()
+            raise
+
+    def _raise_pending_error(self) -> None:
+        """The peer failed and exited before reading what we sent: the ERROR it left
+        queued is the cause to report (raised as ChildError), not our EPIPE."""
+        try:
+            while (msg := self.recv(timeout=0.0)) is not None:
+                for fd in msg.fds:
+                    _close(fd)
+        except (BlockingIOError, ProtocolError):
+            pass  # nothing queued: a silent death stays EPIPE
 
     def send_error(self, message: str, err: int = 0, exit_code: int = 125) -> None:
         self.send(ERROR, message=message, errno=err, exit_code=exit_code)
