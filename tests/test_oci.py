@@ -251,7 +251,8 @@ def _console_listener(path: Path) -> socket.socket:
     return s
 
 
-def _recv_fd(listener: socket.socket) -> int:
+def _recv_fd(listener: socket.socket, timeout: float = 60) -> int:
+    listener.settimeout(timeout)  # a runtime that never connects fails the test, not the run
     conn, _ = listener.accept()
     try:
         _msg, anc, _f, _a = conn.recvmsg(1024, socket.CMSG_SPACE(4))
@@ -268,10 +269,10 @@ def test_console_socket_and_exec(oci: Oci, rootfs: Path, tmp_path: Path) -> None
                     terminal=True)
     listener = _console_listener(tmp_path / "console.sock")
     box: list[int] = []
-    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)))
+    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)), daemon=True)
     t.start()
     oci("create", "--bundle", str(b), "--console-socket", str(tmp_path / "console.sock"), "t1")
-    t.join(10)
+    t.join(60)  # create returns after the fd is sent; a bound, not a wait
     master = box[0]
     assert stat.S_ISCHR(os.fstat(master).st_mode)
     oci("start", "t1")
@@ -286,12 +287,12 @@ def test_console_socket_and_exec(oci: Oci, rootfs: Path, tmp_path: Path) -> None
     (tmp_path / "p.json").write_text(json.dumps(proc))
     listener2 = _console_listener(tmp_path / "c2.sock")
     box2: list[int] = []
-    t2 = threading.Thread(target=lambda: box2.append(_recv_fd(listener2)))
+    t2 = threading.Thread(target=lambda: box2.append(_recv_fd(listener2)), daemon=True)
     t2.start()
     oci("exec", "--process", str(tmp_path / "p.json"), "--detach", "--tty",
         "--console-socket", str(tmp_path / "c2.sock"), "--pid-file", str(tmp_path / "xpid"),
         "t1")
-    t2.join(10)
+    t2.join(60)
     got = read_until(box2[0], b"detached-ok")
     assert b"detached-ok" in got and b"/dev/pts/" in got
     xpid = int((tmp_path / "xpid").read_text())

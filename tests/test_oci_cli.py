@@ -202,11 +202,11 @@ def test_exec_tty_owned_by_process_user_with_console_size(oci: Oci, rootfs: Path
     (tmp_path / "p.json").write_text(json.dumps(proc))
     listener = _console_listener(tmp_path / "c.sock")
     box: list[int] = []
-    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)))
+    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)), daemon=True)
     t.start()
     oci("exec", "--process", str(tmp_path / "p.json"), "--detach", "--tty",
         "--console-socket", str(tmp_path / "c.sock"), cid)
-    t.join(10)
+    t.join(60)  # create returns after the fd is sent; a bound, not a wait
     try:
         out = read_until(box[0], b"done").decode()
     finally:
@@ -425,11 +425,11 @@ def test_init_console_owned_by_process_user(oci: Oci, rootfs: Path, tmp_path: Pa
     (b / "config.json").write_text(json.dumps(cfg))
     listener = _console_listener(tmp_path / "c.sock")
     box: list[int] = []
-    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)))
+    t = threading.Thread(target=lambda: box.append(_recv_fd(listener)), daemon=True)
     t.start()
     cid = _cid("itty")
     oci("create", "--bundle", str(b), "--console-socket", str(tmp_path / "c.sock"), cid)
-    t.join(10)
+    t.join(60)  # create returns after the fd is sent; a bound, not a wait
     oci("start", cid)
     try:
         out = read_until(box[0], b"done").decode()
