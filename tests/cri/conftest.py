@@ -37,7 +37,9 @@ def crictl_bin(need_root: None) -> Path:
     return ensure_tools(src) / "crictl"
 
 
-@pytest.fixture(scope="session")
+# Package scope: containerd (a child of pytest) is stopped when tests/cri ends, not
+# at the end of the session, where later tests see it as a child they did not start.
+@pytest.fixture(scope="package")
 def cri(crictl_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriEnv]:
     for tool in ("containerd", "ctr", "containerd-shim-runc-v2"):
         if shutil.which(tool) is None:
