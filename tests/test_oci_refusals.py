@@ -34,7 +34,9 @@ def _assert_refused(r: subprocess.CompletedProcess[str], *words: str) -> None:
 
 
 @pytest.mark.parametrize("field,value", [("network", {"classID": 1048577}),
-                                         ("blockIO", {"weight": 10})])
+                                         ("blockIO", {"weight": 10}),
+                                         ("rdma", {"mlx5_1": {"hcaHandles": 3}}),
+                                         ("unified", {"memory.high": "50000000"})])
 def test_unapplied_resources_are_refused(oci: Oci, rootfs: Path, tmp_path: Path,
                                          field: str, value: object) -> None:
     b = _bundle(tmp_path, rootfs,
@@ -45,7 +47,7 @@ def test_unapplied_resources_are_refused(oci: Oci, rootfs: Path, tmp_path: Path,
     assert oci("list", "-q").stdout.split() == []
 
 
-@pytest.mark.parametrize("field", ["network", "blockIO"])
+@pytest.mark.parametrize("field", ["network", "blockIO", "rdma", "unified"])
 def test_empty_resource_sections_are_fine(oci: Oci, rootfs: Path, tmp_path: Path,
                                           field: str) -> None:
     b = _bundle(tmp_path, rootfs,

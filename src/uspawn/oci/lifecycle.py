@@ -54,10 +54,11 @@ def check_id(cid: str) -> str:
 # --- loading a bundle -----------------------------------------------------------
 
 
-# linux.resources sections uspawn-runc has no controller code for (net_cls and
-# net_prio, blkio): a config that sets them is refused, as runc refuses one it
-# cannot apply, instead of running without the limit.
-_UNAPPLIED_RESOURCES = ("linux.resources.network", "linux.resources.blockIO")
+# linux.resources sections uspawn-runc has no code for (net_cls and net_prio,
+# blkio, rdma, raw cgroup2 files): a config that sets them is refused, as runc
+# refuses one it cannot apply, instead of running without the limit.
+_UNAPPLIED_RESOURCES = ("linux.resources.network", "linux.resources.blockIO",
+                        "linux.resources.rdma", "linux.resources.unified")
 
 
 def _resource_set(raw: object, field: str) -> bool:
