@@ -31,13 +31,14 @@ class LxcfsError(Exception):
     pass
 
 
-def find() -> str | None:
-    """The mount point of a live lxcfs (a fuse.lxcfs mount whose files answer)."""
+def _lxcfs_mounts() -> list[str]:
+    """Mount points of fuse.lxcfs mounts in this mount namespace, live or dead."""
     try:
         with open("/proc/self/mountinfo") as f:
             lines = f.readlines()
     except OSError:
-        return None
+        return []
+    found = []
     for line in lines:
         fields = line.split()
         try:
@@ -46,10 +47,34 @@ def find() -> str | None:
             continue
         if fields[sep + 1] == "fuse.lxcfs" or (fields[sep + 1].startswith("fuse")
                                                and fields[sep + 2] == "lxcfs"):
-            mnt = fields[4].replace("\\040", " ")
-            if _answers(mnt):
-                return mnt
+            found.append(fields[4].replace("\\040", " "))
+    return found
+
+
+def find() -> str | None:
+    """The mount point of a live lxcfs (a fuse.lxcfs mount whose files answer)."""
+    for mnt in _lxcfs_mounts():
+        if _answers(mnt):
+            return mnt
     return None
+
+
+def _clear_dead_mount(mountpoint: str) -> None:
+    """An lxcfs that crashed or was killed leaves its mount behind, and every
+    access to it fails with ENOTCONN (mkdir there: EEXIST). Debian's init script
+    lazily unmounts it before starting lxcfs ("cleanup in case of crash"); so do
+    we, and only a fuse.lxcfs mount at mountpoint that does not answer."""
+    target = os.path.normpath(mountpoint)
+    for _stacked in range(8):  # one dead mount may cover another
+        if target not in _lxcfs_mounts() or _answers(target):
+            return
+        from uspawn.kernel import syscalls as sc
+
+        try:
+            sc.umount2(target, sc.MNT_DETACH)
+        except OSError as exc:
+            raise LxcfsError(f"umount2 {target} (a dead lxcfs mount): {exc.strerror}; "
+                             f"hint: umount -l {target}") from None
 
 
 def _answers(mnt: str) -> bool:
@@ -66,22 +91,23 @@ def binary() -> str | None:
     return shutil.which("lxcfs", path="/usr/bin:/usr/sbin:/usr/local/bin:/bin:/sbin")
 
 
-def start(mountpoint: str = MOUNTPOINT, timeout: float = 5.0) -> str:
+def start(mountpoint: str = MOUNTPOINT, timeout: float = 5.0, pidfile: str = PIDFILE) -> str:
     """Start lxcfs on mountpoint (it daemonizes once its mount is up); return it."""
     exe = binary()
     if exe is None:
         raise LxcfsError("lxcfs is not installed (Debian: apt install lxcfs)")
+    _clear_dead_mount(mountpoint)
     try:
         os.makedirs(mountpoint, mode=0o755, exist_ok=True)
-    except OSError as exc:  # ENOTCONN/EEXIST: a dead lxcfs left its mount there
-        raise LxcfsError(f"{mountpoint}: {exc.strerror} (a dead lxcfs mount? "
-                         f"umount {mountpoint})") from None
+    except OSError as exc:  # a dead FUSE mount of another kind, or a file there
+        raise LxcfsError(f"mkdir {mountpoint}: {exc.strerror}; hint: is something else "
+                         f"mounted there? (umount -l {mountpoint})") from None
     import tempfile
 
     # stderr to a file, not a pipe: the daemon keeps its stderr open for its life.
     with tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.Popen([exe, *START_ARGS, "-p", PIDFILE, mountpoint],
+            proc = subprocess.Popen([exe, *START_ARGS, "-p", pidfile, mountpoint],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=err, start_new_session=True, close_fds=True)
         except OSError as exc:
