@@ -30,23 +30,34 @@ def pid():
     with open(pidfile) as f:
         return int(f.read().split()[0])
 
-assert lxcfs.start(mnt, pidfile=pidfile) == mnt
-first = pid()
-os.kill(first, signal.SIGKILL)
-wait_exit([first], what="the first lxcfs")
-assert mnt in lxcfs._lxcfs_mounts() and not lxcfs._answers(mnt), "no dead mount to clear"
+started = []
 try:
-    os.listdir(mnt)
-except OSError as exc:
-    print("dead:", exc.strerror)
-assert lxcfs.start(mnt, pidfile=pidfile) == mnt
-second = pid()
-assert second != first
-with open(os.path.join(mnt, "proc/uptime")) as f:
-    print("uptime:", f.read().split()[0])
-print("mounts:", lxcfs._lxcfs_mounts().count(mnt))
-os.kill(second, signal.SIGKILL)
-wait_exit([second], what="the second lxcfs")
+    assert lxcfs.start(mnt, pidfile=pidfile) == mnt
+    started.append(pid())
+    os.kill(started[0], signal.SIGKILL)
+    wait_exit(started, what="the first lxcfs")
+    assert mnt in lxcfs._lxcfs_mounts() and not lxcfs._answers(mnt), "no dead mount"
+    try:
+        os.listdir(mnt)
+    except OSError as exc:
+        print("dead:", exc.strerror)
+    assert lxcfs.start(mnt, pidfile=pidfile) == mnt
+    started.append(pid())
+    assert started[1] != started[0]
+    with open(os.path.join(mnt, "proc/uptime")) as f:
+        print("uptime:", f.read().split()[0])
+    print("mounts:", lxcfs._lxcfs_mounts().count(mnt))
+finally:  # never leave an lxcfs behind, whatever failed
+    try:
+        started.append(pid())
+    except (OSError, ValueError):
+        pass
+    for p in set(started):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_exit(set(started), what="lxcfs")
 """
 
 

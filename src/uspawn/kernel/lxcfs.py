@@ -96,7 +96,8 @@ def start(mountpoint: str = MOUNTPOINT, timeout: float = 5.0, pidfile: str = PID
     exe = binary()
     if exe is None:
         raise LxcfsError("lxcfs is not installed (Debian: apt install lxcfs)")
-    _clear_dead_mount(mountpoint)
+    target = os.path.realpath(mountpoint)  # as mountinfo names it
+    _clear_dead_mount(target)
     try:
         os.makedirs(mountpoint, mode=0o755, exist_ok=True)
     except OSError as exc:  # a dead FUSE mount of another kind, or a file there
@@ -114,11 +115,11 @@ def start(mountpoint: str = MOUNTPOINT, timeout: float = 5.0, pidfile: str = PID
             raise LxcfsError(f"start {exe}: {exc.strerror}") from None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = find()
-            if found is not None:
+            # Its own mount point: another lxcfs may serve elsewhere.
+            if target in _lxcfs_mounts() and _answers(target):
                 if proc.poll() is None:
                     _reap_later(proc)
-                return found
+                return target
             if proc.poll() not in (None, 0):
                 break  # the launcher failed (a daemonized lxcfs exits 0 first)
             time.sleep(0.05)
