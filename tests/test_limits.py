@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Runner, cgroup_dirs
+from waits import open_pidfds, read_until, wait_pidfds, wait_state
 
 from uspawn.base.errors import SpecError, UsageError
 from uspawn.kernel import cgroups, lxcfs
@@ -132,11 +132,11 @@ def lxcfs_mount(need_root: None) -> Iterator[str | None]:
     yield mnt
     pid = lxcfs.pid_of_started()
     if pid is not None:  # ours: no lxcfs ran before this module
+        fds = open_pidfds([pid])
         os.kill(pid, 15)
-        deadline = time.monotonic() + 5
-        while lxcfs.find() is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        subprocess.run(["umount", mnt], capture_output=True, check=False)
+        wait_pidfds(fds, what="the lxcfs this module started")
+        # It unmounts in its own mount namespace; a copy may remain in this one.
+        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
 
 
 def hybrid_or_v2(key: str) -> str:
@@ -157,14 +157,12 @@ def cgroup_file(name: str, v1: str, v2: str) -> str:
 def start(uspawn: Runner, rootfs: Path, name: str, *flags: str) -> subprocess.Popen[str]:
     p = uspawn.popen("run", "-D", str(rootfs), "-M", name, *flags, "--", "sleep", "300",
                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if uspawn.run("status", name).returncode == 0:
-            return p
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.05)
-    p.kill()
-    raise AssertionError(f"{name} did not start")
+    try:
+        wait_state(uspawn.state, name, p)  # written after the payload's execve
+    except AssertionError:
+        p.kill()
+        raise AssertionError(f"{name} did not start: {p.communicate()}") from None
+    return p
 
 
 def stop(uspawn: Runner, p: subprocess.Popen[str], name: str) -> None:
@@ -301,10 +299,7 @@ def test_boot_has_lxcfs_by_default_and_set_works(uspawn: Runner, rootfs: Path,
     p = uspawn.popen("boot", "-D", str(rootfs), "-M", "limboot", stdin=subprocess.DEVNULL,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while uspawn.run("status", "limboot").returncode != 0:
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.1)
+        wait_state(uspawn.state, "limboot", p)
         r = uspawn.run("set", "limboot", "MemoryMax=300M", "TasksMax=50", "CPUQuota=50%")
         assert r.returncode == 0, r.stderr
         assert cgroup_file("limboot", "memory.limit_in_bytes", "memory.max") == str(300 * MiB)
@@ -336,14 +331,14 @@ def test_exec_joins_the_limits(uspawn: Runner, rootfs: Path) -> None:
 
 
 def test_exec_at_the_task_limit_is_one_line(uspawn: Runner, rootfs: Path) -> None:
+    # sh and its two sleeps fill the limit; `echo` is a builtin (no fork).
     p = uspawn.popen("run", "-D", str(rootfs), "-M", "full", "--pids", "3", "--", "sh", "-c",
-                     "sleep 60 & sleep 60 & wait", stdin=subprocess.DEVNULL,
+                     "sleep 60 & sleep 60 & echo full; wait", stdin=subprocess.DEVNULL,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while cgroup_file_or("full", "pids.current") != "3":
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.05)
+        assert p.stdout is not None
+        read_until(p.stdout.fileno(), b"full\n")
+        assert cgroup_file_or("full", "pids.current") == "3"
         r = uspawn.run("exec", "full", "--", "true")
         assert r.returncode == 126
         assert r.stderr.strip() == ("uspawn: exec: fork in the container: EAGAIN (its task "
@@ -378,10 +373,7 @@ def test_limits_from_a_settings_file(uspawn: Runner, rootfs: Path, tmp_path: Pat
     p = uspawn.popen("run", "-M", "bb", "--memory", "300M", "--", "sleep", "300",
                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while uspawn.run("status", "bb").returncode != 0:
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.05)
+        wait_state(uspawn.state, "bb", p)
         assert cgroup_file("bb", "memory.limit_in_bytes", "memory.max") == str(300 * MiB)
         assert cgroup_file("bb", "pids.max", "pids.max") == "77"
     finally:
@@ -434,9 +426,15 @@ def test_debian_free_and_cpus_follow_the_limits(debian_machine: Runner,
     assert dsh(debian_machine, "getconf _NPROCESSORS_ONLN").stdout.strip() == "1"
     assert dsh(debian_machine, "grep -c ^processor /proc/cpuinfo").stdout.strip() == "1"
     # nginx's worker_processes auto counts online CPUs (sysconf): one for --cpus 1.
-    r = dsh(debian_machine, "systemctl is-active nginx >/dev/null || systemctl start nginx; "
-            "grep -c '^worker_processes auto' /etc/nginx/nginx.conf; sleep 0.5; "
-            "ps -C nginx -o args= | grep -c 'worker process'")
+    # A served request proves the master forked its workers (it forks all of them
+    # before any can accept): count them after one answer, not after a nap.
+    r = debian_machine.run(
+        "exec", DEB, "--", "bash", "-c",
+        "systemctl is-active nginx >/dev/null || systemctl start nginx; "
+        "grep -c '^worker_processes auto' /etc/nginx/nginx.conf; "
+        "exec 3<>/dev/tcp/127.0.0.1/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && "
+        "head -c 12 <&3 >/dev/null && exec 3>&-; "
+        "ps -C nginx -o args= | grep -c 'worker process'")
     assert r.stdout.split() == ["1", "1"], r.stdout + r.stderr
 
 
@@ -449,19 +447,36 @@ def test_debian_memory_hog_killed_and_systemd_stays_up(debian_machine: Runner) -
 
 
 def test_debian_fork_bomb_stops_at_tasks_max(debian_machine: Runner) -> None:
-    dsh(debian_machine, "for i in $(seq 400); do sleep 3 & done 2>/dev/null; true")
-    tasks = int(cgroup_file(DEB, "pids.current", "pids.current"))
-    assert tasks <= 200
-    events = cgroup_file(DEB, "pids.events", "pids.events")
-    assert int(events.split()[-1]) > 0, events
-    child = os.fork()  # the host still forks
-    if child == 0:
-        os._exit(0)
-    assert os.waitpid(child, 0)[1] == 0
-    deadline = time.monotonic() + 30
-    while int(cgroup_file(DEB, "pids.current", "pids.current")) > 150:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    # 400 children wanted (perl-base is in every Debian: a failed fork is undef, where
+    # dash exits and bash retries with back-off). It says when it is done forking
+    # and, on a line from us, kills and reaps them all: the bomb ends by our hand,
+    # not by a timer.
+    bomb = ('$| = 1; my @kids; for (1..400) { my $pid = fork; next unless defined $pid; '
+            'if (!$pid) { sleep 600; exit 0 } push @kids, $pid } '
+            'print "bombed ", scalar(@kids), "\\n"; <STDIN>; kill "TERM", @kids; '
+            'waitpid($_, 0) for @kids; print "reaped\\n"')
+    p = debian_machine.popen("exec", DEB, "--", "perl", "-e", bomb, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        line = read_until(p.stdout.fileno(), b"\n", timeout=120)
+        assert line.startswith(b"bombed "), line
+        assert 150 <= int(line.split()[1]) < 200, line  # the rest hit TasksMax
+        tasks = int(cgroup_file(DEB, "pids.current", "pids.current"))
+        assert tasks <= 200
+        events = cgroup_file(DEB, "pids.events", "pids.events")
+        assert int(events.split()[-1]) > 0, events
+        child = os.fork()  # the host still forks
+        if child == 0:
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        out, err = p.communicate(input="\n", timeout=120)
+        assert p.returncode == 0 and out.strip().endswith("reaped"), (out, err)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert int(cgroup_file(DEB, "pids.current", "pids.current")) < 150
     r = debian_machine.run("exec", DEB, "--", "systemctl", "is-system-running")
     assert r.stdout.strip() == "running", r.stdout + r.stderr
 

@@ -195,11 +195,11 @@ def test_port_reservation_collisions_leave_nothing(tmp_path: Path) -> None:
 
 
 def test_lease_of_a_killed_owner_is_reclaimed(tmp_path: Path) -> None:
-    code = ("import sys, time; from uspawn.net import pool as netpool;"
+    code = ("import signal, sys; from uspawn.net import pool as netpool;"
             f"p = netpool.NetPool({str(tmp_path)!r});"
             "a = p.allocate('usp-dead', subnet='10.252.254.0/30');"
             "p.reserve_ports('usp-dead', [('tcp', 18089, 80)]);"
-            "print('held', flush=True); time.sleep(60)")
+            "print('held', flush=True); signal.pause()")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
@@ -439,7 +439,7 @@ def test_setup_failures_leave_nothing(spawn: Callable[..., Container],
 
 
 OWNER = r"""
-import sys, time
+import signal, sys
 from uspawn.net import pool as netpool
 from uspawn.net import links as netsetup
 net_dir, name, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -449,7 +449,7 @@ pool.reserve_ports(name, [("tcp", 18083, 80)])
 v = netsetup.setup_veth(pid, name, al.host_addr, al.cont_addr, al.prefixlen)
 netsetup.publish_ports(name, al.cont_addr, [("tcp", 18083, 80)], v.host_ifname)
 print(al.cont_addr, v.host_ifname, flush=True)
-time.sleep(60)
+signal.pause()  # until the test kills it
 """
 
 

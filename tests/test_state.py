@@ -49,9 +49,9 @@ def test_explicit_range_conflicts(tmp_path: Path) -> None:
 def test_lease_dies_with_its_holder(tmp_path: Path) -> None:
     """A holder killed with SIGKILL frees its range: the flock goes with it."""
     code = (
-        "import sys, time; from uspawn.state import store as state;"
+        "import signal, sys; from uspawn.state import store as state;"
         f"a = state.RangeAllocator({str(tmp_path)!r}); l = a.lease(0x60000000);"
-        "print('held', flush=True); time.sleep(60)"
+        "print('held', flush=True); signal.pause()"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "held"

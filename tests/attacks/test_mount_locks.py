@@ -17,15 +17,17 @@ runs the whole suite that way too).
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Runner, cgroup_dirs
+from waits import IN_DELETE, wait_until
 
 from .conftest import REFUSED, Attacker, HostGuard, mounts_mentioning, results, snapshot_dir
 from .test_host_output import LOG_DIR, _install_init, notify_bin  # noqa: F401 (fixture)
+
+IN_MOVED_FROM = 0x40  # inotify(7): a record renamed away counts as removed
 
 LOCK_ATTACKS = """\
 t=$1
@@ -156,10 +158,11 @@ exec sleep 600
         runner.run("stop", name, "--timeout", "2", timeout=60)
         for log in LOG_DIR.glob(f"{name}.console.log*"):
             log.unlink()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and list((state / "containers").glob("*")):
-        time.sleep(0.1)
-    assert list((state / "containers").glob("*")) == [], "state left behind"
+    # The supervisor removes the record after `stop` returned: wait for the removal.
+    containers = state / "containers"
+    containers.mkdir(exist_ok=True)
+    wait_until(lambda: not list(containers.glob("*")), [containers], "state left behind",
+               timeout=30, mask=IN_DELETE | IN_MOVED_FROM)
     ranges = state / "ranges"
     assert not ranges.exists() or list(ranges.iterdir()) == [], "UID-range lease left behind"
     assert cgroup_dirs(name) == []

@@ -27,13 +27,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import Runner
+from waits import wait_state
 
 from uspawn.kernel.workdir import WorkdirError, enter_workdir
 
@@ -194,19 +194,14 @@ def running(uspawn: Runner, tree: Path, host: HostGuard) -> Iterator[str]:
     """A container that runs until the test is done with it; yields its name once
     `exec` can join it."""
     name = host.machine()
-    stop = tree / "stop-now"
-    p = uspawn.popen("run", "-D", str(tree), "-M", name, "--", "sh", "-c",
-                     "while [ ! -e /stop-now ]; do sleep 0.05; done",
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    # The payload ends (status 0) when its stdin closes: cat sees EOF.
+    p = uspawn.popen("run", "-D", str(tree), "-M", name, "--", "cat",
+                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                      stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while uspawn.run("exec", name, "--", "true", timeout=TIMEOUT).returncode != 0:
-            assert p.poll() is None and time.monotonic() < deadline, "container never ran"
-            time.sleep(0.05)
+        wait_state(uspawn.state, name, p, timeout=TIMEOUT)  # written after the execve
         yield name
-        stop.write_text("")
-        _, err = p.communicate(timeout=TIMEOUT)
+        _, err = p.communicate(timeout=TIMEOUT)  # closes the payload's stdin: EOF
         assert p.returncode == 0, err
     finally:
         if p.poll() is None:
