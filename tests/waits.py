@@ -273,3 +273,20 @@ def tty_pending(fd: int) -> bytes:
         os.set_blocking(fd, blocking)
     return out
 
+
+def read_to_eof(fd: int, timeout: float = 30) -> bytes:
+    """Everything fd (a pipe or a pty master) yields until EOF (or EIO: the pty's last
+    slave fd closed). Fails on the timeout bound, with what was read."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], \
+            f"no EOF within {timeout}s: {out!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return out
+        out += chunk

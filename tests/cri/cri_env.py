@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -316,7 +315,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
 
     def start(self, timeout: float = 60) -> None:
-        from waits import wait_file
+        from waits import IN_MODIFY, wait_file, wait_until
 
         self.write_config()
         logf = open(self.log, "ab")
@@ -327,19 +326,27 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             start_new_session=True)
         logf.close()
         wait_file(self.sock, timeout, self.proc)
-        # The CRI plugin starts in the background; the network is ready once the CNI
-        # config has been loaded. Both show in `crictl info`'s status conditions.
-        deadline = time.monotonic() + timeout
-        while True:
+        # The CRI plugin starts in the background (CRIService.Run in a goroutine) and
+        # answers "not initialized" until Run has set its flag; the last thing Run logs
+        # before that is "Start streaming server": inotify on the log (containerd appends
+        # to it) waits for that line, or for containerd to exit.
+        started = "Start streaming server"
+        wait_until(lambda: started in self.log.read_text(errors="replace"), [self.log],
+                   f"{started} in {self.log}", timeout, self.proc, mask=IN_MODIFY)
+        # Between that line and the flag there is no blocking step (a `go` statement), so
+        # the flag is set long before a crictl process gets its answer; should a crictl
+        # still find it unset, the next crictl's answer is awaited (a count bounds it,
+        # not a clock).
+        for _ in range(20):
             res = self.crictl_run("info", timeout=timeout)
-            if res.returncode == 0:
-                conds = {c["type"]: c["status"]
-                         for c in json.loads(res.stdout)["status"]["conditions"]}
-                if conds.get("RuntimeReady") and conds.get("NetworkReady"):
-                    return
-            assert self.proc.poll() is None, f"containerd exited: {self.log_tail()}"
-            assert time.monotonic() < deadline, f"CRI not ready: {res.stdout} {res.stderr}"
-            time.sleep(0.05)
+            if "not initialized" not in res.stderr:
+                break
+        assert res.returncode == 0, f"crictl info: {res.stdout} {res.stderr} {self.log_tail()}"
+        conds = {c["type"]: c["status"] for c in json.loads(res.stdout)["status"]["conditions"]}
+        # RuntimeReady is always true; NetworkReady once the CNI config is loaded, which the
+        # plugin does when it is made (the config is written before containerd starts).
+        assert conds.get("RuntimeReady") and conds.get("NetworkReady"), \
+            f"CRI not ready: {res.stdout} {self.log_tail()}"
 
     def import_images(self, archive: Path) -> None:
         res = subprocess.run(["ctr", "--address", str(self.sock), "-n", NAMESPACE, "images",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from waits import wait_all_gone, wait_until
+from waits import IN_CLOSE_WRITE, IN_MOVED_TO, wait_all_gone, wait_until
 
 from .cri_env import (
     CriEnv,
@@ -102,11 +102,25 @@ def status(cri: CriEnv, cid: str) -> dict[str, object]:
 
 
 def wait_exited(cri: CriEnv, cid: str, timeout: float = 30) -> dict[str, object]:
-    """ContainerStatus once the container has exited (containerd's exit event)."""
-    deadline = time.monotonic() + timeout
-    while (st := status(cri, cid))["state"] != "CONTAINER_EXITED":
-        assert time.monotonic() < deadline, f"{cid} still {st['state']} after {timeout}s"
-        time.sleep(0.05)
+    """ContainerStatus once the container has exited (containerd's exit event).
+
+    The CRI plugin checkpoints a container's status to <root>/io.containerd.grpc.v1.cri/
+    containers/<id>/status (an atomic rename) while it holds the status lock, before it
+    updates the copy it serves: inotify on that directory re-reads the file, and once
+    the file has FinishedAt, ContainerStatus (which takes the lock) reports the exit."""
+    cdir = cri.root / "root" / "io.containerd.grpc.v1.cri" / "containers" / cid
+    assert (cdir / "status").is_file(), f"no CRI status checkpoint in {cdir}"
+
+    def finished() -> bool:
+        try:
+            return bool(json.loads((cdir / "status").read_text()).get("FinishedAt"))
+        except FileNotFoundError:
+            return False
+
+    wait_until(finished, [cdir], f"{cid} to exit (FinishedAt in {cdir}/status)", timeout,
+               mask=IN_MOVED_TO | IN_CLOSE_WRITE)
+    st = status(cri, cid)
+    assert st["state"] == "CONTAINER_EXITED", st
     return st
 
 

@@ -28,6 +28,7 @@ parents libpod_parent[/conmon] (cleanup() removes them if this session made them
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -41,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from waits import IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, wait_all_gone, wait_until
 
 IMAGE = "localhost/uspawn-busybox"
 USPAWN_RUNC_PATHS = ("/usr/local/bin/uspawn-runc", "/opt/uspawn-venv/bin/uspawn-runc")
@@ -277,16 +280,26 @@ runroot = "{r}/run"
         return len(self.calls())
 
     def wait_for_call(self, pred: Callable[[RuntimeCall], bool], since: int = 0,
-                      timeout: float = 15) -> RuntimeCall | None:
-        """Calls made after podman returned (conmon's exit command runs `delete`)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for c in self.calls()[since:]:
-                if pred(c):
-                    return c
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.1)
+                      timeout: float = 15, what: str = "a runtime call") -> RuntimeCall:
+        """A call made after podman returned (conmon's exit command runs `delete`).
+
+        The wrapper appends each call to the log and closes it: inotify on the log's
+        directory (IN_CLOSE_WRITE, IN_CREATE for the first call) re-checks the calls;
+        the timeout only bounds a call that never comes (an assertion naming `what`
+        and listing the calls that did come)."""
+
+        def found() -> RuntimeCall | None:
+            return next((c for c in self.calls()[since:] if pred(c)), None)
+
+        try:
+            call = wait_until(found, [self.trace.parent], what, timeout,
+                              mask=IN_CLOSE_WRITE | IN_CREATE | IN_MOVED_TO)
+        except AssertionError as exc:
+            made = "\n".join(f"  [{c.parent}] {c.line()}" for c in self.calls()[since:])
+            raise AssertionError(f"{exc}; runtime calls since:\n{made or '  (none)'}") \
+                from None
+        assert call is not None  # wait_until returns a truthy cond()
+        return call
 
     def dump_calls(self, dest: Path, real_name: str | None = None) -> None:
         name = real_name or self.runtime
@@ -309,7 +322,7 @@ runroot = "{r}/run"
         self._kill_leftovers(problems)
         self._remove_console_sockets()
         self._unmount_under_root(problems)
-        self._remove_new_cgroups()
+        self._remove_new_cgroups(problems)
         if any(self._mounts_under_root()):
             problems.append(f"mounts left under {self.root}; not removing it")
         else:
@@ -373,21 +386,28 @@ runroot = "{r}/run"
                                  if os.path.isdir(os.path.join(d, sub)))
         return found
 
-    def _remove_new_cgroups(self) -> None:
+    def _remove_new_cgroups(self, problems: list[str] | None = None) -> None:
         """podman's cgroupfs manager leaves libpod_parent[/conmon] behind: remove those
-        this session created, if empty (rmdir fails on a cgroup still in use)."""
-        deadline = time.monotonic() + 5  # the last conmon may still be exiting
-        left = sorted(self._cgroup_dirs() - self._cgroups_before, key=len, reverse=True)
-        while left:
-            busy = []
-            for d in left:
-                try:
-                    os.rmdir(d)
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    busy.append(d)
-            if not busy or time.monotonic() > deadline:
-                return
-            left = busy
-            time.sleep(0.1)
+        this session created, deepest first, each once its processes have exited.
+
+        The last conmon may still be exiting: the pids in the directory's cgroup.procs
+        are waited for by pidfd (wait_all_gone asks again after they exited), then the
+        directory is removed; a timeout names the cgroup that kept a process."""
+        for d in sorted(self._cgroup_dirs() - self._cgroups_before, key=len, reverse=True):
+            try:
+                wait_all_gone(functools.partial(_cgroup_pids, d), 5, f"processes in {d}")
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except (OSError, AssertionError) as exc:
+                if problems is not None:
+                    problems.append(f"cgroup {d} left: {exc}")
+
+
+def _cgroup_pids(d: str) -> list[int]:
+    """The processes in cgroup directory d (none once it is gone)."""
+    try:
+        with open(os.path.join(d, "cgroup.procs")) as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []

@@ -17,14 +17,13 @@ import fcntl
 import os
 import pty
 import re
-import select
 import struct
 import subprocess
 import termios
-import time
 from collections.abc import Iterator
 
 import pytest
+from waits import IN_CLOSE_WRITE, IN_CREATE, IN_MODIFY, read_to_eof, read_until, wait_until
 
 from .podman_env import IMAGE, PodmanEnv, PodmanResult, RuntimeCall, option_value
 
@@ -58,19 +57,33 @@ def inspect(penv: PodmanEnv, cid: str, fmt: str) -> str:
 
 
 def wait_logs(penv: PodmanEnv, cid: str, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        res = penv.ok("logs", cid)
-        if text in res.stdout:
-            return res.stdout
-        assert time.monotonic() < deadline, f"{text!r} never in logs\n" + res.explain()
-        time.sleep(0.1)
+    """`podman logs` once the container printed text.
+
+    conmon writes the container's output to its k8s-file log (HostConfig.LogConfig.Path),
+    one `<time> <stream> <F|P> <text>` line per write: inotify on the log's directory
+    (IN_MODIFY: conmon appends) re-reads the file; `podman logs` is asked once at the
+    end, so what it shows is checked too."""
+    path = inspect(penv, cid, "{{.HostConfig.LogConfig.Path}}")
+    assert path, f"no LogPath for {cid}"
+
+    def logged() -> bool:
+        try:
+            with open(path, errors="replace") as f:
+                return any(text in line.split(" ", 3)[-1] for line in f)
+        except FileNotFoundError:
+            return False
+
+    wait_until(logged, [os.path.dirname(path)], f"{text!r} in {path}", timeout,
+               mask=IN_MODIFY | IN_CREATE | IN_CLOSE_WRITE)
+    res = penv.ok("logs", cid)
+    assert text in res.stdout, f"{text!r} in {path} but not in podman logs\n" + res.explain()
+    return res.stdout
 
 
 def wait_deleted(penv: PodmanEnv, cid: str, since: int) -> None:
     """`delete --force` may come after podman returned (conmon's exit command)."""
-    call = penv.wait_for_call(lambda c: c.subcommand == "delete" and cid in c.args, since)
-    assert call is not None, f"no `delete` for {cid}"
+    call = penv.wait_for_call(lambda c: c.subcommand == "delete" and cid in c.args, since,
+                              what=f"`delete` of {cid}")
     assert call.sub_args == ["--force", cid], call.line()
 
 
@@ -174,50 +187,47 @@ def test_exec_tty_without_terminal(penv: PodmanEnv, running: str) -> None:
     assert call.record["process"]["terminal"] is True
 
 
+# The exec'd shell announces that podman's window size landed before it reads a line:
+# podman sets the size by a resize (TIOCSWINSZ, then SIGWINCH to the foreground group)
+# after the exec started. The trap ends the wait at that signal; the `stty size` check
+# after the trap is set catches a resize that came before it.
+# (busybox stty fails on a 0x0 window: no size is printed then; the shell's
+# "Terminated" for the killed sleep goes to wait's stderr.)
+TTY_SCRIPT = (
+    "tty; trap 'kill $w 2>/dev/null' WINCH; sleep 100 & w=$!; "
+    'case "$(stty size 2>/dev/null)" in ""|"0 0") ;; *) kill $w;; esac; '
+    "wait $w 2>/dev/null; trap - WINCH; echo size-set; "
+    "read line; stty size; echo got:$line; exit 5")
+
+
 def test_exec_tty_interactive_pty(penv: PodmanEnv, running: str) -> None:
     """`podman exec -it` from a real terminal: input, echo, window size, exit code."""
     since = penv.call_count()
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-    proc = penv.popen("exec", "-it", running, "sh", "-c",
-                      "tty; read line; stty size; echo got:$line; exit 5",
+    proc = penv.popen("exec", "-it", running, "sh", "-c", TTY_SCRIPT,
                       stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
-    buf, sent = b"", False
-    deadline = time.monotonic() + 15
+    out, rc, failed = b"", None, ""
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # EIO: every slave fd is closed, podman is gone
-                break
-            if not data:
-                break
-            buf += data
-            if not sent and b"/dev/pts/" in buf:
-                # podman sets the size by a resize after the exec started: let it land.
-                time.sleep(0.3)
-                os.write(master, b"hello\n")
-                sent = True
-        try:
-            rc: int | None = proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            rc = None
+        # "hello" goes in only after the container said its window size is set.
+        out = read_until(master, b"size-set\r\n", 15)
+        os.write(master, b"hello\n")
+        out += read_to_eof(master, 15)  # EIO once podman, the last slave holder, exited
+        rc = proc.wait(timeout=5)
+    except (AssertionError, subprocess.TimeoutExpired) as exc:
+        failed = f"{exc}; "
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(master)
-    out = buf.decode(errors="replace")
+    text = out.decode(errors="replace")
     calls = "\n".join(f"  [{c.parent}] {c.line()}" for c in penv.calls()[since:])
-    why = f"terminal output {out!r}; exit {rc}; runtime calls:\n{calls}"
-    assert rc is not None, "podman exec -it hung; " + why
-    assert re.fullmatch(r"/dev/pts/\d+\r\nhello\r\n33 101\r\ngot:hello\r\n", out), why
+    why = f"{failed}terminal output {text!r}; exit {rc}; runtime calls:\n{calls}"
+    assert not failed and rc is not None, "podman exec -it: " + why
+    assert re.fullmatch(r"/dev/pts/\d+\r\nsize-set\r\nhello\r\n33 101\r\ngot:hello\r\n",
+                        text), why
     assert rc == 5, why
 
 

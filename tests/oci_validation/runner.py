@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +53,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # waits.py, when run as a script
+from waits import wait_all_gone  # noqa: E402
+
 DEFAULT_SRC = "/work/shared/oci-validation"
 CACHE = Path("/var/cache/uspawn-oci-validation")
 STATE_BASE = Path("/run/uspawn-oci-validation")
@@ -279,35 +283,42 @@ def cgroup_dirs() -> set[str]:
     return dirs
 
 
-def kill_cgroup(path: str) -> None:
+def kill_cgroup(path: str) -> list[int]:
+    """SIGKILL every process in the cgroup directory path; their pids."""
     try:
         with open(os.path.join(path, "cgroup.procs")) as f:
             pids = [int(x) for x in f.read().split()]
     except OSError:
-        return
+        return []
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return pids
 
 
 def remove_cgroups(paths: list[str]) -> list[str]:
-    """rmdir paths deepest first, killing their processes (the case's containers) first."""
+    """rmdir paths deepest first, killing their processes (the case's containers) first.
+
+    The killed processes are waited for by pidfd (wait_all_gone asks cgroup.procs again,
+    killing what it lists, until no process is left running), the ones that were our
+    children reaped, then the directory removed: a process that exited has left its
+    cgroup, so the rmdir is not retried; a failure is reported."""
     problems = []
     for path in sorted(paths, key=lambda p: p.count("/"), reverse=True):
-        for _ in range(50):
-            kill_cgroup(path)
-            try:
-                os.rmdir(path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                reap_orphans(None)
-                time.sleep(0.05)
-        else:
-            problems.append(f"cannot remove cgroup {path}")
+        try:
+            wait_all_gone(functools.partial(kill_cgroup, path), 10, f"processes in {path}")
+        except AssertionError as exc:
+            problems.append(f"cannot remove cgroup {path}: {exc}")
+            continue
+        reap_orphans(None)
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            problems.append(f"cannot remove cgroup {path}: {exc}")
     return problems
 
 
@@ -352,18 +363,28 @@ def children() -> list[int]:
 
 
 def kill_orphans() -> list[str]:
-    """Kill processes the case daemonised that outlived the cleanup (our children now)."""
+    """Kill processes the case daemonised that outlived the cleanup (our children now).
+
+    Each is waited for by pidfd (asking again for our children, and killing them, until
+    none is left running), then reaped."""
     left = children()
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 5
-    while children() and time.monotonic() < deadline:
-        reap_orphans(None)
-        time.sleep(0.02)
-    return [f"killed orphan pid {p}" for p in left]
+
+    def kill_children() -> list[int]:
+        pids = children()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    notes = [f"killed orphan pid {p}" for p in left]
+    try:
+        wait_all_gone(kill_children, 5, "orphans")
+    except AssertionError as exc:
+        notes.append(str(exc))
+    reap_orphans(None)
+    return notes
 
 
 # ---------------------------------------------------------------- runtimes
@@ -460,14 +481,25 @@ def run_case(built: Path, case: str, wrapper: Path, calls: Path, state: Path, wo
         proc = subprocess.Popen([str(built / "validation" / case / f"{case}.t")], cwd=work,
                                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 start_new_session=True)
-        while proc.poll() is None:
-            reap_orphans(proc.pid)
-            if time.monotonic() - start > timeout:
-                timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                break
-            time.sleep(0.02)
+        # Wait for SIGCHLD (blocked, so one that comes between a check and the wait stays
+        # pending): the case exited, or an orphan reparented to us (the subreaper) did and
+        # is reaped at once. Blocked only after the Popen, so the case does not inherit it;
+        # a child that exited before is found by the first check.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            while True:
+                reap_orphans(proc.pid)
+                if proc.poll() is not None:
+                    break
+                left = start + timeout - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+                signal.sigtimedwait({signal.SIGCHLD}, left)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     seconds = time.monotonic() - start
     res = score(case, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"),
                 None if timed_out else proc.returncode, seconds, timed_out)
