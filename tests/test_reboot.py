@@ -68,8 +68,9 @@ def _state_file(uspawn: Runner, name: str) -> dict[str, object]:
 
 def _nothing_left(uspawn: Runner, name: str, rootfs: Path) -> None:
     assert cgroup_dirs(name) == []
-    assert uspawn.run("list", "--json").stdout.strip() == "[]"
+    # Before `list`: it would reclaim a record a dead owner left (machine/reclaim.py).
     assert not (uspawn.state / "containers" / name).exists()
+    assert uspawn.run("list", "--json").stdout.strip() == "[]"
     assert mounts_under(rootfs) == []
 
 

@@ -693,6 +693,26 @@ def why_not(key: str) -> str | None:
     return None
 
 
+def leftover(name: str) -> Cgroup | None:
+    """The directories uspawn/NAME in every cgroup hierarchy, if any exist: what a
+    machine whose runtime and guardian were both killed leaves (the guardian
+    removes them otherwise). Machines always live at uspawn/NAME."""
+    layout, unified = detect_layout()
+    rel = f"{PARENT}/{name}"
+    dirs = []
+    for hier in sorted(_hierarchies()):
+        try:
+            d = under(hier, rel)
+        except CgroupPathError:
+            continue
+        if os.path.isdir(d) and not os.path.islink(d):
+            dirs.append(d)
+    if not dirs:
+        return None
+    return Cgroup(name, layout, unified if unified and any(
+        d.startswith(unified + "/") for d in dirs) else None, dirs, rel)
+
+
 def of_process(pid: int, rel: str) -> Cgroup:
     """The cgroup rel of a running container, in every hierarchy where pid (its
     init) is at rel or below it (a booted systemd moves itself into

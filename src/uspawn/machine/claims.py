@@ -36,7 +36,9 @@ def claim_container_name(root: str, requested: str | None, default: str,
     """Claim a name in the state directory whose cgroup is free too (another
     state directory, e.g. a second installation or --root, shares the cgroup tree)."""
     from uspawn.kernel.cgroups import name_busy
+    from uspawn.machine.reclaim import reclaim_stale
 
+    reclaim_stale(root)
     if requested or exact:
         name = requested or default
         check_name(name)

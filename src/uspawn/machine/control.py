@@ -15,6 +15,7 @@ from uspawn.base.errors import StateError, UsageError
 from uspawn.base.textsafe import STATUS_LIMIT, clip, field
 from uspawn.kernel import sig
 from uspawn.kernel.pidwait import wait_gone
+from uspawn.machine.reclaim import reclaim_stale
 from uspawn.state.store import proc_starttime, read_states
 
 TYPE_CHECKING = False
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 
 def find(root: str, name: str) -> dict[str, object]:
+    reclaim_stale(root)  # status, stop, kill, set: a dead machine's leftovers go first
     for st in read_states(root):
         if st.get("name") == name:
             return st
@@ -105,6 +107,7 @@ def _restarts(st: dict[str, object]) -> int:
 
 
 def list_command(root: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    reclaim_stale(root)
     states = read_states(root)
     addrs = _addresses()
     if as_json:
