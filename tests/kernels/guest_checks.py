@@ -14,8 +14,9 @@ come from the host in --plan (JSON), never from this kernel's own opinion.
 Phases:
   main         selftest, doctor, run checks (non-root /dev/null, mknod EPERM,
                ownership path)
-  shift-kill   start a chown shift of a large tree, wait until it is half done,
-               `sync`, report "shift-started" and wait: the host kills the VM
+  shift-kill   start a chown shift of a large tree, wait (inotify) until it has
+               re-owned a quarter of it, `sync`, report "shift-started" and wait:
+               the host kills the VM
   shift-resume after the kill: the tree must show an unfinished shift, the next
                `uspawn run` must finish it, and the tree must then be consistent
 """
@@ -25,7 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shlex
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -214,16 +218,23 @@ def check_limits(ctx: Ctx) -> tuple[str, str]:
         problems.append(f"cgroup files: {out.get('files')}")
     if problems:
         return "fail", "; ".join(problems) + "; " + _describe(r)
+    # The container's state directory, made first (claim_name accepts an existing one)
+    # so that inotify can watch it for state.json.
+    cdir = os.path.join(os.environ.get("USPAWN_STATE_DIR") or "/run/uspawn", "containers",
+                        "limset")
+    os.makedirs(cdir, mode=0o700, exist_ok=True)
     p = subprocess.Popen([*ctx.uspawn, "run", "-D", _run_tree(ctx), "-M", "limset",
                           "--memory", "64M", "--pids", "40", "--", "sleep", "60"],
                          stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while ctx.run("status", "limset").returncode != 0:
-            if p.poll() is not None or time.monotonic() > deadline:
-                return "fail", f"limset did not start: {p.communicate()[1]!r}"
-            time.sleep(0.1)
+        # Started once its state.json is written (after the payload's execve).
+        got = _wait_file(cdir, "state.json", 30, p.pid)
+        if got is None or not got or ctx.run("status", "limset").returncode != 0:
+            why = ("no state.json within 30 s" if got is None else
+                   "uspawn exited without a state.json" if not got else "status failed")
+            p.kill()
+            return "fail", f"limset did not start ({why}): {p.communicate()[1]!r}"
         r = ctx.run("set", "limset", "MemoryMax=96M", "TasksMax=80")
         st = ctx.run("status", "limset").stdout
         if r.returncode != 0 or "of 96.0M" not in st or "of 80" not in st:
@@ -331,6 +342,79 @@ def phase_main(ctx: Ctx, rep: Reporter) -> None:
 # ------------------------------------------------------------------ shift phases
 
 
+IN_ATTRIB, IN_CREATE, IN_MOVED_TO, IN_CLOSE_WRITE = 0x04, 0x100, 0x80, 0x08
+
+
+class _Inotify:
+    """inotify by ctypes (the guest has the stdlib only, not tests/waits.py)."""
+
+    def __init__(self, paths: list[str], mask: int) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd: int = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        for p in paths:
+            if self._libc.inotify_add_watch(self.fd, os.fsencode(p), mask) < 0:
+                err = ctypes.get_errno()
+                os.close(self.fd)
+                raise OSError(err, os.strerror(err), p)
+
+    def events(self) -> list[tuple[int, str]]:
+        """(watch descriptor, entry name) of every queued event."""
+        out = []
+        while select.select([self.fd], [], [], 0)[0]:
+            buf = os.read(self.fd, 1 << 16)
+            off = 0
+            while off < len(buf):
+                wd, _, _, n = struct.unpack_from("iIII", buf, off)
+                out.append((wd, buf[off + 16:off + 16 + n].rstrip(b"\0").decode(
+                    errors="replace")))
+                off += 16 + n
+        return out
+
+    def wait(self, cond: Callable[[list[tuple[int, str]]], bool], timeout: float,
+             pid: int = 0) -> bool | None:
+        """True once cond(new events) is true (asked first with none, then after each
+        batch of events); False if process pid exited first (cond asked once more);
+        None at the timeout, which only bounds a failure."""
+        pidfd = os.pidfd_open(pid) if pid else -1
+        try:
+            deadline = time.monotonic() + timeout
+            events: list[tuple[int, str]] = []
+            while not cond(events):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                ready = select.select([self.fd] + ([pidfd] if pidfd >= 0 else []), [], [],
+                                      left)[0]
+                events = self.events()
+                if pidfd in ready:
+                    return bool(cond(events + self.events()))
+            return True
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> _Inotify:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _wait_file(directory: str, name: str, timeout: float, pid: int = 0) -> bool | None:
+    """directory/name exists (created, written or renamed in): True; False if process
+    pid exited first without it; None at the timeout bound."""
+    path = os.path.join(directory, name)
+    with _Inotify([directory], IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE) as ino:
+        return ino.wait(lambda _: os.path.exists(path), timeout, pid)
+
+
 def _big_tree(ctx: Ctx) -> str:
     return os.path.join(ctx.trees, "big")
 
@@ -366,27 +450,47 @@ def phase_shift_kill(ctx: Ctx, rep: Reporter) -> None:
     tree = _big_tree(ctx)
 
     def start() -> tuple[str, str]:
-        argv = [*ctx.uspawn, "run", "-v", "--private-users-ownership=chown", "-D", tree,
-                "--", "true"]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + ctx.timeout
-        while _journal(tree) is None:
-            if proc.poll() is not None:
-                return "fail", f"uspawn exited ({proc.returncode}) before a journal appeared"
-            if time.monotonic() > deadline:
-                proc.kill()
-                return "fail", "no shift journal appeared"
-            time.sleep(0.05)
-        time.sleep(float(ctx.plan.get("kill_after", 1.0)))
+        # The shift writes its journal (an xattr: IN_ATTRIB on the root) first, then
+        # chowns inode after inode (IN_ATTRIB on the filler directories for their
+        # entries). Watched before uspawn starts, so no event is missed; the kill
+        # lands once a share of the filler (plan "shift_share", default a quarter)
+        # has changed owners: mid-shift by what the shift did, not by a time.
+        filler = os.path.join(tree, "usr/share/filler")
+        dirs = sorted(e.path for e in os.scandir(filler) if e.is_dir(follow_symlinks=False))
+        total = sum(len(os.listdir(d)) for d in dirs)
+        want = max(1, int(total * float(ctx.plan.get("shift_share", 0.25))))
+        with _Inotify([tree, *dirs], IN_ATTRIB) as ino:
+            argv = [*ctx.uspawn, "run", "-v", "--private-users-ownership=chown", "-D", tree,
+                    "--", "true"]
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            changed: set[tuple[int, str]] = set()
+
+            def mid_shift(events: list[tuple[int, str]]) -> bool:
+                changed.update((wd, name) for wd, name in events if name)
+                return _journal(tree) is not None and len(changed) >= want
+
+            got = ino.wait(mid_shift, ctx.timeout, proc.pid)
+        if got is None:
+            proc.kill()
+            proc.wait()
+            return "fail", (f"no shift progress within {ctx.timeout:.0f} s: journal="
+                            f"{'yes' if _journal(tree) else 'no'}, {len(changed)} of "
+                            f"{want} filler inodes changed")
+        if not got:
+            return "fail", (f"uspawn exited ({proc.wait()}) before the shift was mid-way: "
+                            f"journal={'yes' if _journal(tree) else 'no'}, {len(changed)} "
+                            f"of {want} filler inodes changed")
         os.sync()  # what the shift did so far is on disk; the rest dies with the VM
         if _journal(tree) is None or proc.poll() is not None:
             return "fail", "the shift finished before the kill: enlarge the tree"
         ranges = _owner_ranges(tree)
-        return "pass", f"mid-shift at kill: inodes per range {sorted(ranges.items())}"
+        return "pass", (f"mid-shift at kill ({len(changed)} of {total} filler inodes seen "
+                        f"changing owner): inodes per range {sorted(ranges.items())}")
 
     if rep.check("shift-started", start) == "pass":
-        time.sleep(3600)  # the host kills the VM now
+        while True:
+            signal.pause()  # the host kills the VM now
 
 
 def phase_shift_resume(ctx: Ctx, rep: Reporter) -> None:
