@@ -752,8 +752,7 @@ def build_work_disk(run: Path, k: Kernel, timeout: float) -> Path:
     os.chmod(work / "matrix/init.sh", 0o755)
     # The guest mounts pure cgroup v2: doctor must see the unified layout and manage it.
     plan = {"kernel": k.name, "ownership": k.ownership,
-            "doctor": {**k.doctor, "cgroups": "ok"}, "doctor_meaning": {"cgroups": "unified"},
-            "kill_after": 1.0}
+            "doctor": {**k.doctor, "cgroups": "ok"}, "doctor_meaning": {"cgroups": "unified"}}
     (work / "matrix/plan.json").write_text(json.dumps(plan, indent=1))
     _build_trees(work / "trees", big=k.shift_test)
     img = run / "work.img"

@@ -50,6 +50,15 @@ class timing:  # lower case: used like a module (`from uspawn.base import timing
             pass  # a closed or full stderr must not change what the start does
 
 
+def read_text(path: str) -> str | None:
+    """A small kernel file (/proc, /sys, cgroup), stripped; None if it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 # The first uspawn module any command imports: what came before is the
 # interpreter (and site) starting up.
 timing.mark("interpreter")

@@ -22,6 +22,7 @@ import os
 import signal
 import stat
 
+from uspawn.base import read_text as _read
 from uspawn.diag.report import BROKEN, DEGRADED, OK, Row, report, row
 from uspawn.kernel import cgroups, mounts, userns
 from uspawn.kernel import syscalls as sc
@@ -213,14 +214,6 @@ def _private_tmpfs_on_tmp() -> None:
 def _mknod_null(path: str, dir_fd: int | None = None) -> None:
     os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3), dir_fd=dir_fd)
     os.chmod(path, 0o666, dir_fd=dir_fd)
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def _nested_hint() -> str:

@@ -18,6 +18,8 @@ import errno
 import os
 import time
 
+from uspawn.base import read_text as _read
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP2_SUPER_MAGIC = 0x63677270
 PARENT = "uspawn"
@@ -742,14 +744,6 @@ def of_process(pid: int, rel: str) -> Cgroup:
         raise CgroupError(f"process {pid} is not in a cgroup {rel}")
     return Cgroup(os.path.basename(rel), layout, unified if any(
         unified and d.startswith(unified + "/") for d in dirs) else None, dirs, rel)
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def _number(text: str | None, unlimited_above: int = 2**62) -> int | None:

@@ -23,7 +23,7 @@ import _socket
 import os
 import time
 
-from uspawn.base.errors import UsageError, UspawnError
+from uspawn.base.errors import UspawnError
 from uspawn.base.textsafe import STATUS_LIMIT, printable
 from uspawn.engine import console, runtime
 from uspawn.engine.console import ConsoleIO
@@ -50,7 +50,6 @@ MIN_CONSOLE_LOG_SIZE = 4096
 # A machine that reboots more often than this is not booted again (systemd's
 # default start limit: StartLimitBurst=5 in StartLimitIntervalSec=10s).
 REBOOT_BURST, REBOOT_INTERVAL = 5, 10.0
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def console_log_path(name: str) -> str:
@@ -58,17 +57,10 @@ def console_log_path(name: str) -> str:
 
 
 def parse_size(value: str, field: str) -> int:
-    """BYTES or N[K|M|G][iB] (powers of 1024), as for --console-log-size."""
-    v = value.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = v[-1:] if v[-1:] in ("K", "M", "G") else ""
-    digits = v[: len(v) - len(unit)]
-    if not (digits.isascii() and digits.isdigit()):
-        raise UsageError(f"{field}: {value!r} is not a size", "use BYTES or N with K, M or G")
-    n = int(digits) * _SIZE_UNITS[unit]
-    if not MIN_CONSOLE_LOG_SIZE <= n <= 1 << 40:
-        raise UsageError(f"{field}: {value!r} out of range",
-                         f"between {MIN_CONSOLE_LOG_SIZE} bytes and 1T")
-    return n
+    """BYTES or N[K|M|G|T][iB|B] (powers of 1024), as for --console-log-size."""
+    from uspawn.base.cmdline import size
+
+    return size(value.strip(), field, MIN_CONSOLE_LOG_SIZE, 1 << 40)
 
 
 class ConsoleLog:
