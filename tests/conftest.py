@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,8 +171,9 @@ def mounts_under(path: object) -> list[str]:
     return [p for p in points if p == prefix or p.startswith(prefix + "/")]
 
 
-def processes_in_cgroup_named(name: str) -> list[int]:
-    """Host pids whose cgroup (any hierarchy) is NAME or below it."""
+def processes_in_cgroups(match: Callable[[str], bool]) -> list[int]:
+    """Host pids with a cgroup path (any hierarchy, as /proc/PID/cgroup shows it)
+    that match says yes to."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -182,9 +183,14 @@ def processes_in_cgroup_named(name: str) -> list[int]:
                 lines = f.read().splitlines()
         except OSError:
             continue
-        if any(line.endswith(f"/{name}") or f"/{name}/" in line for line in lines):
+        if any(match(line.split(":", 2)[2]) for line in lines if line.count(":") >= 2):
             found.append(int(entry))
     return found
+
+
+def processes_in_cgroup_named(name: str) -> list[int]:
+    """Host pids whose cgroup (any hierarchy) is NAME or below it."""
+    return processes_in_cgroups(lambda path: path.endswith(f"/{name}") or f"/{name}/" in path)
 
 
 def cgroup_dirs(name: str) -> list[str]:

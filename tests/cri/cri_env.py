@@ -20,12 +20,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from conftest import processes_in_cgroups
+from fixtures import cached_build
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SRC = "/work/shared/cri-tools"
@@ -45,28 +47,10 @@ def tools_src() -> Path:
     return Path(os.environ.get("USPAWN_CRI_TOOLS_SRC") or DEFAULT_SRC)
 
 
-def tools_key(src: Path) -> str:
-    found = sorted(src.glob("cri-tools-*.tar.gz"))
-    if not found:
-        raise FileNotFoundError(f"{src}: no cri-tools-*.tar.gz")
-    h = hashlib.sha256()
-    with open(found[0], "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def ensure_tools(src: Path, cache: Path = CACHE) -> Path:
-    """The directory holding crictl and critest for src's tarball; built when missing."""
-    key = tools_key(src)
-    dest = cache / key
-    # build.sh writes .built-<its own key>: the same 16 hex digits of the sha256.
-    if not (dest / f".built-{key}").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"cri-tools: building crictl and critest into {dest} (~2.5 min)", file=sys.stderr)
-        subprocess.run(["bash", str(src / "build.sh"), str(dest)], check=True,
-                       stdin=subprocess.DEVNULL, stdout=sys.stderr)
-    return dest
+    """The directory holding crictl and critest for src's tarball; built when missing
+    (~2.5 min)."""
+    return cached_build.ensure_built(src, "cri-tools-*.tar.gz", cache, "cri-tools")
 
 
 # ---------------------------------------------------------------- the image
@@ -169,20 +153,9 @@ def remove_cgroup_tree(parent: str) -> list[str]:
 
 
 def pids_in_cgroup_tree(parent: str) -> list[int]:
+    """Host pids in the cgroup parent or below it (any hierarchy)."""
     rel = "/" + parent.strip("/")
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cgroup") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        if any(line.split(":", 2)[2] == rel or line.split(":", 2)[2].startswith(rel + "/")
-               for line in lines if line.count(":") >= 2):
-            found.append(int(entry))
-    return found
+    return processes_in_cgroups(lambda path: path == rel or path.startswith(rel + "/"))
 
 
 def links_on_bridge(bridge: str) -> list[str]:

@@ -38,7 +38,6 @@ import argparse
 import ctypes
 import errno
 import functools
-import hashlib
 import json
 import os
 import re
@@ -54,6 +53,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # waits.py, when run as a script
+from fixtures import cached_build  # noqa: E402
 from waits import wait_all_gone  # noqa: E402
 
 DEFAULT_SRC = "/work/shared/oci-validation"
@@ -75,31 +75,9 @@ def suite_src() -> Path:
     return Path(os.environ.get("USPAWN_OCI_VALIDATION_SRC") or DEFAULT_SRC)
 
 
-def tarball(src: Path) -> Path:
-    found = sorted(src.glob("runtime-tools-*.tar.gz"))
-    if not found:
-        raise FileNotFoundError(f"{src}: no runtime-tools-*.tar.gz")
-    return found[0]
-
-
-def suite_key(src: Path) -> str:
-    h = hashlib.sha256()
-    with open(tarball(src), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def ensure_built(src: Path, cache: Path = CACHE) -> Path:
-    """The built suite for src's tarball; builds it with src/build.sh when missing."""
-    key = suite_key(src)
-    dest = cache / key
-    # build.sh writes .built-<its own key>: the same 16 hex digits of the sha256.
-    if not (dest / f".built-{key}").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"oci-validation: building the suite into {dest} (~1-2 min)", file=sys.stderr)
-        subprocess.run(["bash", str(src / "build.sh"), str(dest)], check=True)
-    return dest
+    """The built suite for src's tarball; built with src/build.sh when missing (~1-2 min)."""
+    return cached_build.ensure_built(src, "runtime-tools-*.tar.gz", cache, "oci-validation")
 
 
 def list_cases(built: Path) -> list[str]:
