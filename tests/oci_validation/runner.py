@@ -268,6 +268,10 @@ def kill_cgroup(path: str) -> list[int]:
             pids = [int(x) for x in f.read().split()]
     except OSError:
         return []
+    return sigkill(pids)
+
+
+def sigkill(pids: list[int]) -> list[int]:
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -348,13 +352,7 @@ def kill_orphans() -> list[str]:
     left = children()
 
     def kill_children() -> list[int]:
-        pids = children()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return pids
+        return sigkill(children())
 
     notes = [f"killed orphan pid {p}" for p in left]
     try:
