@@ -204,6 +204,37 @@ def test_detached_reboot_is_the_same_machine(uspawn: Runner,
     _drop_console_log(name)
 
 
+def test_uptime_counts_from_the_start_not_the_last_notify_message(
+        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:
+    """A machine's record is rewritten on every sd_notify message (STATUS= from a
+    booted systemd comes often); its start time must not move with it."""
+    rootfs, fifo = tree
+    name = "uptimer"
+    r = uspawn.run("boot", "-D", str(rootfs), "-M", name, "--detach", "--lxcfs=no", timeout=90)
+    assert r.returncode == 0, r.stderr
+    try:
+        fifo.wait_boot()
+        first = _state_file(uspawn, name)
+        assert first["ready"] is True
+        r = uspawn.run("exec", name, "--", "env", "NOTIFY_SOCKET=/run/host/notify",
+                       "/bin/sd-notify", "STATUS=still here")
+        assert r.returncode == 0, r.stderr
+        cdir = uspawn.state / "containers" / name
+
+        def status_written() -> bool:
+            try:
+                return _state_file(uspawn, name).get("status_text") == "still here"
+            except (FileNotFoundError, json.JSONDecodeError):
+                return False
+
+        wait_until(status_written, [cdir], "the STATUS= message in the record")
+        assert _state_file(uspawn, name)["started"] == first["started"]
+    finally:
+        uspawn.run("stop", name, "--timeout", "3")
+    _nothing_left(uspawn, name, rootfs)
+    _drop_console_log(name)
+
+
 def _log_tail(name: str) -> str:
     from uspawn.machine.boot import console_log_path
 

@@ -87,7 +87,9 @@ class Launch:
             "pid_start": state.proc_starttime(c.init_pid), "status": "running",
             "rootfs": self.rootfs, "uid_base": self.base if self.userns else None,
             "uid_size": self.size if self.userns else None, "ownership": c.ownership_used,
-            "started": time.time(), "runtime_pid": os.getpid(), **extra,
+            # When the container started, not when this record was (re)written: a
+            # machine's record is rewritten on every sd_notify message.
+            "started": c.started_at or time.time(), "runtime_pid": os.getpid(), **extra,
         })
 
 
