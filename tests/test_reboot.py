@@ -20,7 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,22 @@ def _state_file(uspawn: Runner, name: str) -> dict[str, object]:
     data = json.loads((uspawn.state / "containers" / name / "state.json").read_text())
     assert isinstance(data, dict)
     return data
+
+
+def _wait_record(uspawn: Runner, name: str, cond: Callable[[dict[str, object]], bool],
+                 what: str, timeout: float = 30) -> None:
+    """Until the machine's state.json (rewritten on each change) satisfies cond."""
+    def check() -> bool:
+        try:
+            return cond(_state_file(uspawn, name))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    wait_until(check, [uspawn.state / "containers" / name], what, timeout=timeout)
+
+
+def _ready_again(st: dict[str, object]) -> bool:
+    return st.get("ready") is True and st.get("restarts") == 1
 
 
 def _nothing_left(uspawn: Runner, name: str, rootfs: Path) -> None:
@@ -172,17 +188,8 @@ def test_detached_reboot_is_the_same_machine(uspawn: Runner,
             fifo.wait_boot()  # booted again: its sysinit ran
         except AssertionError:  # say why: the supervisor logs a failed reboot
             raise AssertionError(_log_tail(name)) from None
-        cdir = uspawn.state / "containers" / name
-
-        def ready_again() -> bool:
-            try:
-                st = _state_file(uspawn, name)
-            except (FileNotFoundError, json.JSONDecodeError):
-                return False
-            return st.get("ready") is True and st.get("restarts") == 1
-
         # The new boot's state directory exists (its init ran sysinit): watch it.
-        wait_until(ready_again, [cdir], "the rebooted machine to be ready")
+        _wait_record(uspawn, name, _ready_again, "the rebooted machine to be ready")
         after = _record(uspawn, name)
         assert after["pid"] != before["pid"]
         for key in ("name", "uid_base", "uid_size", "uuid", "addresses", "rootfs"):
@@ -219,15 +226,8 @@ def test_uptime_counts_from_the_start_not_the_last_notify_message(
         r = uspawn.run("exec", name, "--", "env", "NOTIFY_SOCKET=/run/host/notify",
                        "/bin/sd-notify", "STATUS=still here")
         assert r.returncode == 0, r.stderr
-        cdir = uspawn.state / "containers" / name
-
-        def status_written() -> bool:
-            try:
-                return _state_file(uspawn, name).get("status_text") == "still here"
-            except (FileNotFoundError, json.JSONDecodeError):
-                return False
-
-        wait_until(status_written, [cdir], "the STATUS= message in the record")
+        _wait_record(uspawn, name, lambda st: st.get("status_text") == "still here",
+                     "the STATUS= message in the record")
         assert _state_file(uspawn, name)["started"] == first["started"]
     finally:
         uspawn.run("stop", name, "--timeout", "3")
@@ -296,16 +296,7 @@ def test_systemctl_reboot_in_debian(tmp_path: Path, need_root: None) -> None:
             fifo.wait_boot(120)
         except AssertionError:
             raise AssertionError(_log_tail(name)) from None
-        cdir = uspawn.state / "containers" / name
-
-        def ready_again() -> bool:
-            try:
-                st = _state_file(uspawn, name)
-            except (FileNotFoundError, json.JSONDecodeError):
-                return False
-            return st.get("ready") is True and st.get("restarts") == 1
-
-        wait_until(ready_again, [cdir], "the rebooted machine to be ready", timeout=60)
+        _wait_record(uspawn, name, _ready_again, "the rebooted machine to be ready", 60)
         after = _record(uspawn, name)
         assert after["uuid"] == before["uuid"] and after["uid_base"] == before["uid_base"]
         r = uspawn.run("stop", name, "--timeout", "20", timeout=90)

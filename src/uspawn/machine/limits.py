@@ -26,7 +26,7 @@ from uspawn.kernel import cgroups
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 PROPERTIES = tuple(cgroups.SYSTEMD_KEYS)  # MemoryMax ... IOWeight
 # The CFS period systemd uses for CPUQuota= (CPUQuotaPeriodSec= default).
@@ -174,15 +174,32 @@ def _one(out: dict[str, int | str | bool], prop: str, value: str) -> None:
         out["pids.limit"] = parse_tasks(value)
 
 
-def parse_size(value: str) -> int:
-    """systemd's sizes: BYTES, N[K|M|G|T|P|E] (1024-based), P% of RAM, infinity (-1)."""
-    v = value.strip()
+def _unlimited_or_share(v: str, total: Callable[[], int]) -> int | None:
+    """-1 for infinity (or empty), P% of total() for "P%", None for anything else."""
     if v.lower() in _UNLIMITED or v == "":
         return -1
     if v.endswith("%"):
         pct = parse_percent(v, allow_over=False)
         assert pct is not None
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * pct / 100)
+        return int(total() * pct / 100)
+    return None
+
+
+def _ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _pid_max() -> int:
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read())
+
+
+def parse_size(value: str) -> int:
+    """systemd's sizes: BYTES, N[K|M|G|T|P|E] (1024-based), P% of RAM, infinity (-1)."""
+    v = value.strip()
+    share = _unlimited_or_share(v, _ram)
+    if share is not None:
+        return share
     u = v.upper().removesuffix("IB").removesuffix("B")
     unit = u[-1:] if u[-1:] in _UNITS and u[-1:] else ""
     digits = u[: len(u) - len(unit)]
@@ -253,13 +270,9 @@ def parse_cpu_list(value: str) -> str:
 
 def parse_tasks(value: str) -> int:
     v = value.strip()
-    if v.lower() in _UNLIMITED or v == "":
-        return -1
-    if v.endswith("%"):
-        pct = parse_percent(v, allow_over=False)
-        assert pct is not None
-        with open("/proc/sys/kernel/pid_max") as f:
-            return max(1, int(int(f.read()) * pct / 100))
+    share = _unlimited_or_share(v, _pid_max)
+    if share is not None:
+        return share if share < 0 else max(1, share)
     if not (v.isascii() and v.isdigit()) or not 0 < int(v) < 2**62:
         raise ValueError(f"{value!r} is not a task count (N, P%, or infinity)")
     return int(v)
