@@ -223,6 +223,8 @@ def test_uptime_counts_from_the_start_not_the_last_notify_message(
         fifo.wait_boot()
         first = _state_file(uspawn, name)
         assert first["ready"] is True
+        supervisor = first["runtime_pid"]
+        assert isinstance(supervisor, int)
         r = uspawn.run("exec", name, "--", "env", "NOTIFY_SOCKET=/run/host/notify",
                        "/bin/sd-notify", "STATUS=still here")
         assert r.returncode == 0, r.stderr
@@ -231,6 +233,9 @@ def test_uptime_counts_from_the_start_not_the_last_notify_message(
         assert _state_file(uspawn, name)["started"] == first["started"]
     finally:
         uspawn.run("stop", name, "--timeout", "3")
+    # `stop` returns once the record's lock is gone; the supervisor still removes
+    # the directory after that.
+    wait_exit([supervisor], what="the supervisor after stop")
     _nothing_left(uspawn, name, rootfs)
     _drop_console_log(name)
 

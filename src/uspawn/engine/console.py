@@ -66,6 +66,7 @@ class forward_signals:
         self.killed = False
         self.wake_r = -1  # readable once a stop signal came: the loop recomputes its timeout
         self.wake_w = -1
+        self.saved_wakeup = -1
 
     def _forward(self, sig: int, _frame: object) -> None:
         if sig == signal.SIGWINCH and self.c.console_master >= 0:
@@ -125,9 +126,18 @@ class forward_signals:
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         for sig in FORWARDED:
             self.saved[sig] = signal.set_handler(sig, self._forward)
+        # Python runs a handler only between bytecodes. A signal that lands after
+        # the loop computed its select() timeout but before select() blocks would
+        # run _forward only when select returns: with a stop armed, up to the whole
+        # grace period later (a second SIGTERM that should kill at once waited the
+        # 60 s of --stop-timeout in a CI run). The C-level handler writes to the
+        # wakeup fd at once, so select() sees wake_r readable, returns, and the
+        # Python handler runs before the loop's next step.
+        self.saved_wakeup = signal.set_wakeup_fd(self.wake_w)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self.saved_wakeup)
         for sig, handler in self.saved.items():
             signal.set_handler(sig, handler)  # type: ignore[arg-type]
         for fd in (self.wake_r, self.wake_w):

@@ -41,6 +41,13 @@ def set_handler(sig: int, handler: Handler) -> Handler:
     return old
 
 
+def set_wakeup_fd(fd: int) -> int:
+    """signal.set_wakeup_fd(): the C-level handler writes each signal's number to fd
+    (non-blocking; a full pipe drops the byte silently); returns the previous fd."""
+    old: int = _signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    return old
+
+
 def parse_signal(value: str) -> int:
     v = value.upper().removeprefix("SIG")
     # isascii: "²".isdigit() is true, int("²") raises ValueError.
