@@ -174,6 +174,26 @@ def test_uspawn_stop_of_a_run_container(uspawn: Runner, rootfs: Path) -> None:
     _assert_nothing_left(uspawn, "stopcmd", rootfs, record)
 
 
+def test_uspawn_stop_returns_after_the_runtime_cleaned_up(uspawn: Runner, rootfs: Path) -> None:
+    """`stop` waits for the runtime itself, not for its lock: the lock goes before
+    the directory does (the slow-release fault holds that window open for 1 s)."""
+    p = uspawn.popen("run", "-D", str(rootfs), "-M", "stopwaits", "--stop-timeout", "1",
+                     "--", "sleep", "600",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     env={**os.environ, "USPAWN_TEST_FAULT": "slow-release"})
+    try:
+        record = _wait_state(uspawn, "stopwaits", p)
+        r = uspawn.run("stop", "stopwaits", timeout=30)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert not (uspawn.state / "containers" / "stopwaits").exists()
+        assert p.poll() is not None, "stop returned while its runtime still ran"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    _assert_nothing_left(uspawn, "stopwaits", rootfs, record)
+
+
 def test_uspawn_stop_sends_the_kill_signal(uspawn: Runner, rootfs: Path) -> None:
     p = uspawn.popen("run", "-D", str(rootfs), "-M", "stopcmdusr1", "--kill-signal", "USR1",
                      "--", "sh", "-c", _TRAPPER, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

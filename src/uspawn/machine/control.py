@@ -8,6 +8,7 @@ matches the record, so a recycled pid is never hit.
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
 
@@ -237,20 +238,53 @@ def stop_command(root: str, name: str, timeout: float, log: object = None) -> in
     first, grace = sig.SIGRTMIN + 3, timeout
     if not st.get("machine"):
         first, grace = _run_stop(st, timeout)
+    runtime = _runtime_pidfd(root, st)
     try:
-        os.kill(pid, first)
-        if not wait_gone(pid, grace):
-            os.kill(pid, sig.SIGKILL)
-            wait_gone(pid, 10)
-    except ProcessLookupError:
-        pass  # it died on its own meanwhile: the same outcome
-    # The runtime that owns the container removes its state and cgroup.
+        try:
+            os.kill(pid, first)
+            if not wait_gone(pid, grace):
+                os.kill(pid, sig.SIGKILL)
+                wait_gone(pid, 10)
+        except ProcessLookupError:
+            pass  # it died on its own meanwhile: the same outcome
+        # The runtime that owns the container removes its state and cgroup, and
+        # only then exits: its lock goes before its directory does, so waiting for
+        # the lock alone returned while state/containers/NAME still existed.
+        if runtime is not None and not select.select([runtime], [], [], 10)[0]:
+            raise StateError(f"container {name!r} stopped but its runtime (pid "
+                             f"{st.get('runtime_pid')}) did not exit in 10s")
+    finally:
+        if runtime is not None:
+            os.close(runtime)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # a record of a runtime without runtime_pid
         if all(s.get("name") != name for s in read_states(root)):
             return 0
         time.sleep(0.02)
     raise StateError(f"container {name!r} stopped but its runtime did not clean up in 10s")
+
+
+def _runtime_pidfd(root: str, st: dict[str, object]) -> int | None:
+    """A pidfd of the process that owns st's record, or None (gone, or not recorded).
+
+    The pidfd is trusted only if the record is still live after it was opened: the
+    owner holds the record's lock until it dies, so a live record means the pid was
+    not recycled before pidfd_open."""
+    from uspawn.kernel import syscalls as sc
+
+    pid = st.get("runtime_pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31 \
+            or pid == os.getpid():
+        return None
+    try:
+        fd = sc.pidfd_open(pid)
+    except OSError:
+        return None
+    if any(s.get("name") == st.get("name") and s.get("runtime_pid") == pid
+           for s in read_states(root)):
+        return fd
+    os.close(fd)
+    return None
 
 
 def _run_stop(st: dict[str, object], timeout: float) -> tuple[int, float]:

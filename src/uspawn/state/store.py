@@ -22,7 +22,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 
+from uspawn.base import faults
 from uspawn.base.errors import StateError
 
 DEFAULT_STATE_DIR = "/run/uspawn"
@@ -381,6 +383,10 @@ class NameClaim:
         """Remove the container's directory (ours alone), then drop the lock."""
         _remove_contents(self.dir, keep="lock")
         self.lease.release(remove=True)
+        if faults.active("slow-release"):
+            # Widens the window between the lock's removal and the directory's, in
+            # which `uspawn stop` once returned (tests/test_stop.py).
+            time.sleep(1)
         try:
             os.rmdir(self.dir)
         except OSError as exc:
