@@ -155,13 +155,17 @@ class ConsoleIO:
     notify socket of a booted machine). sink, if given, takes the console
     output instead of out_fd (boot's size-capped, rotating console log).
     relay: the pipes a payload without a terminal got instead of our stdio.
+    handover, if given, is offered the running container before the loop starts:
+    a detached machine's supervisor execs its C monitor there (never returns).
     """
 
     def __init__(self, interactive: bool = True, out_fd: int = 1,
                  extra: dict[int, Callable[[], None]] | None = None,
                  sink: Callable[[bytes], None] | None = None,
-                 relay: StdioRelay | None = None) -> None:
+                 relay: StdioRelay | None = None,
+                 handover: Callable[[Container], None] | None = None) -> None:
         self.interactive = interactive
+        self.handover = handover
         self.out_fd = out_fd
         self.extra = extra or {}
         self.sink = sink
@@ -183,6 +187,8 @@ def forward_and_wait(c: Container, io: ConsoleIO | None = None,
         return c.wait()
     if stop is not None:
         stop.tick([])  # a stop that came during create: deliver it, or kill if already due
+    if io.handover is not None:
+        io.handover(c)
     return pump(c.pidfd, c.console_master, io, c.wait, stop)
 
 

@@ -12,9 +12,8 @@ systemd-nspawn), which uspawn@.service turns into a restart
 (RestartForceExitStatus=133). A detached machine keeps one supervisor process
 (a fork of this one): it pumps the console pty into the log, reads the notify
 socket, boots the machine again on a reboot request (same name, UID range,
-subnet, limits, UUID) and cleans up when the machine stops. A shared
-supervisor for all machines is future work (docs/ARCHITECTURE.md, "Host cost
-per machine").
+subnet, limits, UUID) and cleans up when the machine stops. While the machine
+runs, that process is the small C monitor (machine/monitor.py), not Python.
 """
 
 from __future__ import annotations
@@ -241,6 +240,9 @@ class Machine:
         self.console_log: str | None = None
         self.console_sink: Callable[[bytes], None] | None = None
         self.restarts = 0  # reboots of this machine under the same supervisor
+        # Set by a detached supervisor: takes the running machine over (the C
+        # monitor, by exec: never returns then); returns if it could not.
+        self.handover: Callable[[runtime.Container], None] | None = None
         with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
             f.write(machine_uuid + "\n")
 
@@ -248,12 +250,17 @@ class Machine:
     def name(self) -> str:
         return self.req.name
 
-    def _state(self, **extra: object) -> None:
-        if self.container is not None:
-            self.la.record(self.container, machine=True, uuid=self.uuid,
-                           ready=self.notify.ready, stopping=self.notify.stopping,
-                           status_text=self.notify.status, console_log=self.console_log,
-                           restarts=self.restarts, **extra)
+    def record_fields(self) -> dict[str, object]:
+        """The machine's record (state.json) as it is now."""
+        assert self.container is not None
+        return self.la.record_fields(
+            self.container, machine=True, uuid=self.uuid, ready=self.notify.ready,
+            stopping=self.notify.stopping, status_text=self.notify.status,
+            console_log=self.console_log, restarts=self.restarts)
+
+    def _state(self) -> None:
+        if self.container is not None and self.container.claim is not None:
+            self.container.claim.write_state(self.record_fields())
 
     def _started(self, c: runtime.Container) -> None:
         self.container = c
@@ -278,7 +285,7 @@ class Machine:
             interactive = os.isatty(0)
         io = ConsoleIO(interactive=interactive, out_fd=out_fd,
                        extra={self.notify.fileno(): self._on_notify},
-                       sink=self.console_sink)
+                       sink=self.console_sink, handover=self.handover)
         try:
             code = console.run(self.spec, self.req, on_start=self._started, io=io)
         finally:
@@ -352,63 +359,101 @@ def _supervise(wfd: int, log: Callable[[str], None],
                make_machine: Callable[[], Machine], cap: int = DEFAULT_CONSOLE_LOG_SIZE,
                ns: types.SimpleNamespace | None = None) -> None:
     """The detached machine's life: boot it, and boot it again after each reboot."""
-    told = False
+    Supervisor(wfd, make_machine, cap, ns).loop()
 
-    def tell(line: str) -> None:
-        nonlocal told
-        if told:
+
+class Supervisor:
+    """A detached machine's supervisor loop, resumable after an exec.
+
+    Where the small C monitor exists (machine/monitor.py), each boot's steady state
+    runs in it: this process execs it once the init runs, and it execs Python again
+    (monitor.resume_main) when the init exits, which rebuilds this object from the
+    hand-over file and goes on with after().
+    """
+
+    def __init__(self, tell_fd: int, make_machine: Callable[[], Machine],
+                 cap: int = DEFAULT_CONSOLE_LOG_SIZE,
+                 ns: types.SimpleNamespace | None = None) -> None:
+        self.tell_fd = tell_fd  # -1 once `uspawn boot --detach` was told
+        self.make_machine = make_machine
+        self.cap = cap
+        self.ns = ns
+        self.clog: ConsoleLog | None = None
+        self.restarts = 0
+        self.recent: list[float] = []  # monotonic times of the last reboots
+
+    def tell(self, line: str) -> None:
+        if self.tell_fd < 0:
             return  # `uspawn boot --detach` has returned: only the first boot reports
-        told = True
         try:
-            os.write(wfd, (line + "\n").encode())
+            os.write(self.tell_fd, (line + "\n").encode())
         except OSError:
             pass
-        os.close(wfd)
+        os.close(self.tell_fd)
+        self.tell_fd = -1
 
-    clog: ConsoleLog | None = None
-    restarts = 0
-    recent: list[float] = []  # monotonic times of the last reboots
-    while True:
-        try:
-            machine = make_machine()
-        except UspawnError as exc:
-            tell(f"error {exc.exit_code} {exc.one_line()}")
-            if clog is not None:  # a reboot that could not boot again
-                clog.write(f"-- uspawn: reboot failed: {exc.one_line()}\n".encode())
-            return
-        keep_identity(ns, machine)  # leased now; released when this boot ends
-        if clog is None:
+    def open_log(self, name: str) -> ConsoleLog:
+        if self.clog is None:
             os.makedirs(LOG_DIR, mode=0o750, exist_ok=True)
             null = os.open("/dev/null", os.O_RDWR)
             os.dup2(null, 0)
             os.close(null)
-            clog = ConsoleLog(console_log_path(machine.name), cap, stdio=True)
+            self.clog = ConsoleLog(console_log_path(name), self.cap, stdio=True)
+        return self.clog
+
+    def loop(self) -> None:
+        while self.boot_once():
+            pass
+
+    def boot_once(self) -> bool:
+        """Boot the machine and wait for it; True to boot it again."""
+        try:
+            machine = self.make_machine()
+        except UspawnError as exc:
+            self.tell(f"error {exc.exit_code} {exc.one_line()}")
+            if self.clog is not None:  # a reboot that could not boot again
+                self.clog.write(f"-- uspawn: reboot failed: {exc.one_line()}\n".encode())
+            return False
+        keep_identity(self.ns, machine)  # leased now; released when this boot ends
+        clog = self.open_log(machine.name)
         machine.console_log = clog.path
         machine.console_sink = clog.write
-        machine.restarts = restarts
+        machine.restarts = self.restarts
         clog.write(f"-- uspawn: booting {machine.name} ({machine.uuid})\n".encode())
-        machine.on_ready = _teller(tell, f"ready {machine.name}")
+        machine.on_ready = _teller(self.tell, f"ready {machine.name}")
+        if self.ns is not None:
+            from uspawn.machine import monitor
+
+            machine.handover = lambda c: monitor.hand_over(self, machine, c)
         try:
             code = machine.run_foreground(out_fd=clog.fd, interactive=False)
         except UspawnError as exc:
-            tell(f"error {exc.exit_code} {exc.one_line()}")
+            self.tell(f"error {exc.exit_code} {exc.one_line()}")
             clog.write(f"-- uspawn: {exc.one_line()}\n".encode())
-            return
-        if code != EXIT_REBOOT or ns is None:
-            clog.write(f"-- uspawn: {machine.name} stopped (exit {code})\n".encode())
-            tell(f"error {code or 125} machine {machine.name} stopped before it was ready")
-            return
+            return False
+        again = self.after(machine.name, code)
+        if again:
+            _reap_guardian(machine)
+        return again
+
+    def after(self, name: str, code: int) -> bool:
+        """The boot ended with `code` (boot's exit code); True to boot it again."""
+        clog = self.open_log(name)
+        if code != EXIT_REBOOT or self.ns is None:
+            clog.write(f"-- uspawn: {name} stopped (exit {code})\n".encode())
+            self.tell(f"error {code or 125} machine {name} stopped before it was ready")
+            return False
         now = time.monotonic()
-        recent = [t for t in recent if now - t < REBOOT_INTERVAL] + [now]
-        if len(recent) > REBOOT_BURST:
-            msg = (f"machine {machine.name} rebooted {len(recent)} times in "
+        self.recent = [t for t in self.recent if now - t < REBOOT_INTERVAL] + [now]
+        if len(self.recent) > REBOOT_BURST:
+            msg = (f"machine {name} rebooted {len(self.recent)} times in "
                    f"{REBOOT_INTERVAL:g}s: not booting it again")
             clog.write(f"-- uspawn: {msg}\n".encode())
-            tell(f"error 125 {msg} (hint: see `uspawn logs {machine.name}`)")
-            return
-        restarts += 1
-        clog.write(f"-- uspawn: {machine.name} rebooting (restart {restarts})\n".encode())
-        _reap_guardian(machine)
+            self.tell(f"error 125 {msg} (hint: see `uspawn logs {name}`)")
+            return False
+        self.restarts += 1
+        clog.write(f"-- uspawn: {name} rebooting (restart {self.restarts})\n".encode())
+        return True
 
 
 def _reap_guardian(machine: Machine) -> None:

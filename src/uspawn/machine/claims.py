@@ -78,11 +78,13 @@ class Launch:
             self.lease.release()
 
     def record(self, c: runtime.Container, **extra: object) -> None:
-        if c.claim is None:
-            return
+        if c.claim is not None:
+            c.claim.write_state(self.record_fields(c, **extra))
+
+    def record_fields(self, c: runtime.Container, **extra: object) -> dict[str, object]:
         import time
 
-        c.claim.write_state({
+        return {
             "name": c.req.name, "pid": c.init_pid,
             "pid_start": state.proc_starttime(c.init_pid), "status": "running",
             "rootfs": self.rootfs, "uid_base": self.base if self.userns else None,
@@ -90,7 +92,7 @@ class Launch:
             # When the container started, not when this record was (re)written: a
             # machine's record is rewritten on every sd_notify message.
             "started": c.started_at or time.time(), "runtime_pid": os.getpid(), **extra,
-        })
+        }
 
 
 def reachable_by_others(path: str) -> bool:

@@ -234,16 +234,24 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
 def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     from uspawn.machine import boot
 
-    binds = _binds(ns, log)
-    NetworkChoice(ns.network, ns.port)  # bad --network/--port: fail before forking
-    lim = _limits(ns)  # bad limits too
+    make_machine, lim = machine_factory(ns, log)
     if ns.detach:
-        return boot.detach(ns, log, lambda: _boot_machine(ns, log, binds, lim))
-    machine = _boot_machine(ns, log, binds, lim)
+        return boot.detach(ns, log, make_machine)
+    machine = make_machine()
     try:
         return machine.run_foreground()
     except UspawnError as exc:
         raise limits.renamed(exc, lim) from None
+
+
+def machine_factory(ns: types.SimpleNamespace, log: Callable[[str], None],
+                    ) -> tuple[Callable[[], Machine], limits.Limits]:
+    """What boots the machine ns describes (each call: a new boot of it), and its
+    limits; bad --bind, --network, --port or limits fail here, before any fork."""
+    binds = _binds(ns, log)
+    NetworkChoice(ns.network, ns.port)
+    lim = _limits(ns)
+    return (lambda: _boot_machine(ns, log, binds, lim)), lim
 
 
 def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],

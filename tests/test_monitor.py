@@ -1,0 +1,195 @@
+"""uspawn-monitor: a detached machine's steady state in C (issue 17, host cost).
+
+The supervisor execs the monitor once the machine's init runs; the monitor pumps
+the console, records sd_notify messages, forwards signals, and execs Python again
+to tear down or reboot. Its guard child cleans up when the monitor is killed.
+What the monitor shares with Python (the STATUS= escaping) is checked against
+textsafe.printable; the rest against the real kernel: which processes a machine
+keeps on the host, and what a kill -9 of the monitor leaves (nothing, without any
+later uspawn command).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Runner, cgroup_dirs, mounts_under
+from fixtures.busybox_machine import BootFifo
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_reboot import notify_binary, tree  # noqa: F401 (fixtures)
+from waits import wait_exit
+
+from uspawn.base.textsafe import STATUS_LIMIT, printable
+from uspawn.machine import monitor
+from uspawn.net import links as netsetup
+
+MONITOR = monitor.binary()
+needs_monitor = pytest.mark.skipif(MONITOR is None, reason="uspawn-monitor not built "
+                                   "(scripts/setup.sh builds it)")
+
+
+def _escape(text: bytes) -> str:
+    assert MONITOR is not None
+    out = subprocess.run([MONITOR, "--escape-status", text], capture_output=True, check=True)
+    return out.stdout.decode().removesuffix("\n")
+
+
+@needs_monitor
+@settings(max_examples=150, deadline=None)
+@given(st.text(st.characters(max_codepoint=0xFF, blacklist_characters="\0"), max_size=400))
+def test_status_escaping_is_textsafes_below_u0100(text: str) -> None:
+    """What the monitor stores is what the Python supervisor stored."""
+    assert _escape(text.encode()) == printable(text, STATUS_LIMIT)
+
+
+@needs_monitor
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=600).filter(lambda b: b"\0" not in b))
+def test_status_escaping_of_any_bytes_is_safe(raw: bytes) -> None:
+    """Above U+00FF the monitor escapes every code point (textsafe keeps the
+    printable ones): stricter, never laxer, and as long at most."""
+    shown = _escape(raw)
+    assert len(shown) <= STATUS_LIMIT
+    assert all(0x20 <= ord(ch) < 0x7F or (0xA1 <= ord(ch) <= 0xFF and ch != "\xad")
+               for ch in shown), shown
+    text = raw.decode(errors="replace")
+    if all(ord(ch) < 0x100 for ch in text):
+        assert shown == printable(text, STATUS_LIMIT)
+
+
+def test_bidi_and_c1_are_escaped() -> None:
+    if MONITOR is None:
+        pytest.skip("uspawn-monitor not built")
+    assert _escape("a\u202eb\u009bc\u2028d\u00e9".encode()) == "a\\u{202e}b\\x9bc\\u{2028}d\u00e9"
+    assert _escape(b"x" * 300) == "x" * 253 + "..."
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _exe(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/exe")
+
+
+def _exe_or(pid: int) -> str:
+    try:
+        return _exe(pid)
+    except OSError:
+        return ""  # a zombie or gone
+
+
+def _guards(sup: int, init: int) -> list[int]:
+    """The monitor's children but its init, once the Python guardian of the set-up
+    phase (dismissed by the monitor, exiting on its own) is gone."""
+    assert init in _children(sup)
+    wait_exit([k for k in _children(sup) if k != init and _exe_or(k) != MONITOR],
+              what="the dismissed Python guardian")
+    return [k for k in _children(sup) if k != init and _exe_or(k)]  # not a zombie
+
+
+def _record(uspawn: Runner, name: str) -> dict[str, object]:
+    import json
+
+    data = json.loads((uspawn.state / "containers" / name / "state.json").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@needs_monitor
+def test_a_detached_machine_keeps_no_python_process(
+        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
+    """Supervisor and guard are the monitor binary; the supervisor is still the
+    record's runtime_pid, the init's parent, and the holder of every lease."""
+    rootfs, fifo = tree
+    name = "monitored"
+    r = uspawn.run("boot", "-D", str(rootfs), "-M", name, "--detach", "--lxcfs=no",
+                   "--network=veth", timeout=90)
+    assert r.returncode == 0, r.stderr
+    try:
+        fifo.wait_boot()
+        rec = _record(uspawn, name)
+        sup, init = rec["runtime_pid"], rec["pid"]
+        assert isinstance(sup, int) and isinstance(init, int)
+        assert _exe(sup) == MONITOR
+        guards = _guards(sup, init)
+        assert len(guards) == 1 and _exe(guards[0]) == MONITOR, guards
+        held = {os.readlink(f"/proc/{sup}/fd/{fd}") for fd in os.listdir(f"/proc/{sup}/fd")}
+        assert str(uspawn.state / "containers" / name / "lock") in held
+        assert any(p.startswith("/run/uspawn/ranges/") for p in held)
+        assert any(p.startswith("/run/uspawn/net/addr/") for p in held)
+        # The guard holds no lease: the monitor's death must release them.
+        guard_fds = {os.readlink(f"/proc/{guards[0]}/fd/{fd}")
+                     for fd in os.listdir(f"/proc/{guards[0]}/fd")}
+        assert not [p for p in guard_fds if p.endswith("lock")], guard_fds
+        # sd_notify still reaches the record through the monitor.
+        r = uspawn.run("exec", name, "--", "env", "NOTIFY_SOCKET=/run/host/notify",
+                       "/bin/sd-notify", "STATUS=via the monitor")
+        assert r.returncode == 0, r.stderr
+        from test_reboot import _wait_record
+
+        _wait_record(uspawn, name, lambda s: s.get("status_text") == "via the monitor",
+                     "the STATUS= message in the record")
+    finally:
+        r = uspawn.run("stop", name, "--timeout", "5", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not (uspawn.state / "containers" / name).exists() and cgroup_dirs(name) == []
+
+
+@needs_monitor
+def test_kill9_of_the_monitor_is_cleaned_up_by_its_guard(
+        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
+    """No later uspawn command needed: the guard removes record, cgroups, nft rules
+    and leases itself (tests/test_kill9.py kills the guard too)."""
+    rootfs, fifo = tree
+    name = "monkilled"
+    from test_kill9 import _free_port
+
+    port = _free_port()
+    r = uspawn.run("boot", "-D", str(rootfs), "-M", name, "--detach", "--lxcfs=no",
+                   "--network=veth", "-p", f"tcp:{port}:80", timeout=90)
+    assert r.returncode == 0, r.stderr
+    fifo.wait_boot()
+    rec = _record(uspawn, name)
+    sup, init = rec["runtime_pid"], rec["pid"]
+    assert isinstance(sup, int) and isinstance(init, int)
+    guards = _guards(sup, init)
+    assert len(guards) == 1, guards
+    guard = guards[0]
+    rules = [r for r in netsetup.list_rules() if r.get("comment") == f"uspawn:{name}"]
+    assert rules
+    os.kill(sup, signal.SIGKILL)
+    wait_exit([sup, init, guard], what="the monitor, the init and the guard")
+    assert not (uspawn.state / "containers" / name).exists()
+    assert cgroup_dirs(name) == []
+    assert [r for r in netsetup.list_rules() if r.get("comment") == f"uspawn:{name}"] == []
+    for d in ("addr", "ports"):
+        leases = Path("/run/uspawn/net", d)
+        for lease in leases.iterdir() if leases.exists() else []:
+            assert f'"name": "{name}"' not in lease.read_text(), lease
+    assert mounts_under(rootfs) == [] and mounts_under(uspawn.state) == []
+
+
+def test_without_the_monitor_python_supervises(
+        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
+    """USPAWN_MONITOR=off (and a host where it was not built): as before."""
+    rootfs, fifo = tree
+    name = "pysupervised"
+    p = subprocess.run(uspawn.argv("boot", "-D", str(rootfs), "-M", name, "--detach",
+                                   "--lxcfs=no"), capture_output=True, text=True, timeout=90,
+                       env={**os.environ, "USPAWN_MONITOR": "off"})
+    assert p.returncode == 0, p.stderr
+    try:
+        fifo.wait_boot()
+        sup = _record(uspawn, name)["runtime_pid"]
+        assert isinstance(sup, int) and "python" in _exe(sup)
+    finally:
+        r = uspawn.run("stop", name, "--timeout", "5", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not (uspawn.state / "containers" / name).exists()
