@@ -238,6 +238,10 @@ def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     if ns.detach:
         return boot.detach(ns, log, make_machine)
     machine = make_machine()
+    if not os.isatty(0):  # no console to forward (the systemd unit): the C monitor's job
+        from uspawn.machine import monitor
+
+        machine.handover = lambda c: monitor.hand_over(monitor.Foreground(), machine, c)
     try:
         return machine.run_foreground()
     except UspawnError as exc:

@@ -121,12 +121,30 @@ def _ns_json(ns: types.SimpleNamespace) -> dict[str, object] | None:
         return None
 
 
+class Foreground:
+    """What hand_over needs of a foreground `uspawn boot` without a terminal (the
+    systemd unit's): the console goes to our stdout, no log file, no reboot loop
+    (uspawn@.service restarts the unit on exit 133)."""
+
+    def __init__(self, restarts: int = 0) -> None:
+        self.tell_fd = -1
+        self.ns: types.SimpleNamespace | None = None
+        self.cap = 0
+        self.restarts = restarts
+        self.recent: list[float] = []
+        self.clog: _Log | None = None
+
+
 def hand_over(sup: _Supervisor, machine: _Machine, c: Container) -> None:
-    """Exec the monitor for this running machine; returns only if that cannot be."""
+    """Exec the monitor for this running machine; returns only if that cannot be.
+
+    A detached supervisor (sup.clog set) hands over its console log and reboot
+    loop; a Foreground one its stdout, and resume exits with boot's exit code."""
     exe = binary()
-    ns = _ns_json(sup.ns) if sup.ns is not None else None
     claim, clog = c.claim, sup.clog
-    if exe is None or ns is None or claim is None or clog is None or c.cgroup is None \
+    foreground = clog is None
+    ns = _ns_json(sup.ns) if sup.ns is not None else None
+    if exe is None or (ns is None and not foreground) or claim is None or c.cgroup is None \
             or c.init_pid <= 0 or c.console_master < 0:
         return
     nets = _net_leases(c)
@@ -144,7 +162,7 @@ def hand_over(sup: _Supervisor, machine: _Machine, c: Container) -> None:
         "range": [ranges.path, ranges.fd] if ranges is not None and ranges.fd >= 0 else None,
         "net": [[lease.path, lease.fd] for lease in nets],
         "cgroup": c.cgroup.to_json(), "restarts": sup.restarts, "recent": sup.recent,
-        "cap": sup.cap, "ns": ns,
+        "cap": sup.cap, "ns": ns, "foreground": foreground,
     }
     path = os.path.join(claim.dir, HANDOVER)
     state.write_atomic(path, state.dumps(handover))
@@ -153,10 +171,15 @@ def hand_over(sup: _Supervisor, machine: _Machine, c: Container) -> None:
             "--init", str(c.init_pid), "--master", str(c.console_master),
             "--notify", str(notify.fileno()), "--tell", str(sup.tell_fd),
             "--tell-line", f"ready {machine.name}", "--guardian", str(c.guardian.wfd),
-            "--log", clog.path, "--log-cap", str(sup.cap), "--state-dir", claim.dir,
+            *(["--log-fd", "1"] if clog is None else
+              ["--log", clog.path, "--log-cap", str(sup.cap)]), "--state-dir", claim.dir,
             "--record", record[:-1], "--ready", str(int(notify.ready)),
             "--stopping", str(int(notify.stopping)), "--status", notify.status,
             "--python", sys.executable, "--handover", path]
+    if c.req.verbose:  # as boot.Machine._on_notify says it
+        from uspawn.base.textsafe import printable
+
+        argv += ["--say-ready", f"uspawn: {printable(f'machine {machine.name} is ready')}"]
     for src, dst in c.req.signal_map.items():
         argv += ["--map", f"{src}:{dst}"]
     passed = [c.console_master, notify.fileno(), claim.lease.fd,
@@ -176,7 +199,11 @@ def hand_over(sup: _Supervisor, machine: _Machine, c: Container) -> None:
         for fd in passed:
             os.set_inheritable(fd, False)
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, BLOCKED)
-        clog.write(f"-- uspawn: {exe}: {exc.strerror}; supervising in Python\n".encode())
+        note = f"-- uspawn: {exe}: {exc.strerror}; supervising in Python\n".encode()
+        if clog is not None:
+            clog.write(note)
+        else:
+            os.write(2, note)
 
 
 def read_handover(path: str) -> dict[str, object] | None:

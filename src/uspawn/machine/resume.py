@@ -63,7 +63,15 @@ def _boot_again(h: dict[str, object], status: int, tell_fd: int, errors: list[st
 
     name = h.get("name")
     ns_data = h.get("ns")
-    if not isinstance(name, str) or not isinstance(ns_data, dict):
+    if not isinstance(name, str):
+        return 125
+    exit_code = os.waitstatus_to_exitcode(status)  # < 0: killed by that signal
+    code = boot.reboot_code(128 - exit_code if exit_code < 0 else exit_code, name, _log)
+    if h.get("foreground") is True:
+        for error in errors:
+            _log(f"cleanup: {error}")
+        return code  # `uspawn boot`'s own exit code (133: uspawn@.service restarts)
+    if not isinstance(ns_data, dict):
         return 125
     ns = types.SimpleNamespace(**ns_data)
     cap = h.get("cap")
@@ -76,9 +84,7 @@ def _boot_again(h: dict[str, object], status: int, tell_fd: int, errors: list[st
     clog = sup.open_log(name)
     for error in errors:
         clog.write(f"-- uspawn: cleanup: {error}\n".encode())
-    exit_code = os.waitstatus_to_exitcode(status)  # < 0: killed by that signal
-    if not sup.after(name, boot.reboot_code(128 - exit_code if exit_code < 0 else exit_code,
-                                            name, _log)):
+    if not sup.after(name, code):
         return 0
     try:
         sup.make_machine = machine_factory(ns, _log)[0]

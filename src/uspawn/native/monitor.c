@@ -49,6 +49,8 @@
 
 static const char *opt_root, *opt_name, *opt_log, *opt_state_dir, *opt_record;
 static const char *opt_python, *opt_handover, *opt_tell_line = "";
+static const char *opt_say_ready; /* `boot -v`: this line on stderr at READY=1 */
+static int opt_log_fd = -1; /* foreground: the console goes to this fd as it is */
 static int opt_init = -1, opt_master = -1, opt_notify = -1, opt_tell = -1, opt_guardian = -1;
 static long long opt_log_cap = 8 << 20;
 static int map_from[MAX_MAP], map_to[MAX_MAP], n_map;
@@ -91,12 +93,13 @@ static void log_rotate(void)
 static size_t log_write_raw(const char *data, size_t len)
 {
     struct stat st;
-    if (log_size + (long long)len > opt_log_cap && fstat(log_fd, &st) == 0)
+    if (opt_log_fd < 0 && log_size + (long long)len > opt_log_cap && fstat(log_fd, &st) == 0)
         log_size = st.st_size; /* our own lines reach it through fds 1 and 2 */
     while (len) {
         if (log_size >= opt_log_cap)
             log_rotate();
-        size_t room = (size_t)(opt_log_cap - log_size);
+        unsigned long long left = (unsigned long long)(opt_log_cap - log_size);
+        size_t room = left < len ? (size_t)left : len;
         ssize_t n = write(log_fd, data, len < room ? len : room);
         if (n < 0 && errno == EINTR)
             continue;
@@ -295,6 +298,11 @@ static void on_notify(void)
         return;
     write_record();
     if (became_ready) {
+        if (opt_say_ready) {
+            size_t len = strlen(opt_say_ready);
+            if (write(2, opt_say_ready, len) == (ssize_t)len)
+                (void)!write(2, "\n", 1);
+        }
         char msg[512];
         snprintf(msg, sizeof msg, "READY=1\nSTATUS=machine %s is ready", opt_name);
         notify_manager(msg);
@@ -420,8 +428,10 @@ static void parse(int argc, char **argv)
         else if (!strcmp(k, "--notify")) opt_notify = num(v, "--notify");
         else if (!strcmp(k, "--tell")) opt_tell = num(v, "--tell");
         else if (!strcmp(k, "--tell-line")) opt_tell_line = v;
+        else if (!strcmp(k, "--say-ready")) opt_say_ready = v;
         else if (!strcmp(k, "--guardian")) opt_guardian = num(v, "--guardian");
         else if (!strcmp(k, "--log")) opt_log = v;
+        else if (!strcmp(k, "--log-fd")) opt_log_fd = num(v, "--log-fd");
         else if (!strcmp(k, "--log-cap")) opt_log_cap = num(v, "--log-cap");
         else if (!strcmp(k, "--state-dir")) opt_state_dir = v;
         else if (!strcmp(k, "--record")) opt_record = v;
@@ -444,8 +454,10 @@ static void parse(int argc, char **argv)
             exit(2);
         }
     }
-    if (!opt_root || !opt_name || opt_init <= 0 || !opt_log || !opt_state_dir || !opt_record ||
-        !opt_python || !opt_handover || opt_log_cap < 4096) {
+    if (opt_log_fd >= 0)
+        opt_log_cap = 0x7fffffffffffffffLL; /* a stream (the journal): never rotated */
+    if (!opt_root || !opt_name || opt_init <= 0 || (!opt_log && opt_log_fd < 0) ||
+        !opt_state_dir || !opt_record || !opt_python || !opt_handover || opt_log_cap < 4096) {
         fprintf(stderr, "uspawn-monitor: started without what uspawn passes (it is not "
                         "meant to be run by hand)\n");
         exit(2);
@@ -457,6 +469,7 @@ static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUS
 int main(int argc, char **argv)
 {
     parse(argc, argv);
+    signal(SIGPIPE, SIG_IGN); /* a closed stdout or log is an error to count, not death */
     /* Python blocked these before the exec: nothing was lost in between. */
     sigset_t mask;
     sigemptyset(&mask);
@@ -469,11 +482,11 @@ int main(int argc, char **argv)
     if (sfd < 0)
         return 125;
     state_dir_fd = open(opt_state_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    log_fd = log_open();
+    log_fd = opt_log_fd >= 0 ? opt_log_fd : log_open();
     if (log_fd < 0 || state_dir_fd < 0)
         return 125;
     struct stat st;
-    log_size = fstat(log_fd, &st) == 0 ? st.st_size : 0;
+    log_size = opt_log_fd < 0 && fstat(log_fd, &st) == 0 ? st.st_size : 0;
     if (opt_master >= 0) /* neither is for the Python we exec later */
         fcntl(opt_master, F_SETFD, FD_CLOEXEC);
     if (opt_notify >= 0)
