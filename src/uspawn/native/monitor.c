@@ -326,6 +326,8 @@ static void keep_only(int *a, int *b)
     if (nb >= 0) {
         dup3(nb, 4, O_CLOEXEC);
         *b = 4;
+    } else {
+        close(4); /* whatever it was (a lease?) must not stay with the guard */
     }
     if (syscall(SYS_close_range, 5U, ~0U, 0U) < 0) {
         long max = sysconf(_SC_OPEN_MAX);
