@@ -240,7 +240,8 @@ class Machine:
         self.console_log: str | None = None
         self.console_sink: Callable[[bytes], None] | None = None
         self.restarts = 0  # reboots of this machine under the same supervisor
-        # Set by a detached supervisor: takes the running machine over (the C
+        # Set by a detached supervisor or a boot without a terminal: takes the running
+        # machine over (the C
         # monitor, by exec: never returns then); returns if it could not.
         self.handover: Callable[[runtime.Container], None] | None = None
         with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
@@ -367,7 +368,7 @@ class Supervisor:
 
     Where the small C monitor exists (machine/monitor.py), each boot's steady state
     runs in it: this process execs it once the init runs, and it execs Python again
-    (monitor.resume_main) when the init exits, which rebuilds this object from the
+    (resume.resume_main) when the init exits, which rebuilds this object from the
     hand-over file and goes on with after().
     """
 
