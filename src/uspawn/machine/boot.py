@@ -240,9 +240,9 @@ class Machine:
         self.console_log: str | None = None
         self.console_sink: Callable[[bytes], None] | None = None
         self.restarts = 0  # reboots of this machine under the same supervisor
-        # Set by a detached supervisor or a boot without a terminal: takes the running
-        # machine over (the C
-        # monitor, by exec: never returns then); returns if it could not.
+        # Set by a detached supervisor or a boot without a terminal: takes the
+        # running machine over (the C monitor, by exec: never returns then);
+        # returns if it could not.
         self.handover: Callable[[runtime.Container], None] | None = None
         with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
             f.write(machine_uuid + "\n")
