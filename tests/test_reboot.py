@@ -178,6 +178,11 @@ def test_detached_reboot_is_the_same_machine(uspawn: Runner,
         fifo.wait_boot()
         before = _record(uspawn, name)
         assert before["ready"] is True and before["restarts"] == 0
+        resources = before["resources"]  # `list --json`: limits and use, as `status`
+        assert isinstance(resources, dict)
+        assert resources["memory"]["limit_bytes"] == 200 << 20
+        assert 0 < resources["memory"]["current_bytes"] < 200 << 20
+        assert resources["tasks"]["current"] >= 1 and resources["cpu"]["usage_usec"] > 0
         supervisor = _state_file(uspawn, name)["runtime_pid"]
         assert isinstance(supervisor, int)
         assert _memory_max(name) == str(200 << 20)

@@ -98,7 +98,31 @@ def _json_row(s: dict[str, object], addrs: dict[str, list[str]]) -> dict[str, ob
             "machine": bool(s.get("machine")), "uuid": _capped(s.get("uuid")),
             "addresses": [clip(a, 64) for a in addrs.get(str(s.get("name")), [])],
             "status_text": _capped(s.get("status_text"), STATUS_LIMIT),
-            "ready": bool(s.get("ready")), "restarts": _restarts(s)}
+            "ready": bool(s.get("ready")), "restarts": _restarts(s),
+            "resources": _usage_json(s)}
+
+
+def _usage_json(st: dict[str, object]) -> dict[str, dict[str, object]] | None:
+    """Use and limit per resource, as `status` shows them: a limit of "max" is none
+    (cgroup v2's word), null is unknown; None if the cgroup cannot be read."""
+    from uspawn.kernel import cgroups
+
+    try:
+        use = cgroups.usage(_cgroup_of(st))
+    except StateError:
+        return None
+
+    def limit(value: int | None) -> object:
+        return "max" if value is not None and value < 0 else value
+
+    mem, mem_max = use["memory"]
+    tasks, tasks_max = use["tasks"]
+    cpu, cpu_max = use["cpu"]
+    return {"memory": {"current_bytes": mem, "limit_bytes": limit(mem_max)},
+            "tasks": {"current": tasks, "limit": limit(tasks_max)},
+            "cpu": {"usage_usec": cpu,
+                    "limit_cpus": limit(cpu_max) if cpu_max is None or cpu_max < 0
+                    else cpu_max / 1e6}}
 
 
 def _restarts(st: dict[str, object]) -> int:
