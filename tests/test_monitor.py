@@ -176,6 +176,39 @@ def test_kill9_of_the_monitor_is_cleaned_up_by_its_guard(
     assert mounts_under(rootfs) == [] and mounts_under(uspawn.state) == []
 
 
+@needs_monitor
+def test_a_killed_guard_does_not_stop_the_teardown(
+        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
+    """The guard only matters if the monitor dies: without it the machine runs on,
+    and stops and reboots as before (resume's "done" to the gone guard is EPIPE)."""
+    rootfs, fifo = tree
+    name = "guardkilled"
+    r = uspawn.run("boot", "-D", str(rootfs), "-M", name, "--detach", "--lxcfs=no",
+                   "--network=veth", timeout=90)
+    assert r.returncode == 0, r.stderr
+    try:
+        fifo.wait_boot()
+        rec = _record(uspawn, name)
+        sup, init = rec["runtime_pid"], rec["pid"]
+        assert isinstance(sup, int) and isinstance(init, int)
+        guards = _guards(sup, init)
+        assert len(guards) == 1, guards
+        os.kill(guards[0], signal.SIGKILL)
+        wait_exit(guards, what="the guard")
+        from test_reboot import _shutdown, _wait_record
+
+        _shutdown(uspawn, name, "reboot")
+        wait_exit([init], what="the first init")
+        fifo.wait_boot()  # booted again by the same supervisor, after its teardown
+        _wait_record(uspawn, name, lambda s: s.get("restarts") == 1 and s.get("pid") != init,
+                     "the rebooted machine's record")
+        assert _record(uspawn, name)["runtime_pid"] == sup
+    finally:
+        r = uspawn.run("stop", name, "--timeout", "5", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not (uspawn.state / "containers" / name).exists() and cgroup_dirs(name) == []
+
+
 def test_without_the_monitor_python_supervises(
         uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
     """USPAWN_MONITOR=off (and a host where it was not built): as before."""

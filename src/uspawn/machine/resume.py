@@ -41,6 +41,8 @@ def resume_main() -> None:
         if guard_fd >= 0:
             try:
                 os.write(guard_fd, b"done\n")
+            except OSError:
+                pass  # EPIPE: the guard was killed; nothing is left for it to do
             finally:
                 os.close(guard_fd)
         if guard_pid > 0:
