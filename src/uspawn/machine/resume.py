@@ -51,6 +51,11 @@ def resume_main() -> None:
             except ChildProcessError:
                 pass
         code = _boot_again(h, status, int(args.get("--tell", "-1")), errors)
+    except BaseException as exc:
+        # Never a traceback into the console log; the guard (not told `done`) sees
+        # EOF when we exit and removes what is left.
+        os.write(2, f"uspawn: internal error after the machine stopped: {exc!r} (a bug; "
+                    "please report it)\n".encode())
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
