@@ -91,6 +91,15 @@ def test_nothing_is_left_behind(trees: Path) -> None:
     assert list(trees.iterdir()) == []
 
 
+def test_monitor_row_matches_the_binary(report: Rows) -> None:
+    from uspawn.machine import monitor
+
+    exe = monitor.binary()
+    assert (report["monitor"]["verdict"] == "ok") == (exe is not None)
+    if exe is not None:
+        assert exe in report["monitor"]["meaning"]
+
+
 def test_kernel_row_names_the_release(report: Rows) -> None:
     assert os.uname().release in report["kernel"]["meaning"]
 

@@ -749,6 +749,26 @@ def probe_lxcfs(ctx: Ctx) -> list[Row]:
                 "uptime in /proc", "", " ".join(args or []))]
 
 
+def probe_monitor(ctx: Ctx) -> list[Row]:
+    """uspawn-monitor: what a running machine costs the host (docs/ARCHITECTURE.md)."""
+    from uspawn.base import natives
+
+    exe = natives.find(natives.MONITOR)
+    if exe is None:
+        return [row("monitor", DEGRADED, f"{natives.MONITOR} is not built: every running "
+                    "machine (boot --detach, the systemd unit) keeps a Python supervisor and "
+                    "guardian on the host, about 9 MB each instead of about 0.2 MB",
+                    "bash scripts/setup.sh (builds it with gcc), or install it in "
+                    f"{natives.LIBEXEC[0]} (root-owned, not group/other-writable)",
+                    "not found")]
+    if os.environ.get("USPAWN_MONITOR") == "off":
+        return [row("monitor", DEGRADED, f"{exe} is there, but USPAWN_MONITOR=off in this "
+                    "environment: machines started from it keep a Python supervisor and "
+                    "guardian (about 9 MB each)", "unset USPAWN_MONITOR", exe)]
+    return [row("monitor", OK, f"{exe}: running machines are watched by it (about 0.2 MB "
+                "each on the host)", "", exe)]
+
+
 def _lxcfs_args() -> list[str] | None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -767,7 +787,7 @@ PROBES: list[tuple[str, Callable[[Ctx], list[Row]]]] = [
     ("dev-nodes", probe_dev_nodes), ("idmap", probe_idmap), ("overlay", probe_overlay),
     ("seccomp", probe_seccomp), ("apis", probe_apis), ("cgroups", probe_cgroups),
     ("rootless", probe_rootless), ("nesting", probe_nesting), ("trees-dir", probe_trees_dir),
-    ("limits", probe_limits), ("lxcfs", probe_lxcfs),
+    ("limits", probe_limits), ("lxcfs", probe_lxcfs), ("monitor", probe_monitor),
 ]
 
 

@@ -69,10 +69,6 @@ if TYPE_CHECKING:
 
         def record_fields(self) -> dict[str, object]: ...
 
-BINARY = "uspawn-monitor"
-# Next to the interpreter (a virtualenv's bin/, where scripts/setup.sh builds it),
-# then where a package would put a helper binary.
-SEARCH = ("/usr/local/libexec/uspawn", "/usr/libexec/uspawn")
 HANDOVER = "monitor.json"
 # Blocked from just before the exec to the monitor's signalfd: none is lost, and
 # none kills the process with its default action in between.
@@ -85,19 +81,9 @@ def binary() -> str | None:
     """The monitor to exec, if it is installed and safe for root to run."""
     if os.environ.get("USPAWN_MONITOR") == "off":
         return None
-    import stat
+    from uspawn.base import natives
 
-    for d in (os.path.dirname(sys.executable), *SEARCH):
-        path = os.path.join(d, BINARY)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        # root runs it: only a root-owned file nobody else may change
-        if stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022 \
-                and st.st_mode & 0o100:
-            return path
-    return None
+    return natives.find(natives.MONITOR)
 
 
 def _net_leases(c: Container) -> list[state.Lease]:
