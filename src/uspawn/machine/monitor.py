@@ -70,6 +70,10 @@ if TYPE_CHECKING:
         def record_fields(self) -> dict[str, object]: ...
 
 HANDOVER = "monitor.json"
+# Bumped when monitor.json changes shape: a machine started before an upgrade is
+# handed back to the new code, which then only reclaims it (resume.guard_main's
+# way), rather than misread it.
+HANDOVER_FORMAT = 1
 # Blocked from just before the exec to the monitor's signalfd: none is lost, and
 # none kills the process with its default action in between.
 BLOCKED = (sig.SIGINT, sig.SIGTERM, sig.SIGHUP, sig.SIGQUIT, sig.SIGUSR1, sig.SIGUSR2,
@@ -143,7 +147,7 @@ def hand_over(sup: _Supervisor, machine: _Machine, c: Container) -> None:
         return
     root = os.path.dirname(os.path.dirname(claim.dir))
     handover = {
-        "name": machine.name, "root": root,
+        "format": HANDOVER_FORMAT, "name": machine.name, "root": root,
         "claim": [claim.lease.path, claim.lease.fd],
         "range": [ranges.path, ranges.fd] if ranges is not None and ranges.fd >= 0 else None,
         "net": [[lease.path, lease.fd] for lease in nets],
@@ -198,7 +202,7 @@ def read_handover(path: str) -> dict[str, object] | None:
             data = state.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and data.get("format") == HANDOVER_FORMAT else None
 
 
 def pair(value: object) -> tuple[str, int] | None:

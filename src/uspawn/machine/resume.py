@@ -34,7 +34,11 @@ def resume_main() -> None:
             _signal.signal(s, _signal.SIG_IGN)
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, monitor.BLOCKED)
         args = _args(sys.argv[2:])  # -c's argv: ["-c", "resume", "--root", ...]
-        h = monitor.read_handover(args.get("--handover", "")) or {}
+        h = monitor.read_handover(args.get("--handover", ""))
+        if h is None:  # unreadable, or an older uspawn's: the guard (EOF) reclaims it
+            os.write(2, b"uspawn: the machine's monitor.json is unreadable or from another "
+                        b"uspawn version: its guard cleans up\n")
+            return
         status = int(args.get("--status", str(sig.SIGKILL)))
         errors = monitor.teardown(h)
         guard_fd, guard_pid = int(args.get("--guard-fd", "-1")), int(args.get("--guard-pid", "-1"))

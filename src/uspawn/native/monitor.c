@@ -317,21 +317,24 @@ static void on_notify(void)
 static int guard_w = -1;
 static pid_t guard_pid = -1;
 
-/* Keep fds 0-2, move `a` and `b` to 3 and 4, close everything else. */
-static void keep_only(int *a, int *b)
+/* Keep fds 0-2, move fds[i] to 3 + i (-1 stays -1: that slot is closed), close
+ * everything else. */
+static void keep_only(int *fds, int n)
 {
-    int na = fcntl(*a, F_DUPFD_CLOEXEC, 10), nb = *b >= 0 ? fcntl(*b, F_DUPFD_CLOEXEC, 10) : -1;
-    dup3(na, 3, O_CLOEXEC);
-    *a = 3;
-    if (nb >= 0) {
-        dup3(nb, 4, O_CLOEXEC);
-        *b = 4;
-    } else {
-        close(4); /* whatever it was (a lease?) must not stay with the guard */
+    int moved[8];
+    for (int i = 0; i < n; i++)
+        moved[i] = fds[i] >= 0 ? fcntl(fds[i], F_DUPFD_CLOEXEC, 10 + n) : -1;
+    for (int i = 0; i < n; i++) {
+        if (moved[i] >= 0) {
+            dup3(moved[i], 3 + i, O_CLOEXEC);
+            fds[i] = 3 + i;
+        } else {
+            close(3 + i); /* whatever it was (a lease?) must not stay with the guard */
+        }
     }
-    if (syscall(SYS_close_range, 5U, ~0U, 0U) < 0) {
+    if (syscall(SYS_close_range, 3U + (unsigned)n, ~0U, 0U) < 0) {
         long max = sysconf(_SC_OPEN_MAX);
-        for (int fd = 5; fd < (max > 0 ? max : 65536); fd++)
+        for (int fd = 3 + n; fd < (max > 0 ? max : 65536); fd++)
             close(fd);
     }
 }
@@ -341,19 +344,26 @@ static void spawn_guard(void)
     int p[2];
     if (pipe2(p, O_CLOEXEC) < 0)
         return;
-    /* Pinned now, while we (its reaper) live: the pid cannot be reused yet. */
+    /* Pinned now, while we (its reaper) live: the pid cannot be reused yet. And
+     * ours: a pidfd polls readable once we are a zombie, after the kernel has
+     * closed our files and so dropped our flocks (the cleanup needs them free). */
     int pidfd = (int)syscall(SYS_pidfd_open, opt_init, 0);
+    int selffd = (int)syscall(SYS_pidfd_open, getpid(), 0);
     pid_t pid = fork();
     if (pid < 0) {
         close(p[0]);
         close(p[1]);
         if (pidfd >= 0)
             close(pidfd);
+        if (selffd >= 0)
+            close(selffd);
         return;
     }
     if (pid == 0) {
-        int rfd = p[0];
-        keep_only(&rfd, &pidfd); /* no lease: our death must release them */
+        int keep[3] = {p[0], pidfd, selffd};
+        keep_only(keep, 3); /* no lease: our death must release them */
+        int rfd = keep[0], monfd = keep[2];
+        pidfd = keep[1];
         static const int quiet[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2,
                                     SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU};
         for (size_t i = 0; i < sizeof quiet / sizeof *quiet; i++)
@@ -376,8 +386,13 @@ static void spawn_guard(void)
             if (got >= sizeof buf - 1)
                 got = 0;
         }
-        /* The monitor died without saying done: the init must go (PDEATHSIG
-         * already sent it SIGKILL), then Python removes what is left. */
+        /* The monitor (or the Python it exec'd) died without saying done: the
+         * init must go (PDEATHSIG already sent it SIGKILL), and the monitor's
+         * flocks must be gone, then Python removes what is left. */
+        if (monfd >= 0) {
+            struct pollfd pm = {.fd = monfd, .events = POLLIN};
+            poll(&pm, 1, 10000);
+        }
         if (pidfd >= 0) {
             struct pollfd pf = {.fd = pidfd, .events = POLLIN};
             if (poll(&pf, 1, 0) == 0) {
@@ -394,6 +409,8 @@ static void spawn_guard(void)
     close(p[0]);
     if (pidfd >= 0)
         close(pidfd);
+    if (selffd >= 0)
+        close(selffd);
     guard_w = p[1];
     guard_pid = pid;
     /* Kept across the exec back to Python, which says done after the teardown. */
