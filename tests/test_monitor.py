@@ -201,6 +201,36 @@ def test_a_killed_guard_does_not_stop_the_teardown(
     assert not (uspawn.state / "containers" / name).exists() and cgroup_dirs(name) == []
 
 
+def test_the_monitor_caps_and_rotates_the_console_log(
+        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
+    """As boot.ConsoleLog (tests/test_boot.py checks that one): NAME.console.log at
+    most --console-log-size, the previous part in NAME.console.log.1."""
+    from waits import IN_MODIFY, wait_until
+
+    from uspawn.machine.boot import console_log_path
+
+    name, cap = "monrotate", 8192
+    log = Path(console_log_path(name))
+    for p in (log, Path(f"{log}.1")):
+        p.unlink(missing_ok=True)
+    _boot(uspawn, tree, name, "--console-log-size", str(cap))
+    try:
+        script = "i=0; while [ $i -lt 600 ]; do echo line-$i-................................" \
+                 "; i=$((i+1)); done > /dev/console"
+        r = uspawn.run("exec", name, "--", "sh", "-c", script)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: "line-599-" in log.read_text(errors="replace"), [log.parent],
+                   "the last console line in the log", mask=IN_MODIFY)
+        assert log.stat().st_size <= cap
+        old = Path(f"{log}.1").read_text(errors="replace")
+        assert 0 < len(old) <= cap and "line-" in old
+    finally:
+        r = uspawn.run("stop", name, "--timeout", "5", timeout=60)
+    assert r.returncode == 0, r.stderr
+    for p in (log, Path(f"{log}.1")):
+        p.unlink(missing_ok=True)
+
+
 def test_without_the_monitor_python_supervises(
         uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
     """USPAWN_MONITOR=off (and a host where it was not built): as before."""
