@@ -15,14 +15,20 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +62,33 @@ def ensure_tools(src: Path, cache: Path = CACHE) -> Path:
 # ---------------------------------------------------------------- the image
 
 
-def _blob(layout: Path, data: bytes) -> dict[str, Any]:
-    digest = hashlib.sha256(data).hexdigest()
-    (layout / "blobs" / "sha256" / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": len(data)}
+@dataclass
+class ImageSpec:
+    """One image: the shared base layer (a rootfs) plus, if files is given, a small
+    layer of its own. files: path in the image -> (content, mode), content None for
+    a directory; owned by root, parent directories made 0755."""
+
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    user: str = ""
+    files: dict[str, tuple[bytes | None, int]] = field(default_factory=dict)
+
+
+@dataclass
+class ImageSet:
+    """Blobs (digest -> bytes) and, per image name, its manifest's bytes."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, bytes] = field(default_factory=dict)
+
+    def add(self, data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return {"digest": digest, "size": len(data)}
+
+    def blobs_of(self, name: str) -> list[str]:
+        manifest = json.loads(self.manifests[name])
+        return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
 
 
 def _layer_tar(rootfs: Path) -> bytes:
@@ -71,31 +100,72 @@ def _layer_tar(rootfs: Path) -> bytes:
     return buf.getvalue()
 
 
+def _files_tar(files: dict[str, tuple[bytes | None, int]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs = sorted({str(parent) for path in files for parent in Path(path.strip("/")).parents
+                       if str(parent) != "."})
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for path, (data, mode) in sorted(files.items()):
+            info = tarfile.TarInfo(path.strip("/"))
+            info.mode = mode
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def build_images(rootfs: Path, images: dict[str, ImageSpec]) -> ImageSet:
+    """OCI manifests and blobs for images (linux/amd64), all on rootfs as base layer."""
+    out = ImageSet()
+
+    def layer(tar: bytes) -> tuple[str, dict[str, Any]]:
+        return ("sha256:" + hashlib.sha256(tar).hexdigest(),
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                 **out.add(gzip.compress(tar, compresslevel=1, mtime=0))})
+
+    base = layer(_layer_tar(rootfs))
+    for name, spec in images.items():
+        layers = [base] + ([layer(_files_tar(spec.files))] if spec.files else [])
+        conf: dict[str, Any] = {"WorkingDir": "/", "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]}
+        if spec.entrypoint is not None:
+            conf["Entrypoint"] = spec.entrypoint
+        if spec.cmd is not None:
+            conf["Cmd"] = spec.cmd
+        if spec.user:
+            conf["User"] = spec.user
+        config = {"architecture": "amd64", "os": "linux", "config": conf,
+                  "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]}}
+        manifest = {"schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                               **out.add(json.dumps(config).encode())},
+                    "layers": [desc for _, desc in layers]}
+        out.manifests[name] = json.dumps(manifest).encode()
+    return out
+
+
 def write_image_archive(rootfs: Path, dest: Path, images: dict[str, list[str]]) -> None:
     """An OCI image-layout tarball at dest with one image per name (same layer; the value
     is the image's Entrypoint), importable with `ctr images import` (no registry)."""
+    built = build_images(rootfs, {name: ImageSpec(entrypoint=ep) for name, ep in images.items()})
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         layout = Path(tmp)
         (layout / "blobs" / "sha256").mkdir(parents=True)
         (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-        layer = _layer_tar(rootfs)
-        diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-        layer_desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                      **_blob(layout, gzip.compress(layer, compresslevel=1, mtime=0))}
+        for data in [*built.blobs.values(), *built.manifests.values()]:
+            (layout / "blobs" / "sha256" / hashlib.sha256(data).hexdigest()).write_bytes(data)
         manifests = []
-        for name, entrypoint in images.items():
-            config = {"architecture": "amd64", "os": "linux",
-                      "config": {"Entrypoint": entrypoint, "WorkingDir": "/",
-                                 "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
-                      "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
-            manifest = {"schemaVersion": 2,
-                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                   **_blob(layout, json.dumps(config).encode())},
-                        "layers": [layer_desc]}
+        for name, data in built.manifests.items():
             manifests.append({
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **_blob(layout, json.dumps(manifest).encode()),
+                "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data),
                 "platform": {"architecture": "amd64", "os": "linux"},
                 # containerd's importer names the image after this annotation.
                 "annotations": {"io.containerd.image.name": name,
@@ -106,6 +176,114 @@ def write_image_archive(rootfs: Path, dest: Path, images: dict[str, list[str]]) 
         with tarfile.open(dest, "w") as tar:
             for entry in sorted(layout.iterdir()):
                 tar.add(str(entry), arcname=entry.name)
+
+
+# ---------------------------------------------------------------- a local registry
+
+
+def split_name(name: str) -> tuple[str, str, str]:
+    """'registry.k8s.io/e2e-test-images/busybox:1.29-2' -> (host, repository, tag)."""
+    host, rest = name.split("/", 1)
+    repo, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
+    return host, repo, tag
+
+
+class Registry:
+    """Debian's docker-registry (distribution v2) on 127.0.0.1 only, its storage under
+    root; start() ... stop(). Images are pushed with the registry's HTTP API."""
+
+    def __init__(self, root: Path, binary: str = "docker-registry") -> None:
+        self.root = root
+        self.binary = binary
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "registry.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> None:
+        from waits import IN_MODIFY, wait_until
+
+        (self.root / "storage").mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # another process may take the free port first
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            conf = self.root / "config.yml"
+            conf.write_text(f"""\
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {self.root / "storage"}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{self.port}
+""")
+            self.log.write_bytes(b"")
+            with open(self.log, "ab") as logf:
+                self.proc = subprocess.Popen([self.binary, "serve", str(conf)],
+                                             stdin=subprocess.DEVNULL, stdout=logf,
+                                             stderr=logf, start_new_session=True)
+            line = f"listening on 127.0.0.1:{self.port}"
+
+            def listening(line: str = line) -> bool:
+                return line in self.log.read_text(errors="replace")
+
+            try:
+                wait_until(listening, [self.log], f"{line!r} in {self.log}", timeout,
+                           self.proc, mask=IN_MODIFY)
+                return
+            except AssertionError:
+                self.stop()
+                if "address already in use" not in self.log.read_text(errors="replace"):
+                    raise
+        raise AssertionError(f"docker-registry: no free port: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def _request(self, method: str, url: str, data: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        # Never through a proxy from the environment: the registry is on 127.0.0.1.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=60) as resp:
+                return resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            if method == "HEAD" and exc.code == 404:
+                return 404, {}
+            raise AssertionError(f"{method} {url}: {exc.code} {exc.read()[:300]!r}") from exc
+
+    def push(self, images: ImageSet, name: str) -> None:
+        """Push images' image name as <repository>:<tag> (the host part is dropped: the
+        registry answers for every host containerd mirrors onto it)."""
+        _, repo, tag = split_name(name)
+        base = f"{self.url}/v2/{repo}"
+        for digest in images.blobs_of(name):
+            if self._request("HEAD", f"{base}/blobs/{digest}")[0] == 200:
+                continue
+            _, hdrs = self._request("POST", f"{base}/blobs/uploads/", b"")
+            loc = urllib.parse.urljoin(self.url, hdrs["Location"])
+            loc += ("&" if "?" in loc else "?") + urllib.parse.urlencode({"digest": digest})
+            self._request("PUT", loc, images.blobs[digest],
+                          {"Content-Type": "application/octet-stream"})
+        self._request("PUT", f"{base}/manifests/{tag}", images.manifests[name],
+                      {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
 
 
 # ---------------------------------------------------------------- host state for leak checks
@@ -200,11 +378,24 @@ class CrictlError(AssertionError):
 class CriEnv:
     """One private containerd with its CRI plugin. start() ... stop() (cleans up)."""
 
-    def __init__(self, root: Path, crictl: Path, uspawn_runc: str, runc: str | None) -> None:
+    def __init__(self, root: Path, crictl: Path, uspawn_runc: str, runc: str | None,
+                 sandbox_image: str = PAUSE_IMAGE, registry_mirrors: dict[str, str] | None = None,
+                 host_address: bool = False, private_ipc: bool = False) -> None:
+        """sandbox_image: the pause image's name. registry_mirrors: registry host ->
+        the URL containerd pulls its images from instead (hosts.toml `server`, so
+        nothing else is asked). host_address: the bridge gets the subnet's first
+        address (made here, before containerd; isGateway stays false, so no route,
+        no forwarding change): the host reaches the pods, nothing more. private_ipc:
+        containerd (and so every pod with hostIPC) runs in an IPC namespace of its
+        own, whose segments go with it (critest makes some with ipcmk)."""
         self.root = root
         self.crictl_bin = crictl
         self.uspawn_runc = uspawn_runc
         self.runc = runc
+        self.sandbox_image = sandbox_image
+        self.registry_mirrors = registry_mirrors or {}
+        self.host_address = host_address
+        self.private_ipc = private_ipc
         self.sock = root / "containerd.sock"
         self.token = root.name.rsplit("-", 1)[-1][:8]
         self.bridge = f"uspcri{self.token[:8]}"[:15]
@@ -224,6 +415,14 @@ class CriEnv:
         if self.runc:
             runtimes += self._runtime_toml("runc", self.runc, r / "runc-state")
         cri = 'plugins."io.containerd.grpc.v1.cri"'
+        registry = ""
+        if self.registry_mirrors:
+            for host, url in self.registry_mirrors.items():
+                (r / "certs.d" / host).mkdir(parents=True, exist_ok=True)
+                # containerd 1.6 rejects a hosts.toml without a host tree.
+                (r / "certs.d" / host / "hosts.toml").write_text(
+                    f'server = "{url}"\n[host."{url}"]\n  capabilities = ["pull", "resolve"]\n')
+            registry = f'[{cri}.registry]\n  config_path = "{r}/certs.d"\n'
         (r / "config.toml").write_text(f"""\
 # Written by tests/cri/cri_env.py for one test session.
 version = 2
@@ -247,14 +446,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.internal.v1.opt"]
   path = "{r}/opt"
 [{cri}]
-  sandbox_image = "{PAUSE_IMAGE}"
+  sandbox_image = "{self.sandbox_image}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   netns_mounts_under_state_dir = true
   enable_selinux = false
   disable_apparmor = true
   restrict_oom_score_adj = {str(not has_cap_sys_resource()).lower()}
-[{cri}.cni]
+{registry}[{cri}.cni]
   bin_dir = "{CNI_BIN}"
   conf_dir = "{r}/net.d"
   max_conf_num = 1
@@ -270,10 +469,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 {"type": "bridge", "bridge": self.bridge, "isGateway": False,
                  "ipMasq": False, "hairpinMode": False,
                  "ipam": {"type": "host-local", "dataDir": str(r / "ipam"),
-                          "ranges": [[{"subnet": self.subnet}]]}},
+                          "ranges": [[{"subnet": self.subnet,
+                                       "rangeStart": self.subnet_address(2)}]]}},
                 {"type": "loopback"}]}, indent=1))
         (r / "crictl.yaml").write_text(f"runtime-endpoint: unix://{self.sock}\n"
                                        f"image-endpoint: unix://{self.sock}\ntimeout: 60\n")
+
+    def subnet_address(self, n: int) -> str:
+        return str(ipaddress.ip_network(self.subnet)[n])
 
     @staticmethod
     def _runtime_toml(name: str, binary: str, state: Path) -> str:
@@ -291,10 +494,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         from waits import IN_MODIFY, wait_file, wait_until
 
         self.write_config()
+        if self.host_address:
+            for cmd in (["link", "add", self.bridge, "type", "bridge"],
+                        ["addr", "add", f"{self.subnet_address(1)}/24", "dev", self.bridge],
+                        ["link", "set", self.bridge, "up"]):
+                subprocess.run(["ip", *cmd], check=True, capture_output=True)
         logf = open(self.log, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
         self.proc = subprocess.Popen(
-            ["containerd", "--config", str(self.root / "config.toml")],
+            (["unshare", "--ipc"] if self.private_ipc else [])
+            + ["containerd", "--config", str(self.root / "config.toml")],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
             start_new_session=True)
         logf.close()
