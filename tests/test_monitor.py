@@ -231,6 +231,64 @@ def test_the_monitor_caps_and_rotates_the_console_log(
         p.unlink(missing_ok=True)
 
 
+LATE_CONSOLE_INIT = """#!/bin/sh
+exec </dev/null >/dev/null 2>/dev/null
+echo closed > /booted
+read go < /go
+echo late-console-line > /dev/console
+/bin/sd-notify READY=1
+while :; do read x < /go; done
+"""
+
+
+def test_console_output_after_a_time_without_any_writer_is_kept(
+        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
+    """systemd closes its stdio at start and opens /dev/console again later. While
+    no process of the machine holds the console, its pty master reads EIO: the
+    monitor once stopped reading it there for good, and the journal of
+    uspawn@.service got none of the machine's boot messages. Here an init closes
+    its stdio, waits until the monitor runs (the Python guardian it dismisses has
+    exited), then writes to /dev/console: the line must reach the log."""
+    from waits import IN_MODIFY, wait_until
+
+    from uspawn.machine.boot import console_log_path
+
+    rootfs, fifo = tree
+    name = "monlatecons"
+    init = rootfs / "sbin" / "init"
+    init.unlink()
+    init.write_text(LATE_CONSOLE_INIT)
+    init.chmod(0o755)
+    os.mkfifo(rootfs / "go", 0o666)
+    log = Path(console_log_path(name))
+    log.unlink(missing_ok=True)
+    p = uspawn.popen("boot", "-D", str(rootfs), "-M", name, "--detach", "--lxcfs=no",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fifo.wait_boot()  # "closed": the machine holds no console fd now
+        cdir = uspawn.state / "containers" / name
+        wait_until(lambda: (cdir / "state.json").exists(), [cdir], "the machine's record")
+        rec = _record(uspawn, name)
+        sup, pid1 = rec["runtime_pid"], rec["pid"]
+        assert isinstance(sup, int) and isinstance(pid1, int)
+        _guards(sup, pid1)  # the Python guardian is gone: the monitor's loop runs
+        assert _exe(sup) == MONITOR
+        with open(rootfs / "go", "w") as go:
+            go.write("go\n")
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        wait_until(lambda: "late-console-line" in log.read_text(errors="replace"),
+                   [log.parent], "the console line written after the gap", timeout=10,
+                   mask=IN_MODIFY)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        r = uspawn.run("stop", name, "--timeout", "3", timeout=60)
+        log.unlink(missing_ok=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_without_the_monitor_python_supervises(
         uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
     """USPAWN_MONITOR=off (and a host where it was not built): as before."""

@@ -40,8 +40,13 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/ioctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41) /* Linux 4.13 */
+#endif
 
 #define STATUS_LIMIT 256 /* textsafe.STATUS_LIMIT */
 #define MAX_MAP 16
@@ -506,8 +511,14 @@ int main(int argc, char **argv)
         return 125;
     struct stat st;
     log_size = opt_log_fd < 0 && fstat(log_fd, &st) == 0 ? st.st_size : 0;
-    if (opt_master >= 0) /* neither is for the Python we exec later */
+    if (opt_master >= 0) { /* neither is for the Python we exec later */
         fcntl(opt_master, F_SETFD, FD_CLOEXEC);
+        /* Hold the console's other end ourselves: while no process of the machine
+         * has it open (systemd closes its stdio at start and opens /dev/console
+         * again later), the master would read EIO and poll HUP, and its output
+         * after that would be lost. */
+        ioctl(opt_master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    }
     if (opt_notify >= 0)
         fcntl(opt_notify, F_SETFD, FD_CLOEXEC);
 
