@@ -35,7 +35,8 @@ MONITOR = monitor.binary()
 def _needs_monitor(request: pytest.FixtureRequest) -> None:
     """Every test here but the fallback's needs the built monitor (under
     USPAWN_MUST_WORK=1 a missing one fails, as a missing tool does elsewhere)."""
-    if MONITOR is None and request.node.name != "test_without_the_monitor_python_supervises":
+    if MONITOR is None and request.node.name != "test_without_the_monitor_python_supervises" \
+            and "[python]" not in request.node.name:
         skip_or_fail("uspawn-monitor not built (scripts/setup.sh builds it)")
 
 
@@ -241,8 +242,9 @@ while :; do read x < /go; done
 """
 
 
+@pytest.mark.parametrize("supervisor", ["monitor", "python"])
 def test_console_output_after_a_time_without_any_writer_is_kept(
-        uspawn: Runner, tree: tuple[Path, BootFifo]) -> None:  # noqa: F811
+        uspawn: Runner, tree: tuple[Path, BootFifo], supervisor: str) -> None:  # noqa: F811
     """systemd closes its stdio at start and opens /dev/console again later. While
     no process of the machine holds the console, its pty master reads EIO: the
     monitor once stopped reading it there for good, and the journal of
@@ -263,7 +265,9 @@ def test_console_output_after_a_time_without_any_writer_is_kept(
     log = Path(console_log_path(name))
     log.unlink(missing_ok=True)
     p = uspawn.popen("boot", "-D", str(rootfs), "-M", name, "--detach", "--lxcfs=no",
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     env={**os.environ, "USPAWN_MONITOR": "on" if supervisor == "monitor"
+                          else "off"})
     try:
         fifo.wait_boot()  # "closed": the machine holds no console fd now
         cdir = uspawn.state / "containers" / name
@@ -271,8 +275,9 @@ def test_console_output_after_a_time_without_any_writer_is_kept(
         rec = _record(uspawn, name)
         sup, pid1 = rec["runtime_pid"], rec["pid"]
         assert isinstance(sup, int) and isinstance(pid1, int)
-        _guards(sup, pid1)  # the Python guardian is gone: the monitor's loop runs
-        assert _exe(sup) == MONITOR
+        if supervisor == "monitor":
+            _guards(sup, pid1)  # the Python guardian is gone: the monitor's loop runs
+            assert _exe(sup) == MONITOR
         with open(rootfs / "go", "w") as go:
             go.write("go\n")
         _, err = p.communicate(timeout=60)

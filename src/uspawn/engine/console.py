@@ -157,15 +157,19 @@ class ConsoleIO:
     relay: the pipes a payload without a terminal got instead of our stdio.
     handover, if given, is offered the running container before the loop starts:
     a detached machine's supervisor execs its C monitor there (never returns).
+    hold_console: keep the pty's other end open while pumping (a booted machine,
+    whose init may hold no console fd for a while).
     """
 
     def __init__(self, interactive: bool = True, out_fd: int = 1,
                  extra: dict[int, Callable[[], None]] | None = None,
                  sink: Callable[[bytes], None] | None = None,
                  relay: StdioRelay | None = None,
-                 handover: Callable[[Container], None] | None = None) -> None:
+                 handover: Callable[[Container], None] | None = None,
+                 hold_console: bool = False) -> None:
         self.interactive = interactive
         self.handover = handover
+        self.hold_console = hold_console
         self.out_fd = out_fd
         self.extra = extra or {}
         self.sink = sink
@@ -207,8 +211,11 @@ def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int],
 
         tty.setraw(0, termios.TCSANOW)
     inputs = [pidfd, *io.extra, *([stop.wake_r] if stop is not None else [])]
+    peer = -1
     if master >= 0:
         inputs.append(master)
+        if io.hold_console:
+            peer = _hold_peer(master)
         if io.interactive and _readable_stdin():
             inputs.append(0)
     relay = io.relay
@@ -241,18 +248,35 @@ def pump(pidfd: int, master: int, io: ConsoleIO, wait: Callable[[], int],
                     callback()
             if pidfd in ready:
                 break
-        # Drain what the payload wrote before it exited.
-        while master >= 0 and _copy(master, io):
-            if not select.select([master], [], [], 0.05)[0]:
-                break
+        # Drain what the payload wrote before it exited (readable first: with the
+        # console's other end held, a read with nothing left would block).
+        while master >= 0 and select.select([master], [], [], 0.05)[0] and _copy(master, io):
+            pass
         if relay is not None:
             relay.finish()
         return wait()
     finally:
+        if peer >= 0:
+            os.close(peer)
         if relay is not None:
             relay.close()
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+TIOCGPTPEER = 0x5441  # _IO('T', 0x41), Linux 4.13
+
+
+def _hold_peer(master: int) -> int:
+    """An fd of the pty's other end, held while we pump (-1 if the kernel has none).
+
+    A booted init (systemd) closes its stdio at start and opens /dev/console again
+    later; while no process holds the console, the master reads EIO and the pump
+    would stop reading it for good. uspawn-monitor does the same (native/monitor.c)."""
+    try:
+        return int(fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
+    except OSError:
+        return -1
 
 
 def _readable_stdin() -> bool:

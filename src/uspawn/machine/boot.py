@@ -286,7 +286,7 @@ class Machine:
             interactive = os.isatty(0)
         io = ConsoleIO(interactive=interactive, out_fd=out_fd,
                        extra={self.notify.fileno(): self._on_notify},
-                       sink=self.console_sink, handover=self.handover)
+                       sink=self.console_sink, handover=self.handover, hold_console=True)
         try:
             code = console.run(self.spec, self.req, on_start=self._started, io=io)
         finally:
