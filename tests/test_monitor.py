@@ -72,6 +72,14 @@ def test_bidi_and_c1_are_escaped() -> None:
     assert _escape(b"x" * 300) == "x" * 253 + "..."
 
 
+def test_a_status_from_before_the_hand_over_is_not_escaped_twice() -> None:
+    """Python's NotifyListener stored it through textsafe.printable already."""
+    assert MONITOR is not None
+    shown = printable("caf\u00e9 \u4e2d \x1b[31m", STATUS_LIMIT)  # 'café 中 \x1b[31m'
+    out = subprocess.run([MONITOR, "--keep-status", shown], capture_output=True, check=True)
+    assert out.stdout.decode().removesuffix("\n") == shown
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]

@@ -60,7 +60,7 @@ static int opt_init = -1, opt_master = -1, opt_notify = -1, opt_tell = -1, opt_g
 static long long opt_log_cap = 8 << 20;
 static int map_from[MAX_MAP], map_to[MAX_MAP], n_map;
 static int ready, stopping;
-static char status_text[STATUS_LIMIT * 2 + 4]; /* escaped, capped: UTF-8 */
+static char status_text[STATUS_LIMIT * 4 + 4]; /* escaped, capped: UTF-8 */
 
 /* --- the console log (boot.ConsoleLog) ------------------------------------ */
 
@@ -215,12 +215,27 @@ static void set_status(const char *value, size_t len)
     status_text[out] = 0;
 }
 
+/* The STATUS= Python received before the hand-over, already shown-safe there
+ * (textsafe.printable: printable characters, at most STATUS_LIMIT of them): kept
+ * as it is, not escaped twice. Cut at a character boundary if it is ever longer. */
+static void keep_status(const char *value)
+{
+    size_t n = strlen(value);
+    if (n >= sizeof status_text) {
+        n = sizeof status_text - 1;
+        while (n > 0 && ((unsigned char)value[n] & 0xc0) == 0x80)
+            n--;
+    }
+    memcpy(status_text, value, n);
+    status_text[n] = 0;
+}
+
 static int state_dir_fd = -1;
 
 /* state.json = the record Python wrote, plus ready/stopping/status_text. */
 static void write_record(void)
 {
-    static char buf[MAX_RECORD + STATUS_LIMIT * 3 + 128];
+    static char buf[MAX_RECORD + sizeof status_text * 2 + 128]; /* " and \\ doubled */
     size_t n = 0, plen = strlen(opt_record), i;
     if (plen > MAX_RECORD)
         return;
@@ -438,8 +453,11 @@ static int num(const char *s, const char *what)
 
 static void parse(int argc, char **argv)
 {
-    if (argc == 3 && !strcmp(argv[1], "--escape-status")) { /* tests/test_monitor.py */
-        set_status(argv[2], strlen(argv[2]));
+    if (argc == 3 && (!strcmp(argv[1], "--escape-status") || !strcmp(argv[1], "--keep-status"))) {
+        if (!strcmp(argv[1], "--keep-status")) /* tests/test_monitor.py */
+            keep_status(argv[2]);
+        else
+            set_status(argv[2], strlen(argv[2]));
         puts(status_text);
         exit(0);
     }
@@ -461,7 +479,7 @@ static void parse(int argc, char **argv)
         else if (!strcmp(k, "--record")) opt_record = v;
         else if (!strcmp(k, "--ready")) ready = num(v, "--ready") == 1;
         else if (!strcmp(k, "--stopping")) stopping = num(v, "--stopping") == 1;
-        else if (!strcmp(k, "--status")) set_status(v, strlen(v));
+        else if (!strcmp(k, "--status")) keep_status(v);
         else if (!strcmp(k, "--python")) opt_python = v;
         else if (!strcmp(k, "--handover")) opt_handover = v;
         else if (!strcmp(k, "--map") && n_map < MAX_MAP) {
