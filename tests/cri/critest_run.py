@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ginkgo = [f"-ginkgo.focus={f}" for f in args.focus] + \
         [f"-ginkgo.skip={s}" for s in args.skip]
     tools = ensure_tools(tools_src())
+    commit = git_commit()  # at the start: others may commit while it runs
 
     root = Path(tempfile.mkdtemp(prefix="uspawn-critest-", dir="/tmp"))
     root.chmod(0o755)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         summary = {"date": datetime.datetime.now(datetime.UTC).isoformat(
                        timespec="seconds"),
-                   "commit": git_commit(), "critest": CRITEST_VERSION,
+                   "commit": commit, "critest": CRITEST_VERSION,
                    "handlers": runs, "mismatches": problems, "teardown": teardown}
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     # Every spec that failed, with the first line of its message: with the handler's
