@@ -11,14 +11,15 @@ critest names, built here from the project's busybox rootfs and pushed to that r
 containerd's CRI maps registry.k8s.io and gcr.io onto it (hosts.toml `server`), so
 critest runs with its own image names and nothing leaves the host.
 
-The images (critest's own are on public registries): busybox is the project's busybox
-rootfs (Debian's busybox-static) with its applets hard-linked as in the busybox image,
-plus Debian's pgrep and ipcs with their libraries (specs run them; busybox-static has
-neither); the user and tag images carry the USER and marker files cri-tools' images/
-Dockerfiles give them; nginx, httpd, nonewprivs and the sandbox's pause are stand-ins
-(tests/cri/critest_stub.c) that do what the specs look at: serve HTTP 200 on the port,
-nginx's pid file and process title, Apache's start line, a setuid-root binary printing
-its effective uid, a pid 1 named pause that waits for a signal.
+The images (critest's own are on public registries) share one base layer: the project's
+busybox rootfs (passwd, group, directories) with Debian's dynamically linked `busybox`
+package in place of busybox-static, its applets hard-linked, as in the busybox image;
+the busybox image adds Debian's pgrep and ipcs with their libraries (specs run them;
+busybox has neither); the user and tag images carry the USER and marker files of
+cri-tools' images/ Dockerfiles; nginx, httpd, nonewprivs and the sandbox's pause are
+stand-ins (tests/cri/critest_stub.c) that do what the specs look at: serve HTTP 200 on
+the port, nginx's pid file and process title, Apache's start line, a setuid-root binary
+printing its effective uid, a pid 1 named pause that waits for a signal.
 
 Environment: the bridge gets the subnet's first address so the host (critest) reaches
 the pods (no route or forwarding change beyond that /24 on the bridge); no portmap
@@ -48,6 +49,7 @@ if str(HERE.parent) not in sys.path:  # tests/: conftest, fixtures, waits, cri
     sys.path.insert(0, str(HERE.parent))
 
 from cri.cri_env import (  # noqa: E402
+    CACHE,
     CriEnv,
     ImageSet,
     ImageSpec,
@@ -121,23 +123,62 @@ def critest_images(stub: bytes) -> dict[str, ImageSpec]:
     return images
 
 
-def hardlink_applets(rootfs: Path) -> None:
-    """The busybox image's applets are hard links to /bin/busybox (the project's rootfs
-    has symlinks): the MaskedPaths spec masks /bin/ls, and a bind mount over a symlink
-    would mask busybox itself, and with it /bin/sh."""
-    busybox = rootfs / "bin" / "busybox"
+def libraries(binary: str) -> list[str]:
+    """The shared libraries ldd names for binary, with the dynamic loader."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    libs = [line.split("=>")[-1].split("(")[0].strip() for line in out.splitlines()]
+    return [lib for lib in libs if lib.startswith("/")]
+
+
+def debian_busybox(dest: Path) -> Path:
+    """bin/busybox of Debian's `busybox` package (dynamically linked), extracted under
+    dest; the .deb is fetched once with `apt-get download` into CACHE/debs. Its ash runs
+    commands through PATH, as the busybox image's does; busybox-static's (the project's
+    rootfs) runs its applets itself (FEATURE_SH_STANDALONE), so a masked /bin/ls would
+    never be executed (the MaskedPaths spec)."""
+    debs = CACHE / "debs"
+    found = sorted(debs.glob("busybox_*.deb"))
+    if not found:
+        debs.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["apt-get", "download", "-q", "busybox"], cwd=debs,
+                             capture_output=True, text=True)
+        found = sorted(debs.glob("busybox_*.deb"))
+        if res.returncode != 0 or not found:
+            raise SystemExit(f"critest: apt-get download busybox failed: {res.stderr}")
+    subprocess.run(["dpkg-deb", "-x", str(found[-1]), str(dest)], check=True)
+    return dest / "bin" / "busybox"
+
+
+def swap_busybox(rootfs: Path, binary: Path) -> None:
+    """rootfs (the project's busybox rootfs) with binary as /bin/busybox, its libraries,
+    and its applets as hard links, as in the busybox image (the rootfs has symlinks: a
+    bind mount over /bin/ls, the MaskedPaths spec, would mask busybox itself)."""
     for d, _, names in os.walk(rootfs):
         for n in names:
             path = Path(d) / n
             if path.is_symlink() and os.readlink(path).endswith("bin/busybox"):
                 path.unlink()
-                os.link(busybox, path)
+    target = rootfs / "bin" / "busybox"
+    target.unlink()
+    shutil.copyfile(binary, target)
+    target.chmod(0o755)
+    for lib in libraries(str(binary)):
+        dest = rootfs / lib.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(lib).resolve(), dest)
+        dest.chmod(0o755)
+    applets = subprocess.run([str(binary), "--list-full"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        link = rootfs / applet
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.link(target, link)
 
 
 def host_tools(names: tuple[str, ...] = ("pgrep", "ipcs")) -> dict[str, tuple[bytes | None, int]]:
-    """Debian's pgrep (procps) and ipcs (util-linux) with the libraries ldd names, at
-    the host's paths: critest runs them in its busybox image, and Debian's busybox-static
-    has neither applet."""
+    """Debian's pgrep (procps) and ipcs (util-linux) with their libraries, at the host's
+    paths: critest runs them in its busybox image, and Debian's busybox has neither."""
     files: dict[str, tuple[bytes | None, int]] = {}
     for name in names:
         path = shutil.which(name)
@@ -146,11 +187,8 @@ def host_tools(names: tuple[str, ...] = ("pgrep", "ipcs")) -> dict[str, tuple[by
                   file=sys.stderr)
             continue
         files[path] = (Path(path).read_bytes(), 0o755)
-        ldd = subprocess.run(["ldd", path], capture_output=True, text=True, check=True).stdout
-        for line in ldd.splitlines():
-            lib = line.split("=>")[-1].split("(")[0].strip()
-            if lib.startswith("/"):
-                files[lib] = (Path(lib).resolve().read_bytes(), 0o755)
+        for lib in libraries(path):
+            files[lib] = (Path(lib).resolve().read_bytes(), 0o755)
     return files
 
 
@@ -295,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir()
         rootfs = work / "busybox"
         build_busybox_rootfs(str(rootfs))
-        hardlink_applets(rootfs)
+        swap_busybox(rootfs, debian_busybox(work / "busybox-deb"))
         images: ImageSet = build_images(rootfs, critest_images(build_stub(work / "stub")))
         for name in images.manifests:
             registry.push(images, name)
