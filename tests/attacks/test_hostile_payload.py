@@ -433,12 +433,22 @@ def test_exec_joining_process_is_not_reachable(uspawn: Runner, tree: Path,
             joined += 1
             fds.append(r.stdout.strip())
         # The last one joins, tells the scanner to stop and stays until the scanner's
-        # final full scan is over (its exit ends the container): seen for certain.
+        # final full scan is over (its exit ends the container): seen for certain. It
+        # says so before the touch: the scanner's exit kills it, and on a loaded host
+        # that once came between the touch and an echo after it (a CI run).
         last = uspawn.popen("exec", name, "--", "sh", "-c",
-                            "touch /tmp/watch-stop; echo stopping; read x || :",
+                            "echo stopping; touch /tmp/watch-stop; read x || :",
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-        assert last.stdout is not None and last.stdout.readline() == "stopping\n"
+        assert last.stdout is not None
+        line = last.stdout.readline()
+        if line != "stopping\n":  # say why: the joining exec's own error, the payload's
+            last.kill()
+            _, last_err = last.communicate()
+            p.kill()
+            out, err = p.communicate()
+            raise AssertionError(f"last exec printed {line!r}, exit {last.returncode}: "
+                                 f"{last_err!r}; payload: {out[-500:]!r} {err[-500:]!r}")
         out, err = p.communicate(timeout=TIMEOUT)
     finally:
         p.kill()
