@@ -541,7 +541,7 @@ def _collect(res: Result, b: Boot, expected: tuple[str, ...]) -> None:
                                f"not reported: {b.exit}; see {res.console}", 0.0))
 
 
-def run(timeout1: float = 1500, timeout2: float = 900) -> Result:
+def run(timeout1: float = 1500, timeout2: float = 900, only: str | None = None) -> Result:
     res = Result()
     t0 = time.monotonic()
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -568,6 +568,11 @@ def run(timeout1: float = 1500, timeout2: float = 900) -> Result:
         sh(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img),
             str(overlay)], 60)
         work = work_disk(rundir)
+        if only:
+            b = boot(k, initrd, overlay, work, rundir, only, timeout1, console)
+            res.timings[f"phase {only}"] = b.seconds
+            _collect(res, b, ("guest-boot",))
+            return res
         b1 = boot(k, initrd, overlay, work, rundir, "1", timeout1, console)
         res.timings["phase 1"] = b1.seconds
         _collect(res, b1, PHASE1)
@@ -606,12 +611,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=1500,
                    help="deadline of the first boot, seconds (qemu is killed; default 1500)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--phase", help="boot once with this guest phase (e.g. console) and "
+                   "print what it reports (debugging)")
     ns = p.parse_args(argv)
     if os.geteuid() != 0:
         print("systemd-vm: needs root", file=sys.stderr)
         return 2
     try:
-        res = run(ns.timeout, ns.timeout * 0.6)
+        res = run(ns.timeout, ns.timeout * 0.6, only=ns.phase)
     except Skip as exc:
         print(f"systemd-vm: skipped: {exc}", file=sys.stderr)
         return 77
