@@ -35,7 +35,8 @@ of the root image, so that the guest's own reboot keeps its state: phase 1
 (start/ready, reboot inside, restart, kill, stop, journal, enable) ends with
 `systemctl reboot` of the VM (qemu runs with -no-reboot and exits), and phase 2
 boots the same disk again and checks that the enabled machine came up on its
-own, then disables and stops it. Both boots are killed at their deadline. The
+own, then disables and stops it and reboots; phase 3 checks that the disabled
+machine stayed down. Every boot is killed at its deadline. The
 run directory is removed afterwards; the console log is kept in
 logs/systemd-guest.console.log.
 """
@@ -513,6 +514,7 @@ PHASE1 = ("guest-boot", "install-units", "start-ready", "console-in-journal", "m
           "reboot-inside", "restart", "kill-main", "kill-sigkill-all", "kill-default",
           "stop-clean", "enable")
 PHASE2 = ("guest-boot", "autostart", "stopped-at-shutdown", "disable", "stop-clean")
+PHASE3 = ("guest-boot", "not-autostarted")
 
 
 @dataclass
@@ -581,6 +583,14 @@ def run(timeout1: float = 1500, timeout2: float = 900, only: str | None = None) 
             b2 = boot(k, initrd, overlay, work, rundir, "2", timeout2, console)
             res.timings["phase 2"] = b2.seconds
             _collect(res, b2, PHASE2)
+            if any(r.get("info") == "rebooting" for r in b2.results) \
+                    and b2.exit.startswith("qemu exited"):
+                b3 = boot(k, initrd, overlay, work, rundir, "3", timeout2, console)
+                res.timings["phase 3"] = b3.seconds
+                _collect(res, b3, PHASE3)
+            else:
+                res.checks += [("3", n, "fail", f"not run: phase 2 did not end in a reboot "
+                                f"({b2.exit})", 0.0) for n in PHASE3]
         else:
             for name in PHASE2:
                 res.checks.append(("2", name, "fail",

@@ -17,7 +17,8 @@ admin would, then start/ready, the console in the journal, the machine's own
 journal, `systemctl reboot` inside, `systemctl restart`, `systemctl kill` (main
 only; SIGKILL to all; the default), stop with nothing left, `uspawn enable`, and
 `systemctl reboot` of the guest. Phase 2: the enabled machine came up on its
-own; it was stopped cleanly at the guest's shutdown; `uspawn disable`; stop.
+own; it was stopped cleanly at the guest's shutdown; `uspawn disable`; stop;
+`systemctl reboot` of the guest. Phase 3: the disabled machine stayed down.
 """
 
 from __future__ import annotations
@@ -532,6 +533,17 @@ def check_disable() -> tuple[bool, str]:
         "(disable does not stop, as machinectl disable)")
 
 
+def check_not_autostarted() -> tuple[bool, str]:
+    """Phase 3, after `uspawn disable` and a reboot: the machine stays down."""
+    active = out(["systemctl", "is-active", UNIT])
+    enabled = out(["systemctl", "is-enabled", UNIT])
+    this_boot = out(["journalctl", "-b", "0", "-u", UNIT, "-o", "cat", "-q"])
+    r = row()
+    return active == "inactive" and enabled == "disabled" and not this_boot and r is None, (
+        f"after the reboot: {UNIT} {active}, is-enabled {enabled}; its journal in this boot: "
+        f"{this_boot.splitlines()[:2] or 'empty'}; uspawn list: {r or 'no machine'}")
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -574,11 +586,14 @@ def main() -> int:
         o.check("stop-clean", check_stop)
         o.check("enable", check_enable)
         return finish(o, "reboot")
+    if phase == "3":
+        o.check("not-autostarted", check_not_autostarted)
+        return finish(o, "poweroff")
     o.check("autostart", check_autostart)
     o.check("stopped-at-shutdown", check_stopped_at_shutdown)
     o.check("disable", check_disable)
     o.check("stop-clean", check_stop)
-    return finish(o, "poweroff")
+    return finish(o, "reboot")
 
 
 def finish(o: Out, how: str) -> int:
