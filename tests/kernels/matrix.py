@@ -501,20 +501,22 @@ def _cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
     return out.getvalue()
 
 
-def build_initramfs(k: KernelFiles) -> Path:
+def build_initramfs(k: KernelFiles, init: str = INITRAMFS_INIT, prefix: str = "initrd") -> Path:
+    """A busybox initramfs for kernel k whose /init is `init` (the matrix's by default;
+    systemd_guest.py passes one that switch_roots into systemd), cached by content."""
     from uspawn.tree.busybox import find_busybox
 
     busybox = Path(find_busybox())
-    key = key_of({"kernel": k.sha256, "busybox": sha256_file(busybox), "init": INITRAMFS_INIT,
+    key = key_of({"kernel": k.sha256, "busybox": sha256_file(busybox), "init": init,
                   "modules": k.modules, "code": source_of(_cpio_newc)})
-    path = k.dir / f"initrd-{key}.gz"
+    path = k.dir / f"{prefix}-{key}.gz"
     if path.exists():
         return path
     entries: list[tuple[str, int, bytes, int]] = [
         (d, 0o40755, b"", 0) for d in ("bin", "dev", "proc", "sys", "newroot", "modules")]
     entries.append(("dev/console", 0o20600, b"", os.makedev(5, 1)))
     entries.append(("bin/busybox", 0o100755, busybox.read_bytes(), 0))
-    entries.append(("init", 0o100755, INITRAMFS_INIT.encode(), 0))
+    entries.append(("init", 0o100755, init.encode(), 0))
     entries.append(("modules.order", 0o100644, "".join(m + "\n" for m in k.modules).encode(),
                     0))
     dirs: set[str] = set()

@@ -69,7 +69,6 @@ from kernels.matrix import (  # noqa: E402
     KernelFiles,
     Skip,
     _chroot,
-    _cpio_newc,
     _die_with_parent,
     _du_mb,
     _mkfs,
@@ -257,37 +256,8 @@ def kernel_deb(k: KernelFiles) -> Path:
 
 
 def build_initramfs(k: KernelFiles) -> Path:
-    from uspawn.tree.busybox import find_busybox
-
-    busybox = Path(find_busybox())
-    key = key_of({"kernel": k.sha256, "busybox": matrix.sha256_file(busybox),
-                  "init": INITRAMFS_INIT, "modules": k.modules,
-                  "code": source_of(_cpio_newc)})
-    path = k.dir / f"sdinitrd-{key}.gz"
-    if path.exists():
-        return path
-    import gzip
-
-    entries: list[tuple[str, int, bytes, int]] = [
-        (d, 0o40755, b"", 0) for d in ("bin", "dev", "proc", "sys", "newroot", "modules")]
-    entries.append(("dev/console", 0o20600, b"", os.makedev(5, 1)))
-    entries.append(("bin/busybox", 0o100755, busybox.read_bytes(), 0))
-    entries.append(("init", 0o100755, INITRAMFS_INIT.encode(), 0))
-    entries.append(("modules.order", 0o100644, "".join(m + "\n" for m in k.modules).encode(),
-                    0))
-    dirs: set[str] = set()
-    for m in k.modules:
-        parts = m.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "modules/" + "/".join(parts[:i])
-            if d not in dirs:
-                dirs.add(d)
-                entries.append((d, 0o40755, b"", 0))
-        entries.append((f"modules/{m}", 0o100644, (k.dir / "modules" / m).read_bytes(), 0))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(gzip.compress(_cpio_newc(entries), compresslevel=6))
-    os.replace(tmp, path)
-    return path
+    """The matrix's initramfs, with an /init that switch_roots into systemd."""
+    return matrix.build_initramfs(k, INITRAMFS_INIT, "sdinitrd")
 
 
 # ------------------------------------------------------------------ root image
