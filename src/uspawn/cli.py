@@ -91,6 +91,9 @@ BOOT_OPTS = [o for o in RUN_OPTS if o.names[0] in _BOOT_ONLY] + [
     Opt("--ready-timeout", default="90", metavar="SECONDS", help="with --detach (default 90)"),
     Opt("--console-log-size", metavar="SIZE",
         help="with --detach: cap of the console log, one rotated file kept (default 8M)"),
+    Opt("--keep-unit", kind="flag",
+        help="keep the machine in the calling systemd unit's cgroup (Delegate=yes) and "
+             "register it with systemd-machined, as systemd-nspawn --keep-unit"),
 ]
 
 COMMANDS = [
@@ -178,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from uspawn.machine.boot import parse_size
 
                 parse_size(ns.console_log_size, "--console-log-size")
+            if ns.keep_unit and ns.detach:
+                raise UsageError("boot: --keep-unit and --detach exclude each other",
+                                 "--keep-unit keeps the machine in the unit that runs "
+                                 "`uspawn boot` in the foreground (uspawn@.service)")
             from uspawn.machine.launch import boot_command
 
             return boot_command(ns, _log)

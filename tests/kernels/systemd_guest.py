@@ -481,8 +481,8 @@ def _take(b: Boot, raw: bytes) -> None:
 # ------------------------------------------------------------------ the run
 
 PHASE1 = ("guest-boot", "install-units", "start-ready", "console-in-journal", "machine-journal",
-          "reboot-inside", "restart", "kill-main", "kill-sigkill-all", "kill-default",
-          "stop-clean", "enable")
+          "machined", "reboot-inside", "machined-after-reboot", "restart", "kill-main",
+          "kill-sigkill-all", "kill-default", "stop-clean", "enable")
 PHASE2 = ("guest-boot", "autostart", "stopped-at-shutdown", "disable", "stop-clean")
 PHASE3 = ("guest-boot", "not-autostarted")
 

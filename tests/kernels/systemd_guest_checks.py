@@ -249,6 +249,8 @@ def leftovers() -> list[str]:
     r = row()
     if r is not None:
         left.append(f"uspawn list: {r.get('name')} {r.get('state')}")
+    if registered():
+        left.append(f"machinectl: {NAME} still registered")
     return left
 
 
@@ -344,24 +346,66 @@ def check_machine_journal() -> tuple[bool, str]:
                 f"{(mr.stdout + mr.stderr).strip()[-160:]!r}")
 
 
-def probe_machined(o: Out) -> None:
-    """What systemd-machined says when asked to register the running machine
-    (RegisterMachine: the caller's unit, the init as leader): informational."""
+def registered() -> dict[str, str]:
+    """machinectl show NAME: machined's properties of the machine ({} if none)."""
+    r = run(["machinectl", "show", NAME, "--no-pager"], 60)
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line) \
+        if r.returncode == 0 else {}
+
+
+def machine_shell(command: str, timeout: float = 120) -> tuple[int, str]:
+    """`machinectl shell NAME /bin/sh -c COMMAND`: stdin an open pipe (EOF would hang
+    the pty up), the output read until it exits."""
+    rfd, wfd = os.pipe()
+    try:
+        p = subprocess.Popen(["machinectl", "shell", "-q", NAME, "/bin/sh", "-c", command],
+                             stdin=rfd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        os.close(rfd)
+        rfd = -1
+        try:
+            output, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            output, _ = p.communicate()
+        return p.returncode, output.decode(errors="replace")
+    finally:
+        os.close(wfd)
+        if rfd >= 0:
+            os.close(rfd)
+
+
+def check_machined() -> tuple[bool, str]:
+    """Registered with systemd-machined for its unit, as nspawn --keep-unit: machinectl
+    list/status/shell and journalctl -M work."""
     r = row() or {}
-    pid, uuid = r.get("pid"), str(r.get("uuid") or "").replace("-", "")
-    if not isinstance(pid, int) or len(uuid) != 32:
-        o.info("machined-probe", f"no pid/uuid in uspawn list: {r}")
-        return
-    idb = [str(int(uuid[i:i + 2], 16)) for i in range(0, 32, 2)]
-    with open(f"/proc/{pid}/cgroup") as f:
-        cg = f.read().strip()
-    reg = run(["busctl", "call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
-               "org.freedesktop.machine1.Manager", "RegisterMachine", "sayssus", NAME, "16",
-               *idb, "uspawn", "container", str(pid), f"/var/lib/machines/{NAME}"], 60)
-    ls = run(["machinectl", "list", "--no-pager"], 60)
-    o.info("machined-probe", {"init cgroup": cg, "RegisterMachine": f"exit {reg.returncode}: "
-                              f"{(reg.stdout + reg.stderr).strip()[-300:]}",
-                              "machinectl list": ls.stdout.strip()[-300:]})
+    props = registered()
+    listed = out(["machinectl", "list", "--no-legend", "--no-pager"])
+    status = out(["machinectl", "status", NAME, "--no-pager", "-n", "0"])
+    code, shell = machine_shell("echo shell-ok-$((40+2)); id -u; cat /proc/self/uid_map")
+    jm = run(["journalctl", "-M", NAME, "-n", "5", "-o", "cat", "--no-pager"], 60)
+    with open(f"/proc/{r.get('pid')}/cgroup") as f:
+        init_cg = f.read().strip()
+    ok = (props.get("Unit") == UNIT and props.get("Leader") == str(r.get("pid"))
+          and props.get("Class") == "container" and props.get("Service") == "uspawn"
+          and re.search(rf"^{NAME}\s+container\s+uspawn", listed, re.M) is not None
+          and f"Unit: {UNIT}" in status and "shell-ok-42" in shell and code == 0
+          and jm.returncode == 0 and len(jm.stdout.splitlines()) == 5
+          and init_cg.endswith(f"/{UNIT}/payload/init.scope"))
+    return ok, (f"machinectl show: Unit={props.get('Unit')} Leader={props.get('Leader')} "
+                f"(record pid {r.get('pid')}) Class={props.get('Class')} "
+                f"Service={props.get('Service')} RootDirectory={props.get('RootDirectory')}; "
+                f"list: {listed.strip()!r}; status head: {status.splitlines()[:4]}; "
+                f"init cgroup {init_cg}; shell exit {code}: {shell.strip()[-200:]!r}; "
+                f"journalctl -M exit {jm.returncode}: {jm.stdout.splitlines()[-2:]} "
+                f"{jm.stderr.strip()[-150:]!r}")
+
+
+def check_machined_after_reboot() -> tuple[bool, str]:
+    """After `systemctl reboot` inside: registered again, with the new leader."""
+    r = row() or {}
+    props = registered()
+    ok = props.get("Unit") == UNIT and props.get("Leader") == str(r.get("pid"))
+    return ok, f"Unit={props.get('Unit')} Leader={props.get('Leader')} record pid {r.get('pid')}"
 
 
 def check_reboot_inside() -> tuple[bool, str]:
@@ -571,14 +615,23 @@ def main() -> int:
         if o.check("start-ready", check_start):
             o.check("console-in-journal", check_console_journal)
         return finish(o, "poweroff")
+    if phase == "machined":  # a short boot for machined registration alone
+        o.check("install-units", install_units)
+        if o.check("start-ready", check_start):
+            o.check("machined", check_machined)
+            if o.check("reboot-inside", check_reboot_inside):
+                o.check("machined-after-reboot", check_machined_after_reboot)
+        o.check("stop-clean", check_stop)
+        return finish(o, "poweroff")
     if phase == "1":
         if not o.check("install-units", install_units):
             return finish(o, "poweroff")
         if o.check("start-ready", check_start):
             o.check("console-in-journal", check_console_journal)
             o.check("machine-journal", check_machine_journal)
-            probe_machined(o)
-            o.check("reboot-inside", check_reboot_inside)
+            o.check("machined", check_machined)
+            if o.check("reboot-inside", check_reboot_inside):
+                o.check("machined-after-reboot", check_machined_after_reboot)
             o.check("restart", check_restart)
             o.check("kill-main", check_kill_main)
             o.check("kill-sigkill-all", check_kill_all)

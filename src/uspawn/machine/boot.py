@@ -244,6 +244,7 @@ class Machine:
         # running machine over (the C monitor, by exec: never returns then);
         # returns if it could not.
         self.handover: Callable[[runtime.Container], None] | None = None
+        self.registered = False  # with systemd-machined (--keep-unit)
         with open(os.path.join(notify.dir, "container-uuid"), "w") as f:
             f.write(machine_uuid + "\n")
 
@@ -266,6 +267,31 @@ class Machine:
     def _started(self, c: runtime.Container) -> None:
         self.container = c
         self._state()
+        if getattr(self.ns, "cgroup_rel", None):  # in a unit's cgroup (machine/machined.py)
+            self._register(c.init_pid)
+
+    def _register(self, leader: int) -> None:
+        """With systemd-machined, as nspawn: `machinectl list/status/shell NAME` and
+        `journalctl -M NAME`. A failure is a warning: the machine runs on."""
+        from uspawn.machine import machined
+
+        if not machined.machined_present():
+            return
+        why = machined.register(self.name, self.uuid, leader, self.la.rootfs)
+        if why is None:
+            self.registered = True
+            if self.req.verbose:
+                self.req.say(f"machine {self.name} registered with systemd-machined")
+        else:
+            self.req.say(f"warning: machine {self.name} not registered with "
+                         f"systemd-machined: {why}")
+
+    def unregister(self) -> None:
+        if self.registered:
+            from uspawn.machine import machined
+
+            self.registered = False
+            machined.unregister(self.name)  # best effort: machined also drops it with the unit
 
     def _on_notify(self) -> None:
         changed = self.notify.receive()
@@ -291,6 +317,7 @@ class Machine:
             code = console.run(self.spec, self.req, on_start=self._started, io=io)
         finally:
             self.notify.close()
+            self.unregister()
         return reboot_code(code, self.name, self.req.say)
 
 

@@ -91,7 +91,9 @@ class Launch:
             "uid_size": self.size if self.userns else None, "ownership": c.ownership_used,
             # When the container started, not when this record was (re)written: a
             # machine's record is rewritten on every sd_notify message.
-            "started": c.started_at or time.time(), "runtime_pid": os.getpid(), **extra,
+            "started": c.started_at or time.time(), "runtime_pid": os.getpid(),
+            # uspawn/NAME, or the unit's cgroup with --keep-unit (status and set read it)
+            "cgroup_rel": c.cgroup.rel if c.cgroup is not None else None, **extra,
         }
 
 

@@ -181,7 +181,10 @@ def _cgroup_of(st: dict[str, object]) -> cgroups.Cgroup:
     from uspawn.kernel import cgroups
 
     try:
-        return cgroups.of_process(_pid(st), f"{cgroups.PARENT}/{st.get('name')}")
+        # of_process proves the path: the live init must be in it (or below it).
+        rel = st.get("cgroup_rel")
+        return cgroups.of_process(_pid(st), rel if isinstance(rel, str) and rel
+                                  else f"{cgroups.PARENT}/{st.get('name')}")
     except cgroups.CgroupError as exc:
         raise StateError(f"container {field(st.get('name'))}: {exc}") from None
 

@@ -234,6 +234,10 @@ def run_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
 def boot_command(ns: types.SimpleNamespace, log: Callable[[str], None]) -> int:
     from uspawn.machine import boot
 
+    if getattr(ns, "keep_unit", False):
+        from uspawn.machine import machined
+
+        ns.cgroup_rel = machined.keep_unit()  # before any fork: all of it in `supervisor`
     make_machine, lim = machine_factory(ns, log)
     if ns.detach:
         return boot.detach(ns, log, make_machine)
@@ -258,6 +262,23 @@ def machine_factory(ns: types.SimpleNamespace, log: Callable[[str], None],
     return (lambda: _boot_machine(ns, log, binds, lim)), lim
 
 
+def _own_scope(ns: types.SimpleNamespace, name: str, log: Callable[[str], None]) -> None:
+    """A detached machine on a systemd host gets a scope of its own, as nspawn's
+    machine-NAME.scope, so that machined can register it (machine/machined.py).
+    Runs in the supervisor, once (a reboot keeps ns.cgroup_rel)."""
+    from uspawn.machine import machined
+
+    if not machined.machined_present():
+        return
+    why = machined.enter_scope(name)
+    if why is not None:
+        log(f"warning: machine {name} stays outside systemd's units and is not registered "
+            f"with systemd-machined: {why}")
+        ns.cgroup_rel = ""  # not asked again at a reboot
+        return
+    ns.cgroup_rel = machined.keep_unit()
+
+
 def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
                   binds: list[tuple[str, str, list[str]]], lim: limits.Limits) -> Machine:
     from uspawn.machine import boot
@@ -266,6 +287,8 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
     net.keep = getattr(ns, "keep_network", None)  # a reboot keeps its address (boot.py)
     la = prepare(ns, exact_name=True, log=log)
     try:
+        if getattr(ns, "detach", False) and getattr(ns, "cgroup_rel", None) is None:
+            _own_scope(ns, la.claim.name, log)
         init = presets.find_init(la.rootfs)
         # After the tree is known good: a refused boot starts no lxcfs.
         views = _proc_views(ns, True, log)
@@ -288,6 +311,7 @@ def _boot_machine(ns: types.SimpleNamespace, log: Callable[[str], None],
         settings.add_rlimits(spec, ns)
         # INT/TERM to uspawn mean "power the machine off cleanly", as for nspawn.
         req = _request(ns, la, net, log, lim, delegate_cgroup=True,
+                       cgroup_path=getattr(ns, "cgroup_rel", None) or None,  # a unit's
                        signal_map={sig.SIGINT: boot.SIGRTMIN_3, sig.SIGTERM: boot.SIGRTMIN_3})
     except BaseException:
         la.release()

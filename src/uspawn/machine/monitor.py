@@ -153,6 +153,7 @@ def hand_over(sup: _Supervisor, machine: _Machine, c: Container) -> None:
         "net": [[lease.path, lease.fd] for lease in nets],
         "cgroup": c.cgroup.to_json(), "restarts": sup.restarts, "recent": sup.recent,
         "cap": sup.cap, "ns": ns, "foreground": foreground,
+        "machined": bool(getattr(machine, "registered", False)),  # unregistered at teardown
     }
     path = os.path.join(claim.dir, HANDOVER)
     state.write_atomic(path, state.dumps(handover))
@@ -259,6 +260,10 @@ def teardown(h: dict[str, object]) -> list[str]:
     hand-over: the cgroup, the network leases (then their veth and rules), the
     name claim and the UID-range lease. Returns the errors."""
     errors = [e for e in (destroy_cgroup(h),) if e]
+    if h.get("machined") is True and isinstance(h.get("name"), str):
+        from uspawn.machine import machined
+
+        machined.unregister(str(h["name"]))  # best effort: it also goes with the unit
     nets = h.get("net")
     for item in nets if isinstance(nets, list) else []:
         lease = pair(item)
