@@ -482,7 +482,7 @@ def _take(b: Boot, raw: bytes) -> None:
 
 PHASE1 = ("guest-boot", "install-units", "start-ready", "console-in-journal", "machine-journal",
           "machined", "reboot-inside", "machined-after-reboot", "restart", "kill-main",
-          "kill-sigkill-all", "kill-default", "stop-clean", "enable")
+          "kill-sigkill-all", "kill-default", "stop-clean", "detached-registered", "enable")
 PHASE2 = ("guest-boot", "autostart", "stopped-at-shutdown", "disable", "stop-clean")
 PHASE3 = ("guest-boot", "not-autostarted")
 

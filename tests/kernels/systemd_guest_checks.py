@@ -400,6 +400,45 @@ def check_machined() -> tuple[bool, str]:
                 f"{jm.stderr.strip()[-150:]!r}")
 
 
+def check_detached_registered() -> tuple[bool, str]:
+    """`uspawn boot --detach` outside any unit: the machine gets a transient
+    uspawn-NAME.scope (machine.slice, Delegate=yes) and is registered for it; a
+    reboot inside registers the new leader; `uspawn stop` leaves nothing (scope,
+    registration, cgroups, state)."""
+    scope = f"uspawn-{NAME}.scope"
+    r = uspawn("boot", "--detach", "--network=veth", "--ready-timeout", str(START_TIMEOUT),
+               NAME, timeout=START_TIMEOUT + 30)
+    if r.returncode != 0:
+        return False, f"boot --detach exit {r.returncode}: {r.stderr.strip()[-300:]}"
+    first = dict(registered())
+    rec = row() or {}
+    code, shell = machine_shell("echo detached-ok")
+    slice_ = show("Slice", scope)
+    rb = uspawn("exec", NAME, "--", "systemctl", "reboot", timeout=60)
+    deadline = time.monotonic() + START_TIMEOUT
+    again: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        again = row() or {}
+        if again.get("restarts") == 1 and again.get("ready"):
+            break
+        time.sleep(1)
+    second = dict(registered())
+    st = uspawn("stop", NAME, timeout=200)
+    left = leftovers()
+    scope_state = out(["systemctl", "is-active", scope])
+    ok = (first.get("Unit") == scope and first.get("Leader") == str(rec.get("pid"))
+          and slice_ == "machine.slice" and code == 0 and "detached-ok" in shell
+          and second.get("Unit") == scope and second.get("Leader") == str(again.get("pid"))
+          and second.get("Leader") != first.get("Leader") and again.get("restarts") == 1
+          and st.returncode == 0 and not left and scope_state != "active")
+    return ok, (f"boot --detach: Unit={first.get('Unit')} Leader={first.get('Leader')} "
+                f"(record pid {rec.get('pid')}), Slice={slice_}; shell exit {code} "
+                f"{shell.strip()[-60:]!r}; reboot inside (exec exit {rb.returncode}): "
+                f"restarts={again.get('restarts')}, Unit={second.get('Unit')} "
+                f"Leader={second.get('Leader')} (record pid {again.get('pid')}); stop exit "
+                f"{st.returncode}; scope {scope_state}; left: {left or 'nothing'}")
+
+
 def check_machined_after_reboot() -> tuple[bool, str]:
     """After `systemctl reboot` inside: registered again, with the new leader."""
     r = row() or {}
@@ -481,13 +520,17 @@ def check_kill_all() -> tuple[bool, str]:
     ok, detail = machine_ready()
     links = re.findall(r"^\d+: (ve-[^:@ ]+)", out(["ip", "-o", "link"]), re.M)
     records = os.listdir(f"{STATE_ROOT}/containers")
-    cg = sorted(os.listdir("/sys/fs/cgroup/uspawn")) if os.path.isdir(
+    old = sorted(os.listdir("/sys/fs/cgroup/uspawn")) if os.path.isdir(
         "/sys/fs/cgroup/uspawn") else []
-    cg = [x for x in cg if os.path.isdir(f"/sys/fs/cgroup/uspawn/{x}")]
-    one = links == [f"ve-{NAME}"] and len(records) == 1 and len(cg) == 1
+    old = [x for x in old if os.path.isdir(f"/sys/fs/cgroup/uspawn/{x}")]
+    unit_cg = f"/sys/fs/cgroup/machine.slice/{UNIT}"
+    cg = sorted(e.name for e in os.scandir(unit_cg) if e.is_dir()) \
+        if os.path.isdir(unit_cg) else []
+    one = links == [f"ve-{NAME}"] and len(records) == 1 and cg == ["payload", "supervisor"] \
+        and not old
     return ok and one and int(show("NRestarts") or 0) == n0 + 1, (
         f"journal: {messages(ev)}; {detail}; veths {links}, records {records}, "
-        f"cgroups /sys/fs/cgroup/uspawn/{cg}")
+        f"cgroups {unit_cg}/{cg}, /sys/fs/cgroup/uspawn/{old}")
 
 
 def check_kill_default() -> tuple[bool, str]:
@@ -621,7 +664,8 @@ def main() -> int:
             o.check("machined", check_machined)
             if o.check("reboot-inside", check_reboot_inside):
                 o.check("machined-after-reboot", check_machined_after_reboot)
-        o.check("stop-clean", check_stop)
+        if o.check("stop-clean", check_stop):
+            o.check("detached-registered", check_detached_registered)
         return finish(o, "poweroff")
     if phase == "1":
         if not o.check("install-units", install_units):
@@ -636,7 +680,8 @@ def main() -> int:
             o.check("kill-main", check_kill_main)
             o.check("kill-sigkill-all", check_kill_all)
             o.check("kill-default", check_kill_default)
-        o.check("stop-clean", check_stop)
+        if o.check("stop-clean", check_stop):
+            o.check("detached-registered", check_detached_registered)
         o.check("enable", check_enable)
         return finish(o, "reboot")
     if phase == "3":
