@@ -41,13 +41,25 @@ NS_ORDER = (("user", sc.CLONE_NEWUSER), ("cgroup", sc.CLONE_NEWCGROUP),
 
 def _open_namespaces(pid: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
+    userns: tuple[int, int] | None = None
     for name, flag in NS_ORDER:
         mine = os.stat(f"/proc/self/ns/{name}")
         theirs = os.stat(f"/proc/{pid}/ns/{name}")
         if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
             continue  # shared with the host (e.g. --network=host): nothing to enter
+        if name == "user":
+            userns = (theirs.st_dev, theirs.st_ino)
         out.append((os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
-    return out
+    if userns is None:
+        return out
+    # A namespace the container's user namespace does not own (a CRI pod's network
+    # namespace, made by containerd in the host's) can only be entered before that
+    # user namespace, while we are still real root here: those go first.
+    from uspawn.kernel.nsfs import owner_userns
+
+    foreign = [(fd, flag) for fd, flag in out
+               if flag != sc.CLONE_NEWUSER and owner_userns(fd) not in (userns, None)]
+    return foreign + [x for x in out if x not in foreign]
 
 
 def _cgroup_procs(pid: int) -> list[str]:

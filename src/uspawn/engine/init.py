@@ -85,7 +85,13 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
         # Namespaces given by path (OCI linux.namespaces[].path, e.g. a netns
         # podman prepared) belong to the host: join them while still real root;
         # the init inherits them.
+        pid_ns_path = ""
         for nstype, path in plan.join_namespaces:
+            if nstype == "pid" and plan.join_userns_fd >= 0:
+                # Joined by the helper that clones the init (_clone_in_userns):
+                # a pid namespace joined here would be the helper's own.
+                pid_ns_path = path
+                continue
             # Checked again here (the path may have changed since planning):
             # an nsfs file of that type, never a FIFO or device opened by root.
             try:
@@ -126,16 +132,19 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
                 raise _step("unshare time namespace", exc) from None
         link, init_link = chan.Channel.pair()
         flags = plan.unshare_flags & ~sc.CLONE_NEWNS
-        if plan.userns:
-            flags |= sc.CLONE_NEWUSER
-        try:
-            pid = sc.clone(flags)
-        except OSError as exc:
-            raise _step("clone the container init into its namespaces", exc) from None
-        if pid == 0:
-            link.close()
-            stage_b(plan, ch, init_link)
-            os._exit(125)  # not reached
+        if plan.join_userns_fd >= 0:
+            pid = _clone_in_userns(plan, flags, pid_ns_path, ch, link, init_link)
+        else:
+            if plan.userns:
+                flags |= sc.CLONE_NEWUSER
+            try:
+                pid = sc.clone(flags)
+            except OSError as exc:
+                raise _step("clone the container init into its namespaces", exc) from None
+            if pid == 0:
+                link.close()
+                stage_b(plan, ch, init_link)
+                os._exit(125)  # not reached
         init_link.close()
         timing.mark("A: clone the init into its namespaces")
         faults.kill_point("child-userns")
@@ -160,6 +169,76 @@ def stage_a(plan: InitPlan, ch: chan.Channel, wait_cgroup: bool) -> None:
         os._exit(0)
     except BaseException as exc:
         _report_and_exit(ch, exc)
+
+
+def _clone_in_userns(plan: InitPlan, flags: int, pid_ns_path: str, ch: chan.Channel,
+                     link: chan.Channel, init_link: chan.Channel) -> int:
+    """Clone the init into an existing user namespace (a pod's); return its pid.
+
+    We must stay real root in the host user namespace (the mounts are ours to
+    make), and the namespaces the init gets new (pid, uts, cgroup, ...) must be
+    owned by the joined user namespace, as they would be had the init created
+    it: container root needs its capabilities over them. So a helper joins the
+    user namespace (and a pid namespace given by path, which setns would make
+    ours for children) and clones the init with CLONE_PARENT: the init is our
+    child, as the init cloned by us directly is, and the helper exits.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.close(r)
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if pid_ns_path:
+                try:
+                    fd = nsfs.open_ns(pid_ns_path, "pid")
+                    try:
+                        sc.setns(fd, sc.CLONE_NEWPID)
+                    finally:
+                        os.close(fd)
+                except (nsfs.NsPathError, OSError) as exc:
+                    raise InitError(f"join pid namespace {pid_ns_path}: {exc}",
+                                    getattr(exc, "errno", 0) or 0) from None
+            try:
+                sc.setns(plan.join_userns_fd, sc.CLONE_NEWUSER)
+            except OSError as exc:
+                raise _step("join the pod's user namespace", exc) from None
+            os.close(plan.join_userns_fd)
+            try:
+                pid = sc.clone(flags | sc.CLONE_PARENT)
+            except OSError as exc:
+                raise _step("clone the container init into its namespaces", exc) from None
+            if pid == 0:
+                os.close(w)
+                link.close()
+                stage_b(plan, ch, init_link)
+                os._exit(125)  # not reached
+            os.write(w, str(pid).encode())
+        except BaseException as exc:
+            err = exc.errno if isinstance(exc, OSError | InitError) else 0
+            try:
+                os.write(w, f"error {err or 0} {exc}".encode())
+            except BaseException:
+                pass
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(plan.join_userns_fd)
+    try:
+        data = b""
+        while chunk := os.read(r, 4096):
+            data += chunk
+    finally:
+        os.close(r)
+        _reap(helper)
+    text = data.decode(errors="replace")
+    if text.isdigit():
+        return int(text)
+    if text.startswith("error "):
+        _, code, msg = text.split(" ", 2)
+        raise InitError(msg, int(code) if code.isdigit() else 0)
+    raise InitError("clone the container init into the pod's user namespace: the helper "
+                    "died without an answer")
 
 
 def _labelled_fds(msg: chan.Message) -> dict[str, int]:

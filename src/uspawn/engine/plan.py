@@ -217,6 +217,9 @@ class InitPlan:
         # OCI: wait on the exec FIFO (fd label "fifo") instead of START.
         self.start_fifo = False
         self.join_namespaces: list[tuple[str, str]] = []
+        # >= 0: an existing user namespace (Request.join_userns_fd) the init is
+        # cloned into, its other new namespaces then owned by it (stage A).
+        self.join_userns_fd = -1
         self.new_keyring = True
         self.start_hooks: list[tuple[str, list[str], list[str], int | None]] = []
         # createContainer: run by the init in its mount namespace, before pivot_root.
@@ -265,6 +268,12 @@ def build(spec: S.Spec, req: Request) -> tuple[HostPlan, InitPlan]:
         init.join_namespaces.append((n.type, n.path))
     init.userns = "user" in ns
     init.mount_ns = "mount" in ns
+    if req.join_userns_fd >= 0:
+        # The front's own choice (a pod's user namespace), never config.json's.
+        if not init.userns:
+            raise SpecError("linux.namespaces: joining the pod's user namespace needs a "
+                            "\"user\" entry (without a path) and the pod's ID maps")
+        init.join_userns_fd = req.join_userns_fd
     # The other namespace paths are resolved before the mount namespace is joined.
     init.join_namespaces.sort(key=lambda j: j[0] == "mount")
     if not init.mount_ns and init.userns:

@@ -72,6 +72,11 @@ class Request(FrozenModel):
     stdio: tuple[int, int, int] | None = None  # the init's fds 0-2 (a stdio relay)
     close_in_child: tuple[int, ...] = ()  # ours, never the container's
     preserve_fds: int = 0  # OCI --preserve-fds
+    # An open user namespace (nsfs fd) the init joins instead of creating one with
+    # the spec's maps, which must be that namespace's maps. Chosen by the front
+    # (uspawn-runc-pods: the pod sandbox's, verified), never by config.json, whose
+    # user namespace path stays refused (plan._UNJOINABLE). The caller closes it.
+    join_userns_fd: int = -1
     new_keyring: bool = True
     signal_map: dict[int, int] = {}  # signals to the runtime -> to the init
     # A stop signal to a foreground runtime (console.STOP_SIGNALS): send kill_signal

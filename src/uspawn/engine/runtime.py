@@ -473,11 +473,13 @@ class Container:
         userns_fd = -1
         try:
             if init.userns:
-                try:
-                    userns.write_id_maps(self.init_pid, uid_maps, gid_maps)
-                except OSError as exc:
-                    raise SetupError(f"write uid/gid map of pid {self.init_pid}: {exc.strerror}",
-                                     "the range may overlap another mapping") from None
+                if init.join_userns_fd < 0:  # a joined one (a pod's) has its maps
+                    try:
+                        userns.write_id_maps(self.init_pid, uid_maps, gid_maps)
+                    except OSError as exc:
+                        raise SetupError(f"write uid/gid map of pid {self.init_pid}: "
+                                         f"{exc.strerror}",
+                                         "the range may overlap another mapping") from None
                 userns_fd = os.open(f"/proc/{self.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
             faults.kill_point("parent-mapped")
             timing.mark("id maps")
@@ -491,7 +493,7 @@ class Container:
     def _build_mounts(self, host: planmod.HostPlan, userns_fd: int, root_uid: int,
                       root_gid: int, fds: dict[str, int]) -> None:
         """Detached mounts for the init, by label; the caller closes them."""
-        fds["rootfs"] = self._rootfs_mount(host, userns_fd, root_uid)
+        fds["rootfs"] = self._rootfs_mount(host, userns_fd, root_uid, root_gid)
         timing.mark("rootfs mount (clone, idmap, hard-link scan)")
         if host.host_dev:
             try:
@@ -511,7 +513,8 @@ class Container:
         if host.binds:
             timing.mark("bind mounts")
 
-    def _rootfs_mount(self, host: planmod.HostPlan, userns_fd: int, root_uid: int) -> int:
+    def _rootfs_mount(self, host: planmod.HostPlan, userns_fd: int, root_uid: int,
+                      root_gid: int) -> int:
         path = host.rootfs
         mode = host.ownership
         try:
@@ -524,13 +527,25 @@ class Container:
                     mounts.set_attrs(mnt, userns_fd=userns_fd)
                     mode = "map"
                 except OSError as exc:
-                    if mode == "map" or not mounts.idmap_supported_error(exc):
+                    from uspawn.kernel import overlay
+
+                    if (mode == "map" and exc.errno == errno.EINVAL
+                            and overlay.is_overlay_mountpoint(path)):
+                        # An overlay (containerd's rootfs for uspawn-runc-pods): its
+                        # layers can be idmapped. Only when `map` was asked for: `auto`
+                        # keeps its chown fallback, as before.
+                        os.close(mnt)
+                        mnt = -1
+                        mnt = _idmapped_overlay(path, userns_fd, (root_uid, root_gid))
+                        mode = "map"
+                    elif mode == "map" or not mounts.idmap_supported_error(exc):
                         raise SetupError(f"idmap rootfs {path}: {exc}", hint_for(exc)) from None
-                    self.req.say(f"idmapped mount of {path} not possible here ({exc.strerror}); "
-                                  "falling back to chown")
-                    os.close(mnt)
-                    mnt = -1
-                    mode = "chown"
+                    else:
+                        self.req.say(f"idmapped mount of {path} not possible here "
+                                     f"({exc.strerror}); falling back to chown")
+                        os.close(mnt)
+                        mnt = -1
+                        mode = "chown"
             if mode == "map":
                 # An idmapped rootfs hands every inode of the clone to container root,
                 # also one hard-linked to a host file (issue 19). The clone is still
@@ -712,6 +727,21 @@ class Container:
         if errors:
             # Cleanup trouble is reported apart from the primary error.
             self.req.say("cleanup: " + "; ".join(errors))
+
+
+def _idmapped_overlay(path: str, userns_fd: int, fs_ids: tuple[int, int]) -> int:
+    """The overlay mounted at path rebuilt from idmapped layers (kernel/overlay.py)."""
+    from uspawn.kernel import overlay
+
+    try:
+        return overlay.idmapped_overlay(overlay.read_layers(path), userns_fd, fs_ids)
+    except overlay.OverlayError as exc:
+        raise SetupError(f"idmap rootfs: {exc}") from None
+    except OSError as exc:
+        raise SetupError(f"idmap rootfs {path} (an overlay, rebuilt from idmapped layers): "
+                         f"{exc}", "overlayfs takes idmapped layers as file descriptors "
+                         "from Linux 6.15 on" if exc.errno == errno.EINVAL else hint_for(exc)
+                         ) from None
 
 
 def _reap(pid: int) -> None:

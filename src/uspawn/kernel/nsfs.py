@@ -24,6 +24,7 @@ from uspawn.kernel import syscalls as sc
 
 NSFS_MAGIC = 0x6E736673  # linux/magic.h
 NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3)
+NS_GET_USERNS = 0xB701  # linux/nsfs.h: _IO(0xb7, 0x1), the owning user namespace
 CLONE_NEWTIME = sc.CLONE_NEWTIME
 
 NS_CLONE_FLAGS = {
@@ -89,3 +90,17 @@ def _check_type(fd: int, path: str, nstype: str) -> None:
 def check_ns_path(path: str, nstype: str) -> None:
     """Refuse what open_ns() would refuse, without keeping anything open."""
     os.close(open_ns(path, nstype))
+
+
+def owner_userns(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the user namespace that owns namespace fd, or None when
+    the kernel does not say (before 4.9, or an owner outside ours: EPERM)."""
+    try:
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(owner)
+        return st.st_dev, st.st_ino
+    finally:
+        os.close(owner)

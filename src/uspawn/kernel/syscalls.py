@@ -52,6 +52,7 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 FSOPEN_CLOEXEC = 1
 FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5  # value: an fd (overlayfs layers "lowerdir+", "upperdir": 6.15)
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 1
 MOUNT_ATTR_RDONLY = 0x1
@@ -84,6 +85,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # --- clone3 ---
 CLONE_INTO_CGROUP = 0x200000000
+CLONE_PARENT = 0x00008000  # the child's parent is the caller's parent
 SIGCHLD = 17  # the same on every architecture uspawn supports
 
 # --- misc ---
@@ -255,6 +257,22 @@ def fsconfig(fd: int, cmd: int, key: str | None = None, value: str | None = None
             _c_char_p(_b(key)),
             _c_char_p(_b(value)),
             _c_int(0),
+        ),
+        "fsconfig",
+        key,
+    )
+
+
+def fsconfig_fd(fd: int, key: str, value_fd: int) -> None:
+    """fsconfig(FSCONFIG_SET_FD): a parameter given as an open file (or mount)."""
+    _check(
+        _libc.syscall(
+            _c_long(SYS_fsconfig),
+            _c_int(fd),
+            _c_uint(FSCONFIG_SET_FD),
+            _c_char_p(_b(key)),
+            _c_char_p(None),
+            _c_int(value_fd),
         ),
         "fsconfig",
         key,
@@ -491,7 +509,10 @@ def clone(flags: int, cgroup_fd: int = 0) -> int:
     the host's is what lets the parent build mounts that the child's mount
     namespace then inherits locked.
     """
-    args = _CloneArgs(flags=flags, exit_signal=SIGCHLD, cgroup=cgroup_fd)
+    # clone3 refuses an exit signal with CLONE_PARENT: the child takes the caller's
+    # own (SIGCHLD, to the shared parent), as the classic clone does.
+    args = _CloneArgs(flags=flags, exit_signal=0 if flags & CLONE_PARENT else SIGCHLD,
+                      cgroup=cgroup_fd)
     _pyapi.PyOS_BeforeFork()
     ret = _pylibc.syscall(_c_long(SYS_clone3), ctypes.byref(args),
                           ctypes.c_size_t(ctypes.sizeof(args)))
