@@ -40,3 +40,5 @@ mv -f .venv/bin/uspawn-monitor.new .venv/bin/uspawn-monitor
 # The systemd unit (dist/systemd/uspawn@.service) runs /usr/local/bin/uspawn.
 ln -sfn "$PWD/.venv/bin/uspawn" /usr/local/bin/uspawn
 ln -sfn "$PWD/.venv/bin/uspawn-runc" /usr/local/bin/uspawn-runc
+# uspawn-runc with every CRI pod in a user namespace of its own (docs/KUBERNETES.md).
+ln -sfn "$PWD/.venv/bin/uspawn-runc-pods" /usr/local/bin/uspawn-runc-pods

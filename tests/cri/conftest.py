@@ -23,10 +23,22 @@ from conftest import skip_or_fail
 
 from uspawn.tree.busybox import build_busybox_rootfs
 
-from .cri_env import CNI_BIN, IMAGE, PAUSE_IMAGE, CriEnv, ensure_tools, tools_src
+from .cri_env import (
+    CNI_BIN,
+    IMAGE,
+    PAUSE_IMAGE,
+    CriEnv,
+    cgroup_dirs_under,
+    ensure_tools,
+    links_on_bridge,
+    mounts_matching,
+    pids_in_cgroup_tree,
+    tools_src,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 USPAWN_RUNC = REPO / ".venv" / "bin" / "uspawn-runc"
+USPAWN_RUNC_PODS = REPO / ".venv" / "bin" / "uspawn-runc-pods"
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +63,14 @@ def cri(crictl_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     runtime = os.environ.get("USPAWN_CRI_RUNTIME") or str(USPAWN_RUNC)
     if not os.access(runtime, os.X_OK):
         skip_or_fail(f"{runtime} missing (scripts/setup.sh)")
+    # The `uspawn-pods` handler (every pod in a user namespace of its own):
+    # $USPAWN_CRI_PODS_RUNTIME or the repo's .venv/bin/uspawn-runc-pods.
+    pods = os.environ.get("USPAWN_CRI_PODS_RUNTIME") or str(USPAWN_RUNC_PODS)
+    if not os.access(pods, os.X_OK):
+        skip_or_fail(f"{pods} missing (scripts/setup.sh)")
     root = Path(tempfile.mkdtemp(prefix="uspawn-cri-", dir="/tmp"))
     root.chmod(0o755)
-    env = CriEnv(root, crictl_bin, runtime, shutil.which("runc"))
+    env = CriEnv(root, crictl_bin, runtime, shutil.which("runc"), uspawn_runc_pods=pods)
     try:
         env.start()
         rootfs = tmp_path_factory.mktemp("cri-image") / "busybox"
@@ -73,3 +90,30 @@ def cri(crictl_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield env
     problems = env.stop()
     assert not problems, "CRI environment teardown:\n" + "\n".join(problems)
+
+
+@pytest.fixture
+def clean(cri: CriEnv) -> Iterator[CriEnv]:
+    """The environment; afterwards every pod is gone and left nothing behind."""
+    from waits import wait_all_gone
+
+    yield cri
+    problems = cri.remove_all_pods()
+    # A pod's shim exits once its sandbox is removed (shortly after rmp returns).
+    try:
+        wait_all_gone(cri.shim_pids, 15, "shims")
+    except AssertionError as exc:
+        problems.append(str(exc))
+    netns = cri.root / "state" / "io.containerd.grpc.v1.cri" / "netns"
+    left = {
+        "pods": cri.crictl("pods", "-q").split(),
+        "mounts": mounts_matching([str(cri.root)]),
+        "cgroups": cgroup_dirs_under(cri.cgroup_parent),
+        "processes": pids_in_cgroup_tree(cri.cgroup_parent),
+        "veths": links_on_bridge(cri.bridge),
+        "netns": os.listdir(netns) if netns.is_dir() else [],
+        "runtime state": [str(p) for d in ("uspawn-state", "runc-state", "uspawn-pods-state")
+                          for p in (cri.root / d).glob("k8s.io/*")],
+    }
+    left = {k: v for k, v in left.items() if v}
+    assert not problems and not left, f"left behind: {left} {problems}"

@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -371,6 +372,41 @@ def has_cap_sys_resource() -> bool:
 
 
 
+def _describe_pid(pid: int) -> str:
+    """pid (comm, state, parent) for a report."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return f"{pid} (gone)"
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+    return f"{pid} ({comm}, state {state}, parent {ppid})"
+
+
+# containerd runs below this subreaper, as below systemd on a real host: a shim's
+# daemon and, when a shim is killed, the pause and container processes it leaves are
+# reparented to it and reaped at once. On this VM pid 1 is not systemd but the VM
+# agent, which reaps orphans seconds late: a killed pause stayed a zombie (state Z,
+# parent 1) in the pod's cgroup long after containerd had cleaned up. It forwards
+# TERM/INT to containerd and exits with it; containerd dies with it (PDEATHSIG).
+REAPER = """
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+main = os.fork()
+if main == 0:
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    os.execvp(sys.argv[1], sys.argv[1:])
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, lambda signum, _frame: os.kill(main, signum))
+while True:
+    pid, status = os.wait()
+    if pid == main:
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
 class CrictlError(AssertionError):
     pass
 
@@ -380,15 +416,19 @@ class CriEnv:
 
     def __init__(self, root: Path, crictl: Path, uspawn_runc: str, runc: str | None,
                  sandbox_image: str = PAUSE_IMAGE, registry_mirrors: dict[str, str] | None = None,
-                 host_address: bool = False, private_ipc: bool = False) -> None:
+                 host_address: bool = False, private_ipc: bool = False,
+                 uspawn_runc_pods: str | None = None) -> None:
         """sandbox_image: the pause image's name. registry_mirrors: registry host ->
         the URL containerd pulls its images from instead (hosts.toml `server`, so
         nothing else is asked). host_address: the bridge gets the subnet's first
         address (made here, before containerd; isGateway stays false, so no route,
         no forwarding change): the host reaches the pods, nothing more. private_ipc:
         containerd (and so every pod with hostIPC) runs in an IPC namespace of its
-        own, whose segments go with it (critest makes some with ipcmk)."""
+        own, whose segments go with it (critest makes some with ipcmk).
+        uspawn_runc_pods: the binary of a third handler, `uspawn-pods` (uspawn-runc-pods:
+        every pod in a user namespace of its own)."""
         self.root = root
+        self.uspawn_runc_pods = uspawn_runc_pods
         self.crictl_bin = crictl
         self.uspawn_runc = uspawn_runc
         self.runc = runc
@@ -409,9 +449,12 @@ class CriEnv:
     def write_config(self) -> None:
         r = self.root
         for d in ("root", "state", "opt", "net.d", "ipam", "logs", "uspawn-state",
-                  "runc-state"):
+                  "runc-state", "uspawn-pods-state"):
             (r / d).mkdir(parents=True, exist_ok=True)
         runtimes = self._runtime_toml("uspawn", self.uspawn_runc, r / "uspawn-state")
+        if self.uspawn_runc_pods:
+            runtimes += self._runtime_toml("uspawn-pods", self.uspawn_runc_pods,
+                                           r / "uspawn-pods-state")
         if self.runc:
             runtimes += self._runtime_toml("runc", self.runc, r / "runc-state")
         cri = 'plugins."io.containerd.grpc.v1.cri"'
@@ -503,7 +546,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
         self.proc = subprocess.Popen(
             (["unshare", "--ipc"] if self.private_ipc else [])
-            + ["containerd", "--config", str(self.root / "config.toml")],
+            + [sys.executable, "-I", "-S", "-c", REAPER,
+               "containerd", "--config", str(self.root / "config.toml")],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
             start_new_session=True)
         logf.close()
@@ -663,6 +707,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             return sorted(pids)
 
         found = ours()
+        described = [_describe_pid(pid) for pid in found]
         tasks = self.root / "state" / "io.containerd.runtime.v2.task" / NAMESPACE
         ids = [d.name for d in tasks.iterdir()] if tasks.is_dir() else []
         for pid in found:
@@ -675,7 +720,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         # A killed shim leaves its socket in the host-wide /run/containerd/s.
         for ident in ids:
             self.shim_socket(ident).unlink(missing_ok=True)
-        return [f"killed leftover pids {found}"] if found else []
+        return [f"killed leftover pids {described}"] if found else []
 
     def shim_socket(self, ident: str) -> Path:
         """The socket containerd 1.6 gives the shim of task ident (runtime/v2/shim

@@ -9,48 +9,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from waits import IN_CLOSE_WRITE, IN_MOVED_TO, wait_all_gone, wait_until
+from waits import IN_CLOSE_WRITE, IN_MOVED_TO, wait_until
 
-from .cri_env import (
-    CriEnv,
-    cgroup_dirs_under,
-    links_on_bridge,
-    mounts_matching,
-    pids_in_cgroup_tree,
-)
+from .cri_env import CriEnv
 
 # A long-running container that says it started and exits 3 on SIGTERM (the grace
 # period test): `wait` is interrupted by the signal, the trap runs.
 SERVE = 'trap "echo got TERM; exit 3" TERM; echo started; sleep 2147483647 & wait'
-
-
-@pytest.fixture
-def clean(cri: CriEnv) -> Iterator[CriEnv]:
-    """The environment; afterwards every pod is gone and left nothing behind."""
-    yield cri
-    problems = cri.remove_all_pods()
-    # A pod's shim exits once its sandbox is removed (shortly after rmp returns).
-    try:
-        wait_all_gone(cri.shim_pids, 15, "shims")
-    except AssertionError as exc:
-        problems.append(str(exc))
-    left = {
-        "pods": cri.crictl("pods", "-q").split(),
-        "mounts": mounts_matching([str(cri.root)]),
-        "cgroups": cgroup_dirs_under(cri.cgroup_parent),
-        "processes": pids_in_cgroup_tree(cri.cgroup_parent),
-        "veths": links_on_bridge(cri.bridge),
-        "netns": os.listdir(cri.root / "state" / "io.containerd.grpc.v1.cri" / "netns")
-        if (cri.root / "state" / "io.containerd.grpc.v1.cri" / "netns").is_dir() else [],
-        "runtime state": [str(p) for d in ("uspawn-state", "runc-state")
-                          for p in (cri.root / d).glob("k8s.io/*")],
-    }
-    left = {k: v for k, v in left.items() if v}
-    assert not problems and not left, f"left behind: {left} {problems}"
 
 
 def run_pod(cri: CriEnv, name: str, handler: str) -> str:

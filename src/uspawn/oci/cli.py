@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 
 VERSION = "0.1.0"
 
+
+class PODS:
+    """Started as `uspawn-runc-pods` (a second script, or a link to uspawn-runc of that
+    name): every pod in a user namespace of its own (oci/pods.py). A binary name, not an
+    option or an annotation: containerd's runc shim passes nothing per handler but
+    BinaryName, and the mode is the cluster admin's (RuntimeClass), not a pod's."""
+
+    on = False
+
 GLOBAL = [
     Opt("--root", default=oci.DEFAULT_ROOT, metavar="DIR", help="state directory"),
     Opt("--log", default="", metavar="FILE", help="write errors to FILE (before stderr)"),
@@ -189,7 +198,8 @@ def dispatch(cmd: str, ns: types.SimpleNamespace, log: Logger) -> int:
         return 0
     if cmd == "create":
         oci.create(root, ns.id, ns.bundle, ns.pid_file or None, ns.console_socket or None,
-                   log, _int(ns.preserve_fds, "--preserve-fds"), not ns.no_new_keyring)
+                   log, _int(ns.preserve_fds, "--preserve-fds"), not ns.no_new_keyring,
+                   pods=PODS.on)
         return 0
     if cmd == "start":
         oci.start(root, ns.id, log)
@@ -239,14 +249,15 @@ def dispatch(cmd: str, ns: types.SimpleNamespace, log: Logger) -> int:
 def _run(ns: types.SimpleNamespace, log: Logger) -> int:
     if ns.detach:
         oci.create(ns.root, ns.id, ns.bundle, ns.pid_file or None, ns.console_socket or None,
-                   log, _int(ns.preserve_fds, "--preserve-fds"), not ns.no_new_keyring)
+                   log, _int(ns.preserve_fds, "--preserve-fds"), not ns.no_new_keyring,
+                   pods=PODS.on)
         oci.start(ns.root, ns.id, log)
         return 0
     from uspawn.engine.console import ConsoleIO, forward_and_wait, forward_signals
 
     c = oci.create(ns.root, ns.id, ns.bundle, ns.pid_file or None, ns.console_socket or None,
                    log, _int(ns.preserve_fds, "--preserve-fds"), not ns.no_new_keyring,
-                   foreground=True)
+                   foreground=True, pods=PODS.on)
     try:
         with forward_signals(c):
             c.start()
@@ -351,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _wants_version(args):
             from uspawn.engine.spec import OCI_VERSION
 
-            print(f"uspawn-runc version {VERSION}\nspec: {OCI_VERSION}")
+            name = "uspawn-runc-pods" if PODS.on else "uspawn-runc"
+            print(f"{name} version {VERSION}\nspec: {OCI_VERSION}")
             return 0
         try:
             cmd, ns = parse(GLOBAL, COMMANDS, args, prog="uspawn-runc")
@@ -383,8 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 _SHORT_COMMANDS = frozenset({"create", "start", "state", "kill", "delete", "run"})
 
 
-def entry() -> None:
+def entry(pods: bool | None = None) -> None:
     from uspawn.base.errors import run_guarded
+
+    # pods: bin/uspawn-runc-pods says so; else the name we were started under (a
+    # symlink named uspawn-runc-pods to bin/uspawn-runc).
+    PODS.on = pods if pods is not None else (
+        os.path.basename(sys.argv[0]) == "uspawn-runc-pods")
 
     # Cyclic GC costs the short calls (create, start, delete...) collections that
     # free nothing before the exit; main() turns it back on for the other commands.

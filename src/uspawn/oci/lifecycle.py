@@ -292,7 +292,9 @@ def send_console(socket_path: str, master: int) -> None:
 
 def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socket: str | None,
            log: Callable[[str], None], preserve_fds: int = 0, new_keyring: bool = True,
-           foreground: bool = False) -> runtime.Container:
+           foreground: bool = False, pods: bool = False) -> runtime.Container:
+    """runc's create (run with foreground). pods: `uspawn-runc-pods`, every pod in a user
+    namespace of its own (oci/pods.py)."""
     from uspawn.engine import runtime
     from uspawn.engine.request import START_AUTO, START_FIFO, Request
 
@@ -315,8 +317,13 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
         raise OciError(f"container with id {cid!r} already exists") from None
     lock = IdLock(cdir)
     lease = None
+    pod = None
     try:
-        lease = _lease_range(spec)
+        if pods:
+            from uspawn.oci import pods as podmod
+
+            pod = podmod.prepare(spec, root, cid)  # gives spec the pod's user namespace
+        lease = pod.lease if pod is not None else _lease_range(spec)
         hooks = spec.hooks or S.Hooks()
         fifo = None
         if not foreground:
@@ -324,7 +331,9 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             os.mkfifo(fifo, 0o622)
             os.chmod(fifo, 0o622)  # the container's root (an unmapped host uid) writes it
         req = Request(
-            name=cid, ownership="off", seccomp_bpf=seccomp_for(spec), log=log,
+            name=cid, ownership="map" if pod is not None else "off",
+            seccomp_bpf=seccomp_for(spec), log=log,
+            join_userns_fd=pod.join_fd if pod is not None else -1,
             start=START_AUTO if foreground else START_FIFO, detached=not foreground,
             exec_fifo=fifo, cgroup_path=cgroup_rel,
             create_hooks=tuple(_hooks(hooks.prestart + hooks.create_runtime)),
@@ -351,6 +360,8 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
             "poststart": [list(h) for h in _hooks(hooks.poststart)],
             "poststop": [list(h) for h in _hooks(hooks.poststop)],
         }
+        if pod is not None:
+            record["pod"] = pod.record  # the sandbox's is what its containers join
         if c.host_root_mnt:
             # No mount namespace of its own: delete detaches its mounts on the host.
             record["host_root_mnt"] = c.host_root_mnt
@@ -370,6 +381,8 @@ def create(root: str, cid: str, bundle: str, pid_file: str | None, console_socke
         _remove_dir(cdir)
         raise
     finally:
+        if pod is not None:
+            pod.close()
         lock.__exit__()
 
 
