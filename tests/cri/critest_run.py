@@ -1,12 +1,13 @@
 """critest (the CRI validation suite, cri-tools v1.26.1) against a private containerd,
-once per runtime handler (uspawn and runc), compared with critest-expected.json (issue 14).
+once per runtime handler (uspawn, runc and uspawn-pods), compared with
+critest-expected.json (issue 14).
 
-    .venv/bin/python tests/cri/critest_run.py [--handlers uspawn,runc] [--out DIR]
+    .venv/bin/python tests/cri/critest_run.py [--handlers uspawn,runc,uspawn-pods] [--out DIR]
     (or scripts/critest.sh)
 
 One session: containerd (tests/cri/cri_env.py: root, state, sockets, CNI config, pod logs
-under one /tmp/uspawn-critest-* directory, handlers `uspawn` and `runc`), Debian's
-docker-registry on 127.0.0.1 only with its storage in that directory, and the images
+under one /tmp/uspawn-critest-* directory, handlers `uspawn`, `runc` and `uspawn-pods`),
+Debian's docker-registry on 127.0.0.1 only with its storage in that directory, the images
 critest names, built here from the project's busybox rootfs and pushed to that registry.
 containerd's CRI maps registry.k8s.io and gcr.io onto it (hosts.toml `server`), so
 critest runs with its own image names and nothing leaves the host.
@@ -295,11 +296,15 @@ def git_commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--handlers", default="uspawn,runc",
+    ap.add_argument("--handlers", default="uspawn,runc,uspawn-pods",
                     help="comma-separated runtime handlers, run in this order")
     ap.add_argument("--runtime", default=os.environ.get("USPAWN_CRI_RUNTIME")
                     or str(REPO / ".venv" / "bin" / "uspawn-runc"),
                     help="the binary of the uspawn handler")
+    ap.add_argument("--pods-runtime", default=os.environ.get("USPAWN_CRI_PODS_RUNTIME")
+                    or str(REPO / ".venv" / "bin" / "uspawn-runc-pods"),
+                    help="the binary of the uspawn-pods handler (every pod in a user "
+                    "namespace of its own)")
     ap.add_argument("--expected", type=Path, default=EXPECTED)
     ap.add_argument("--out", type=Path, help="keep the reports and a summary.json here")
     ap.add_argument("--focus", action="append", default=[], help="ginkgo focus regexp")
@@ -340,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
         env = CriEnv(root, tools / "crictl", args.runtime, runc, sandbox_image=PAUSE,
                      registry_mirrors={host: registry.url for host in MIRRORED},
-                     host_address=True, private_ipc=True)
+                     host_address=True, private_ipc=True,
+                     uspawn_runc_pods=args.pods_runtime)
         env.start()
         for handler in handlers:
             print(f"critest: handler {handler} ...", file=sys.stderr, flush=True)

@@ -1,7 +1,8 @@
-"""critest, the CRI validation suite, with the uspawn and the runc handler in one run
-(tests/cri/critest_run.py), compared with tests/cri/critest-expected.json (issue 14).
+"""critest, the CRI validation suite, with the uspawn, the runc and the uspawn-pods handler
+in one run (tests/cri/critest_run.py), compared with tests/cri/critest-expected.json
+(issue 14).
 
-Opt-in (USPAWN_CRITEST=1): a full run takes ~6 min on 2 cores, and critest's timing
+Opt-in (USPAWN_CRITEST=1): a full run takes ~8 min on 2 cores, and critest's timing
 specs have not been run often enough under a loaded CI machine to count as reliable.
 Needs root, containerd, runc, the CNI plugins, docker-registry and the cri-tools source;
 what is missing skips, and fails under USPAWN_MUST_WORK=1.
