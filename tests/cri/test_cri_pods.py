@@ -22,6 +22,8 @@ import pytest
 import waits
 from waits import wait_all_gone
 
+from uspawn.kernel import nsfs
+
 from .cri_env import CriEnv, pids_in_cgroup_tree
 from .test_cri import SERVE, remove_pod, run_pod, wait_log
 
@@ -31,13 +33,20 @@ RANGE_SIZE = 65536
 
 
 def container(cri: CriEnv, pod: str, pod_name: str, name: str, script: str,
-              user: int | None = None, binds: dict[str, str] | None = None) -> str:
+              user: int | None = None, binds: dict[str, str] | None = None,
+              own_pid_ns: bool = False) -> str:
     """Create and start a container running `sh -c script`, as uid `user` if given,
-    with host directories bound (container path -> host path)."""
+    with host directories bound (container path -> host path); own_pid_ns: a pid
+    namespace of its own (CONTAINER, what a kubelet asks for unless the pod shares
+    its process namespace) instead of the sandbox's (POD, crictl's default)."""
     path = cri.container_config(name, ["/bin/sh", "-c", script])
     raw = json.loads(path.read_text())
+    ctx: dict[str, object] = {}
     if user is not None:
-        raw["linux"] = {"security_context": {"run_as_user": {"value": user}}}
+        ctx["run_as_user"] = {"value": user}
+    if own_pid_ns:
+        ctx["namespace_options"] = {"pid": 1}  # CONTAINER
+    raw["linux"] = {"security_context": ctx}
     if binds:
         raw["mounts"] = [{"container_path": c, "host_path": h} for c, h in binds.items()]
     path.write_text(json.dumps(raw))
@@ -97,8 +106,22 @@ def test_pod_shares_one_user_namespace(clean: CriEnv) -> None:
                        "mkdir /tmp/www && echo hello-on-80 > /tmp/www/index.html"
                        " && httpd -p 80 -h /tmp/www && echo listening && " + SERVE,
                        binds=binds)
-    client = container(cri, pod, name, "client", SERVE, user=1000, binds=binds)
+    client = container(cri, pod, name, "client", SERVE, user=1000, binds=binds,
+                       own_pid_ns=True)
     wait_log(cri, name, "server", "listening")
+
+    # The client's pid namespace is its own, and, like its mount namespace, owned by
+    # the pod's user namespace (made after joining it), not by the host's.
+    spid, cpid = sandbox_pid(cri, pod), cri.inspect("inspect", client)["info"]["pid"]
+    pod_userns = os.stat(f"/proc/{spid}/ns/user")
+    assert os.stat(f"/proc/{cpid}/ns/pid").st_ino != os.stat(f"/proc/{spid}/ns/pid").st_ino
+    for ns in ("pid", "mnt", "ipc", "uts"):
+        fd = os.open(f"/proc/{cpid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            owner = nsfs.owner_userns(fd)
+        finally:
+            os.close(fd)
+        assert owner == (pod_userns.st_dev, pod_userns.st_ino), (ns, owner)
 
     # One user namespace for the pod: the sandbox's, seen from both containers.
     want = [f"0 {base} {RANGE_SIZE}"] * 2  # uid_map, gid_map
