@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cgroup_dirs
 from test_oci import Oci
 
 from uspawn.state.store import proc_starttime
@@ -28,7 +29,10 @@ RANGES = Path("/run/uspawn/ranges")
 
 
 class PodsOci(Oci):
-    """uspawn-runc started as uspawn-runc-pods (entry(pods=True), as bin/uspawn-runc-pods)."""
+    """uspawn-runc started as uspawn-runc-pods (entry(pods=True), as bin/uspawn-runc-pods);
+    env: extra environment variables."""
+
+    env: dict[str, str] = {}
 
     def __call__(self, *args: str, timeout: float = 60, check: bool = True,
                  stdout: Any = None) -> subprocess.CompletedProcess[str]:
@@ -39,7 +43,8 @@ class PodsOci(Oci):
                                 "from uspawn.oci.cli import entry; entry(pods=True)",
                                 "--root", str(self.root), *args],
                                stdout=stdout if stdout is not None else out, stderr=err,
-                               timeout=timeout, stdin=subprocess.DEVNULL)
+                               timeout=timeout, stdin=subprocess.DEVNULL,
+                               env={**os.environ, **self.env})
             out.seek(0)
             err.seek(0)
             r = subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())
@@ -185,3 +190,21 @@ def test_sandbox_record_is_checked_against_proc(pods: PodsOci, rootfs_template: 
     assert cid not in pods("list", "-q").stdout.split()
     (pods.root / sid / "state.json").unlink()
     (pods.root / sid).rmdir()
+
+
+def test_failed_sandbox_start_leaves_no_lease(pods: PodsOci, rootfs_template: Path,
+                                             tmp_path: Path) -> None:
+    """The sandbox's range is leased before the engine runs; a start that fails in the
+    container (a sysctl pod root may not write) releases it and leaves nothing."""
+    ranges = tmp_path / "ranges"  # the allocator's directory, this test's own
+    pods.env = {"USPAWN_RANGES_DIR": str(ranges)}
+    b = pod_bundle(tmp_path, rootfs_template, "sb", ["true"], {TYPE: "sandbox"})
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["linux"]["sysctl"] = {"vm.swappiness": "10"}  # the host's, not the pod's
+    (b / "config.json").write_text(json.dumps(cfg))
+    sid = f"fail-{uuid.uuid4().hex[:8]}"
+    _one_line_refusal(pods("run", "-d", "-b", str(b), sid, check=False), "vm.swappiness")
+    assert os.listdir(ranges) == [], "the range lease of a failed start was left"
+    assert sid not in pods("list", "-q").stdout.split()
+    assert not (pods.root / sid).exists()
+    assert cgroup_dirs(sid) == []
