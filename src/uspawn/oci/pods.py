@@ -153,7 +153,12 @@ def _set_pod_sysctls(path: str) -> None:
         if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
             return  # the host's network namespace: never touched
         r, w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(r)
+            os.close(w)
+            raise StateError(f"pod network namespace {path}: fork: {exc.strerror}") from None
         if pid == 0:
             msg = b""
             try:
@@ -232,6 +237,8 @@ def _open_userns(pid: int, start: int, uid_map: IdMap, gid_map: IdMap) -> int:
         dfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return -1
+    except OSError as exc:
+        raise PodError(f"pod sandbox init {pid}: /proc/{pid}: {exc.strerror}") from None
     try:
         try:
             stat = _read_at(dfd, "stat")
@@ -243,7 +250,8 @@ def _open_userns(pid: int, start: int, uid_map: IdMap, gid_map: IdMap) -> int:
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ESRCH):
                 return -1
-            raise
+            raise PodError(f"pod sandbox init {pid}: {exc.filename or 'read /proc'}: "
+                           f"{exc.strerror}") from None
         want = tuple(_map_text(m) for m in (uid_map, gid_map))
         got = tuple(m.decode().split() for m in maps)
         if got != want:
