@@ -143,6 +143,39 @@ def test_sandbox_and_container_share_a_user_namespace(pods: PodsOci,
     assert not lease.exists()
 
 
+def test_a_container_keeps_the_pods_range_after_its_sandbox_died(
+        pods: PodsOci, rootfs_template: Path, tmp_path: Path) -> None:
+    """Each container of a pod co-owns the pod's range (BASE-SIZE@ID.lock, handed to
+    its init): with the sandbox gone and the container still running in the range,
+    nobody can lease it; the container's delete frees it."""
+    from uspawn.base.errors import StateError
+    from uspawn.state.store import RangeAllocator
+
+    sid, cid = f"pod-{uuid.uuid4().hex[:8]}", f"ctr-{uuid.uuid4().hex[:8]}"
+    sb = pod_bundle(tmp_path, rootfs_template, "sandbox", ["sleep", "1000"],
+                    {TYPE: "sandbox", SANDBOX: sid})
+    pods("run", "-d", "-b", str(sb), sid)
+    st = json.loads((pods.root / sid / "state.json").read_text())
+    spid, base = st["pid"], st["pod"]["uid_map"][0][1]
+    # A pid namespace of its own (a kubelet's default): it outlives the sandbox's init.
+    ns = {t: f"/proc/{spid}/ns/{f}" for t, f in (("ipc", "ipc"), ("uts", "uts"),
+                                                  ("network", "net"))}
+    ctr = pod_bundle(tmp_path, rootfs_template, "container", ["sleep", "1000"],
+                     {TYPE: "container", SANDBOX: sid}, ns)
+    pods("run", "-d", "-b", str(ctr), cid)
+    cpid = json.loads((pods.root / cid / "state.json").read_text())["pid"]
+    share = RANGES / f"{base}-65536@{cid}.lock"
+    assert json.loads(share.read_text())["pid"] == cpid
+    pods("delete", "--force", sid)
+    assert not (RANGES / f"{base}-65536.lock").exists()
+    assert Path(f"/proc/{cpid}").exists() and _maps(cpid) == [f"0 {base} 65536"] * 2
+    with pytest.raises(StateError, match="already used"):
+        RangeAllocator().lease(base).release()  # taken while the container runs
+    pods("delete", "--force", cid)
+    assert not share.exists()
+    RangeAllocator().lease(base).release()  # free again
+
+
 def test_config_with_a_user_namespace_runs_as_today(pods: PodsOci, rootfs: Path,
                                                     tmp_path: Path) -> None:
     from test_oci import make_bundle

@@ -77,6 +77,44 @@ def test_recorded_live_owner_keeps_the_claim(tmp_path: Path) -> None:
     alloc.lease(0x61000000).release()
 
 
+def test_a_shared_range_stays_taken_while_any_holder_lives(tmp_path: Path) -> None:
+    """A CRI pod's containers co-own their sandbox's range (state.share): whichever
+    holder dies first, nobody picks or leases the range until the last one is gone."""
+    alloc = state.RangeAllocator(str(tmp_path))
+    base, sandbox = alloc.pick()
+    ctr = alloc.share(base, state.RANGE_SIZE, "ctr-1")
+    assert os.path.basename(ctr.path) == f"{base}-{state.RANGE_SIZE}@ctr-1.lock"
+    sandbox.release()  # the sandbox's init died first
+    other, lease = alloc.pick()
+    assert other != base
+    with pytest.raises(StateError, match="already used"):
+        alloc.lease(base)
+    with pytest.raises(StateError):  # overlapping, another size
+        alloc.lease(base + 10, 10)
+    with pytest.raises(StateError, match="already held"):
+        alloc.share(base, state.RANGE_SIZE, "ctr-1")  # the same id twice
+    ctr.release()
+    again, lease2 = alloc.pick()
+    assert again == base
+    # An id that is no plain file name (OCI allows 255 characters and a leading dot)
+    # becomes its hash; the range is held all the same.
+    odd = alloc.share(base, state.RANGE_SIZE, "." + "x" * 254)
+    assert os.path.basename(odd.path).count("@") == 1 and len(os.path.basename(odd.path)) < 100
+    for held in (lease, lease2, odd):
+        held.release()
+
+
+def test_a_stale_co_owner_file_holds_nothing(tmp_path: Path) -> None:
+    """A co-owner killed without its delete leaves its file; no flock and no live
+    recorded owner: the next pick takes the range and removes the file."""
+    alloc = state.RangeAllocator(str(tmp_path))
+    stale = tmp_path / f"{state.PICK_FIRST}-{state.RANGE_SIZE}@gone.lock"
+    stale.write_text('{"pid": 999999999, "starttime": 1}')
+    base, lease = alloc.pick()
+    assert base == state.PICK_FIRST and not stale.exists()
+    lease.release()
+
+
 def test_name_claims(tmp_path: Path) -> None:
     c = state.claim_name(str(tmp_path), "web")
     assert c is not None

@@ -77,7 +77,7 @@ def prepare(spec: S.Spec, root: str, cid: str) -> PodUserns | None:
     ann = spec.annotations or {}
     kind = ann.get(TYPE_ANNOTATION, "sandbox")
     if kind == "container":
-        pod = _join_sandbox(spec, root, ann.get(SANDBOX_ANNOTATION, ""))
+        pod = _join_sandbox(spec, root, ann.get(SANDBOX_ANNOTATION, ""), cid)
     elif kind == "sandbox":
         pod = _new_pod(spec, cid)
     else:
@@ -188,7 +188,7 @@ def _set_pod_sysctls(path: str) -> None:
         os.close(fd)
 
 
-def _join_sandbox(spec: S.Spec, root: str, sid: str) -> PodUserns:
+def _join_sandbox(spec: S.Spec, root: str, sid: str, cid: str) -> PodUserns:
     """The sandbox's user namespace, opened so that it cannot be another's."""
     field = f"annotations.{SANDBOX_ANNOTATION}"
     if not sid:
@@ -213,11 +213,25 @@ def _join_sandbox(spec: S.Spec, root: str, sid: str) -> PodUserns:
             and _is_map(gid_map)):
         raise PodError(f"pod sandbox {sid!r}: malformed pod record")
     assert isinstance(uid_map, list) and isinstance(gid_map, list)
-    fd = _open_userns(pid, start, uid_map, gid_map)
+    # This container holds the pod's range too (its own lease file, handed to its
+    # init as the sandbox's is): should the sandbox's init die first, the range is
+    # still taken while this container runs in it. Taken before the check below:
+    # a sandbox alive after it has held its lease all along, so no other pod can
+    # have picked the range in between.
+    base = min(m[1] for m in uid_map)
+    size = max(m[1] + m[2] for m in uid_map) - base
+    share = statemod.RangeAllocator().share(base, size, cid)
+    try:
+        fd = _open_userns(pid, start, uid_map, gid_map)
+    except BaseException:
+        share.release()
+        raise
     if fd < 0:
+        share.release()
         raise PodError(f"pod sandbox {sid!r} is not running (its init {pid} is gone)",
                        "the pod must be recreated")
-    return PodUserns({"sandbox": sid, "uid_map": uid_map, "gid_map": gid_map}, join_fd=fd)
+    return PodUserns({"sandbox": sid, "uid_map": uid_map, "gid_map": gid_map},
+                     lease=share, join_fd=fd)
 
 
 def _is_map(m: object) -> bool:

@@ -316,25 +316,44 @@ class RangeAllocator:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
-    def _held(self) -> list[tuple[int, int]]:
+    def _held(self) -> list[tuple[int, int, str]]:
+        """(base, size, file name) of every lease file: BASE-SIZE.lock, and
+        BASE-SIZE@TAG.lock for a co-owner of that range (share())."""
         held = []
         for name in os.listdir(self.dir):
             if name.endswith(".lock"):
-                base, _, size = name[:-5].partition("-")
+                base, _, size = name[:-5].partition("@")[0].partition("-")
                 if base.isdigit() and size.isdigit():
-                    held.append((int(base), int(size)))
+                    held.append((int(base), int(size), name))
         return held
 
     def _claim(self, base: int, size: int) -> Lease | None:
-        for other_base, other_size in self._held():
-            if (other_base, other_size) != (base, size) and _overlaps(
-                base, size, [(other_base, other_size)]
-            ):
-                other = try_lock(os.path.join(self.dir, f"{other_base}-{other_size}.lock"))
+        mine = f"{base}-{size}.lock"
+        for other_base, other_size, name in self._held():
+            if name != mine and _overlaps(base, size, [(other_base, other_size)]):
+                other = try_lock(os.path.join(self.dir, name))
                 if other is None:
                     return None
                 other.release()  # stale file of a dead owner
-        return try_lock(os.path.join(self.dir, f"{base}-{size}.lock"))
+        return try_lock(os.path.join(self.dir, mine))
+
+    def share(self, base: int, size: int, tag: str) -> Lease:
+        """A co-owner's claim on a range that another lease holds (each container of
+        a CRI pod shares its sandbox's, oci/pods.py): nobody picks the range while
+        any of its holders lives, whichever of them dies first."""
+        if not tag or "/" in tag or "\0" in tag or tag.startswith(".") or len(tag) > 200:
+            import hashlib  # an OCI id may be 255 characters long, or start with "."
+
+            tag = hashlib.sha256(tag.encode(errors="surrogateescape")).hexdigest()
+        dirfd = self._lock_dir()
+        try:
+            lease = try_lock(os.path.join(self.dir, f"{base}-{size}@{tag}.lock"))
+        finally:
+            os.close(dirfd)
+        if lease is None:
+            raise StateError(f"UID range {base}:{size} is already held for {tag!r}",
+                             "a container of that id is still running")
+        return lease
 
     def lease(self, base: int, size: int = RANGE_SIZE) -> Lease:
         """Claim an explicit range (--private-users=BASE[:SIZE])."""
