@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -351,6 +352,27 @@ def test_hard_link_to_host_file_refused_with_idmapped_rootfs(
     line = assert_clean_error(r, str(tree), "/etc/shadow-link is hard-linked from outside the "
                               "tree (2 links, 1 inside), and 1 more", "ownership=chown")
     assert r.returncode == 125 and SECRET.strip() not in r.stdout + line
+    assert _state(victim) == before
+    host.assert_untouched()
+
+
+def test_hard_link_added_after_a_clean_start_is_refused(
+        attack: Attacker, host: HostGuard, tree: Path, tmp_path: Path) -> None:
+    """A start keeps a clean tree's verdict (kernel/hardlinks.scan_cached) so later
+    starts need not stat every file; a hard link added afterwards changes its
+    directory's ctime, and the next start scans again and refuses."""
+    time.sleep(2.1)  # settled: a verdict is kept only for directories older than 2 s
+    r = attack.run("true", extra=("--private-users-ownership", "map"))
+    assert r.returncode == 0, r.stderr
+    st = tree.stat()
+    assert Path(f"/var/cache/uspawn/treescan/{st.st_dev}-{st.st_ino}").is_file()
+    victim = _host_file(tmp_path)
+    os.link(victim, tree / "etc" / "shadow-link")
+    before = _state(victim)
+    r = attack.run("sh", "-c", _LINK_PAYLOAD, extra=("--private-users-ownership", "map"))
+    assert_clean_error(r, str(tree), "/etc/shadow-link is hard-linked from outside the tree "
+                       "(2 links, 1 inside)", "ownership=chown")
+    assert r.returncode == 125 and SECRET.strip() not in r.stdout
     assert _state(victim) == before
     host.assert_untouched()
 

@@ -556,7 +556,7 @@ class Container:
                 from uspawn.kernel import hardlinks
 
                 try:
-                    found = hardlinks.scan_fd(mnt, 1)
+                    found = hardlinks.scan_cached(mnt, 1)
                 except OSError as exc:
                     raise SetupError(f"rootfs {path}: scan for hard links: {exc}",
                                      "the tree is deeper than the fd limit; raise ulimit -n"

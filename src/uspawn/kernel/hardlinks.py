@@ -15,7 +15,10 @@ detached clone itself (scan_fd on an open_tree fd, which has no submounts) sees
 exactly what the container will see, covered directories included.
 
 Stdlib only; `uspawn run` calls it on the start path in `map` mode, so it does one
-fstatat per non-directory, one open and fstat per directory, and nothing else.
+fstatat per non-directory, one open and fstat per directory, and nothing else; and
+through scan_cached(), which keeps a clean tree's verdict with every directory's
+inode and ctime, so the next start of an unchanged tree costs one lstat per
+directory instead (a start flat in the number of files).
 """
 
 from __future__ import annotations
@@ -78,9 +81,11 @@ def mountpoints(root_fd: int) -> set[tuple[int, int, str]]:
     return found
 
 
-def scan_fd(root_fd: int, limit: int, skip: MountPoints = frozenset()) -> Found:
+def scan_fd(root_fd: int, limit: int, skip: MountPoints = frozenset(),
+            dirs: list[tuple[str, int, int]] | None = None) -> Found:
     """The inodes below root_fd (a directory or a detached mount) that have names
-    outside it; skip: mount points not to enter (empty for a detached mount)."""
+    outside it; skip: mount points not to enter (empty for a detached mount).
+    dirs, if given, gets (tree path, st_ino, st_ctime_ns) of every directory walked."""
     dev = os.fstat(root_fd).st_dev
     links: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [names inside, st_nlink]
     paths: dict[tuple[int, int], str] = {}  # (dev, ino) -> its first name inside
@@ -91,10 +96,13 @@ def scan_fd(root_fd: int, limit: int, skip: MountPoints = frozenset()) -> Found:
         # A readable fd of our own, also for O_PATH and open_tree fds.
         fd = os.open(".", _O_DIR, dir_fd=root_fd)
         try:
-            ino = os.fstat(fd).st_ino
+            top = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
+        ino = top.st_ino
+        if dirs is not None:
+            dirs.append(("", top.st_ino, top.st_ctime_ns))
         while True:
             if fd >= 0:
                 stack.append((fd, path, ino, iter(())))  # closed by finally from here on
@@ -124,6 +132,8 @@ def scan_fd(root_fd: int, limit: int, skip: MountPoints = frozenset()) -> Found:
                 os.close(sub)
                 continue
             fd, ino = sub, st.st_ino
+            if dirs is not None:
+                dirs.append((path, st.st_ino, st.st_ctime_ns))
     except OSError as e:
         # The tree path, kept readable: a hostile tree nests thousands of levels deep.
         where = path if len(path) <= 160 else f"{path[:78]}...{path[-78:]}"
@@ -160,6 +170,75 @@ def _list(dfd: int, dpath: str, dev: int, links: dict[tuple[int, int], list[int]
                 rec[0] += 1
                 rec[1] = max(rec[1], st.st_nlink)  # a link added during the walk counts
     return subdirs
+
+
+# A clean verdict (no file linked from outside) per tree, with the inode number and
+# ctime of every directory of it (tree/scan_cached). Root's alone (base/cachefile.py).
+CACHE_DIR = "/var/cache/uspawn/treescan"
+_CACHE_FORMAT = b"uspawn-treescan 1\n"
+# A directory changed this recently may change again within the same tick of the
+# (coarse) clock the filesystem stamps ctime with: such a tree is not cached.
+_SETTLED_NS = 2_000_000_000
+_CACHE_LIMIT = 64 << 20
+
+
+def scan_cached(root_fd: int, limit: int, cache_dir: str = CACHE_DIR) -> Found:
+    """scan_fd(root_fd) (a detached clone: no mount points), skipped when the tree's
+    last scan found nothing and none of its directories has changed since.
+
+    Why that is enough: a name inside the tree for an inode linked from outside can
+    only appear by adding a directory entry (link, rename, a directory moved in),
+    which sets that directory's ctime to now, and nobody can set a ctime back
+    (utimensat sets it to now too); a new directory shows in its parent's ctime.
+    A name added *outside* for a tree file leaves the tree's directories alone but
+    gives the container nothing it did not have. So the check is one lstat per
+    directory (inode and ctime as recorded, walked from the root, never through a
+    symlink: a directory replaced by one has another inode), not one per file,
+    which keeps a start flat in the number of files (bench/bench_treesize.py)."""
+    st = os.fstat(root_fd)
+    path = f"{cache_dir}/{st.st_dev}-{st.st_ino}"
+    from uspawn.base import cachefile
+
+    trusted = cachefile.trusted_dir(cache_dir)
+    if trusted:
+        data = cachefile.read(path, _CACHE_LIMIT)
+        if data is not None and _unchanged(root_fd, data):
+            return Found([], set(), 0)
+    import time
+
+    started = time.time_ns()
+    dirs: list[tuple[str, int, int]] = []
+    found = scan_fd(root_fd, limit, dirs=dirs)
+    if found.total == 0 and all(c < started - _SETTLED_NS for _, _, c in dirs):
+        lines = [_CACHE_FORMAT] + [f"{i} {c} {os.fsencode(p).hex()}\n".encode()
+                                   for p, i, c in dirs]
+        try:
+            cachefile.store(cache_dir, path, b"".join(lines))
+        except OSError:
+            pass  # read-only /var, ENOSPC: the next start scans again
+    return found
+
+
+def _unchanged(root_fd: int, data: bytes) -> bool:
+    """Is every directory recorded in data still there, the same inode, same ctime?"""
+    if not data.startswith(_CACHE_FORMAT):
+        return False
+    lines = data[len(_CACHE_FORMAT):].split(b"\n")
+    if lines[-1:] != [b""] or len(lines) < 2:
+        return False
+    import stat
+
+    try:
+        for line in lines[:-1]:
+            ino, ctime, hexpath = line.split(b" ")
+            rel = os.fsdecode(bytes.fromhex(hexpath.decode())).lstrip("/") or "."
+            st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_ino != int(ino) \
+                    or st.st_ctime_ns != int(ctime):
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def scan(root: str, limit: int) -> Found:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import sys
 
+from uspawn.base import cachefile
 from uspawn.kernel import syscalls
 
 CACHE_DIR = "/var/cache/uspawn/seccomp"
@@ -539,47 +539,9 @@ def cache_key(policy: Policy) -> str:
     return _sha256_hex(repr(doc).encode())
 
 
-def _trusted_dir(path: str) -> bool:
-    # Whoever can write the cache chooses every container's filter: it must be ours alone.
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
 def _read_cached(path: str) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            return None
-        bpf = os.read(fd, 8 * _BPF_MAXINSNS + 1)
-    finally:
-        os.close(fd)
-    return bpf if _valid_program(bpf) else None
-
-
-def _store(cache_dir: str, path: str, bpf: bytes) -> None:
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    if not _trusted_dir(cache_dir):
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"  # the directory is ours alone: O_TRUNC is safe
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            if os.write(fd, bpf) != len(bpf):
-                raise OSError(errno.ENOSPC, "short write", tmp)
-            os.fsync(fd)  # a truncated program must never appear under the final name
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    bpf = cachefile.read(path, 8 * _BPF_MAXINSNS + 1)
+    return bpf if bpf is not None and _valid_program(bpf) else None
 
 
 def policy_bpf(policy: Policy, cache_dir: str = CACHE_DIR) -> bytes:
@@ -589,13 +551,14 @@ def policy_bpf(policy: Policy, cache_dir: str = CACHE_DIR) -> bytes:
     stores the program atomically; an unwritable cache only costs the compile time.
     """
     path = f"{cache_dir}/{cache_key(policy)}.bpf"
-    if _trusted_dir(cache_dir):
+    # Whoever can write the cache chooses every container's filter: it must be ours alone.
+    if cachefile.trusted_dir(cache_dir):
         bpf = _read_cached(path)
         if bpf is not None:
             return bpf
     bpf = compile_bpf(policy)
     try:
-        _store(cache_dir, path, bpf)
+        cachefile.store(cache_dir, path, bpf)
     except OSError:
         pass  # read-only /var, ENOSPC, not root: the program itself is fine
     return bpf
