@@ -32,8 +32,14 @@ def runtime_cmd() -> list[str]:
 
 
 class Oci:
+    env: dict[str, str] = {}  # extra environment variables of the runtime
+    stdin: int | None = None
+
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def command(self) -> list[str]:
+        return runtime_cmd()
 
     def __call__(self, *args: str, timeout: float = 60, check: bool = True,
                  stdout: int | IO[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -43,9 +49,10 @@ class Oci:
         import tempfile
 
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            p = subprocess.run([*runtime_cmd(), "--root", str(self.root), *args],
+            p = subprocess.run([*self.command(), "--root", str(self.root), *args],
                                stdout=stdout if stdout is not None else out, stderr=err,
-                               timeout=timeout)
+                               timeout=timeout, stdin=self.stdin,
+                               env={**os.environ, **self.env} if self.env else None)
             out.seek(0)
             err.seek(0)
             r = subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())

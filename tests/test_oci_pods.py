@@ -15,7 +15,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import cgroup_dirs
@@ -32,25 +31,10 @@ class PodsOci(Oci):
     """uspawn-runc started as uspawn-runc-pods (entry(pods=True), as bin/uspawn-runc-pods);
     env: extra environment variables."""
 
-    env: dict[str, str] = {}
+    stdin = subprocess.DEVNULL
 
-    def __call__(self, *args: str, timeout: float = 60, check: bool = True,
-                 stdout: Any = None) -> subprocess.CompletedProcess[str]:
-        import tempfile
-
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            p = subprocess.run([sys.executable, "-c",
-                                "from uspawn.oci.cli import entry; entry(pods=True)",
-                                "--root", str(self.root), *args],
-                               stdout=stdout if stdout is not None else out, stderr=err,
-                               timeout=timeout, stdin=subprocess.DEVNULL,
-                               env={**os.environ, **self.env})
-            out.seek(0)
-            err.seek(0)
-            r = subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read())
-        if check:
-            assert r.returncode == 0, f"{args}: rc={r.returncode} {r.stderr}"
-        return r
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "from uspawn.oci.cli import entry; entry(pods=True)"]
 
 
 @pytest.fixture
