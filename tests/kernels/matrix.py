@@ -594,27 +594,40 @@ def guest_base() -> Path:
     key = key_of({"suite": GUEST_SUITE, "packages": GUEST_PACKAGES, "mirror": mirror,
                   "venv": GUEST_VENV, "wheels": sorted(p.name for p in wheels.iterdir()),
                   "code": source_of(_base_recipe, _chroot)})
-    final = CACHE / f"root-base-{key}"
+    return cached_tree("root-base", key, f"guest root: debootstrap {GUEST_SUITE} minbase",
+                       lambda tmp, logfile: _base_recipe(tmp, mirror, wheels, logfile))
+
+
+def cached_tree(prefix: str, key: str, what: str, build: Callable[[Path, Path], None],
+                say: Callable[[str], None] = log, prune: bool = False) -> Path:
+    """CACHE/<prefix>-<key>: made once, under a lock, by build(tmp dir, log file) in a
+    temporary directory renamed into place whole (a half-built tree never has the final
+    name). prune: remove the other keys' trees of this prefix afterwards."""
+    final = CACHE / f"{prefix}-{key}"
     if final.is_dir():
         return final
-    with locked("root-base"):
+    with locked(prefix):
         if final.is_dir():
             return final
-        for stale in CACHE.glob(".root-base-*"):
+        for stale in CACHE.glob(f".{prefix}-*"):
             _rmtree(stale)
-        tmp = Path(tempfile.mkdtemp(prefix=f".root-base-{key}.", dir=CACHE))
-        logfile = CACHE / f"root-base-{key}.build.log"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-{key}.", dir=CACHE))
+        logfile = CACHE / f"{prefix}-{key}.build.log"
         logfile.write_text("")
-        log(f"guest root: debootstrap {GUEST_SUITE} minbase (log {logfile})")
+        say(f"{what} (log {logfile})")
         t0 = time.monotonic()
         try:
-            _base_recipe(tmp, mirror, wheels, logfile)
+            build(tmp, logfile)
             os.rename(tmp, final)
         except (HarnessError, OSError) as exc:
-            raise HarnessError(f"guest root build failed: {exc}") from None
+            raise HarnessError(f"{what}: build failed: {exc}") from None
         finally:
             _rmtree(tmp)
-        log(f"guest root: base built in {time.monotonic() - t0:.0f} s")
+        say(f"{what}: built in {time.monotonic() - t0:.0f} s")
+        for old in CACHE.glob(f"{prefix}-*") if prune else ():
+            if old.is_dir() and old != final:
+                _rmtree(old)
+                old.with_name(old.name + ".build.log").unlink(missing_ok=True)
     return final
 
 

@@ -203,32 +203,10 @@ def guest_base() -> Path:
     key = key_of({"suite": SUITE, "packages": PACKAGES, "mirror": mirror, "venv": GUEST_VENV,
                   "wheels": sorted(p.name for p in wheels.iterdir()),
                   "code": source_of(_base_recipe, _chroot)})
-    final = CACHE / f"sdguest-base-{key}"
-    if final.is_dir():
-        return final
-    with locked("sdguest-base"):
-        if final.is_dir():
-            return final
-        for stale in CACHE.glob(".sdguest-base-*"):
-            _rmtree(stale)
-        tmp = Path(tempfile.mkdtemp(prefix=f".sdguest-base-{key}.", dir=CACHE))
-        logfile = CACHE / f"sdguest-base-{key}.build.log"
-        logfile.write_text("")
-        log(f"guest base: debootstrap {SUITE} minbase + systemd (log {logfile})")
-        t0 = time.monotonic()
-        try:
-            _base_recipe(tmp, mirror, wheels, logfile)
-            os.rename(tmp, final)
-        except (HarnessError, OSError) as exc:
-            raise HarnessError(f"guest base build failed: {exc}") from None
-        finally:
-            _rmtree(tmp)
-        log(f"guest base: built in {time.monotonic() - t0:.0f} s")
-        for old in CACHE.glob("sdguest-base-*"):
-            if old.is_dir() and old != final:
-                _rmtree(old)
-                old.with_name(old.name + ".build.log").unlink(missing_ok=True)
-    return final
+    return matrix.cached_tree("sdguest-base", key,
+                              f"guest base: debootstrap {SUITE} minbase + systemd",
+                              lambda tmp, logfile: _base_recipe(tmp, mirror, wheels, logfile),
+                              say=log, prune=True)
 
 
 # ------------------------------------------------------------------ kernel

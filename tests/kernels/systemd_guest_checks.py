@@ -10,7 +10,9 @@ soon as it is known:
     {"info": NAME, "value": ...}
 
 Every wait is an event with a deadline: a command's exit (subprocess timeout),
-a journal entry (`journalctl --follow` read through select()), or a pidfd.
+a journal entry (`journalctl --follow` read through select()), or a pidfd. One
+exception: detached-registered polls `uspawn list` once a second (with the same
+deadline) for the machine its supervisor rebooted, which writes no journal entry.
 
 Phase 1 (sdguest.phase=1 on the kernel command line): install the units as an
 admin would, then start/ready, the console in the journal, the machine's own
